@@ -1,0 +1,128 @@
+"""The exceptions memplan raises: one tree, each with the fields a caller needs to act.
+
+Library errors (torch OOM, OSError, botocore) are mapped to these at the boundary where they
+happen, so callers catch ``memplan.MemplanError`` subclasses and read fields, never parse text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memplan.gpu.device import Device
+
+__all__ = [
+    "CheckpointError",
+    "DeviceOutOfMemory",
+    "DoesNotFit",
+    "InvalidDevice",
+    "InvalidSize",
+    "MemplanError",
+    "PinViolation",
+    "RemoteTierError",
+    "SimulationSpecError",
+    "TierError",
+]
+
+
+def _size(n: int) -> str:
+    # memplan.units imports this module for InvalidSize, so import it back lazily.
+    from memplan.units import format_size
+
+    return format_size(n)
+
+
+class MemplanError(Exception):
+    """Base of every error memplan raises on purpose."""
+
+
+class InvalidSize(MemplanError):
+    """A byte size that cannot be parsed: negative, NaN, unknown unit or garbage."""
+
+    def __init__(self, value: object, reason: str) -> None:
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid size {value!r}: {reason}")
+
+
+class InvalidDevice(MemplanError):
+    """A device name or (kind, index) pair memplan does not know."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"invalid device {text!r}: {reason}")
+
+
+class SimulationSpecError(MemplanError):
+    """A malformed ``MEMPLAN_SIMULATE`` spec; ``entry`` is the offending entry."""
+
+    def __init__(self, spec: str, entry: str, reason: str) -> None:
+        self.spec = spec
+        self.entry = entry
+        self.reason = reason
+        super().__init__(
+            f"bad simulated-device spec entry {entry!r}: {reason} "
+            f"(expected KIND[:INDEX]=TOTAL[@FREE], e.g. 'cuda:0=24GiB@20GiB,cpu=64GiB')"
+        )
+
+
+class CheckpointError(MemplanError):
+    """A checkpoint file that is missing, unreadable or malformed."""
+
+    def __init__(self, file: str, reason: str, tensor: str | None = None) -> None:
+        self.file = file
+        self.tensor = tensor
+        self.reason = reason
+        where = f"{file}, tensor {tensor!r}" if tensor is not None else file
+        super().__init__(f"{where}: {reason}")
+
+
+class DoesNotFit(MemplanError):
+    """No strategy fits: ``needed`` bytes on ``device`` where ``available`` are free."""
+
+    def __init__(
+        self, needed: int, available: int, device: Device | None, detail: str = ""
+    ) -> None:
+        self.needed = needed
+        self.available = available
+        self.device = device
+        self.detail = detail
+        where = str(device) if device is not None else "any device"
+        msg = f"needs {_size(needed)}, {where} has {_size(available)} available"
+        super().__init__(f"{msg}; {detail}" if detail else msg)
+
+
+class DeviceOutOfMemory(MemplanError):
+    """An allocation of ``requested`` bytes on ``device`` failed (real or simulated)."""
+
+    def __init__(self, device: Device, requested: int, available: int | None = None) -> None:
+        self.device = device
+        self.requested = requested
+        self.available = available
+        room = f", {_size(available)} left" if available is not None else ""
+        super().__init__(f"{device} is out of memory: asked for {_size(requested)}{room}")
+
+
+class PinViolation(MemplanError):
+    """A request that could only be met by moving a pinned entry."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"entry {key!r} is pinned: {reason}")
+
+
+class TierError(MemplanError):
+    """A tier operation failed; ``tier`` and ``key`` say where."""
+
+    def __init__(self, tier: str, key: str | None, reason: str) -> None:
+        self.tier = tier
+        self.key = key
+        self.reason = reason
+        where = f"tier {tier!r}" + (f", key {key!r}" if key is not None else "")
+        super().__init__(f"{where}: {reason}")
+
+
+class RemoteTierError(TierError):
+    """The remote tier gave up after its retries; the data stayed where it was."""

@@ -1,0 +1,211 @@
+"""Device budgets: the one place memplan code asks "can these bytes go there?".
+
+An :class:`Allocator` holds a budget per device of an inventory (its free bytes when probed)
+and charges every reservation and every placed tensor against it. Going over raises
+:class:`~memplan.errors.DeviceOutOfMemory`, and so does a real ``torch.OutOfMemoryError`` while
+placing a tensor, so callers handle one error for both.
+
+On a simulated inventory the accelerators are not there: a tensor placed "on" ``cuda:0`` stays
+in host memory and is only charged to ``cuda:0``'s budget, until it is garbage-collected. That
+is what lets the planner, loaders and residency manager run on CPU CI as they would on a GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memplan.errors import DeviceOutOfMemory, InvalidDevice, InvalidSize
+from memplan.gpu.device import Device, Inventory
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Allocator", "DeviceUsage", "Reservation", "mapped_oom"]
+
+
+@dataclass(frozen=True)
+class DeviceUsage:
+    """Counters for one device's budget."""
+
+    device: Device
+    capacity: int
+    used: int
+    peak: int
+    reservations: int
+    failures: int
+
+    @property
+    def available(self) -> int:
+        return self.capacity - self.used
+
+
+class Reservation:
+    """Bytes held on a device until :meth:`release` (idempotent) or the ``with`` block ends."""
+
+    def __init__(self, allocator: Allocator, device: Device, nbytes: int, label: str) -> None:
+        self.allocator = allocator
+        self.device = device
+        self.nbytes = nbytes
+        self.label = label
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.allocator._uncharge(self.device, self.nbytes)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class _Budget:
+    capacity: int
+    used: int = 0
+    peak: int = 0
+    reservations: int = 0
+    failures: int = 0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # MPS and older CUDA builds raise a plain RuntimeError with this text.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@contextmanager
+def mapped_oom(device: Device, requested: int) -> Iterator[None]:
+    """Turn a real accelerator OOM inside the block into :class:`DeviceOutOfMemory`."""
+    try:
+        yield
+    except Exception as exc:
+        if _is_oom(exc):
+            raise DeviceOutOfMemory(device, requested) from exc
+        raise
+
+
+class Allocator:
+    """Budgets for every device of ``inventory``; thread-safe."""
+
+    def __init__(
+        self, inventory: Inventory, *, capacities: dict[Device, int] | None = None
+    ) -> None:
+        self.inventory = inventory
+        self.simulated = inventory.simulated
+        caps = {m.device: m.free for m in inventory}
+        caps.update(capacities or {})
+        self._budgets = {device: _Budget(capacity) for device, capacity in caps.items()}
+        self._lock = threading.RLock()
+        self._placed: dict[int, tuple[Device, int]] = {}  # storage address -> (device, tensors)
+
+    def devices(self) -> list[Device]:
+        return sorted(self._budgets)
+
+    def _budget(self, device: Device) -> _Budget:
+        try:
+            return self._budgets[device]
+        except KeyError:
+            have = ", ".join(str(d) for d in sorted(self._budgets)) or "none"
+            raise InvalidDevice(
+                str(device), f"not in this allocator's inventory ({have})"
+            ) from None
+
+    def available(self, device: Device) -> int:
+        with self._lock:
+            budget = self._budget(device)
+            return budget.capacity - budget.used
+
+    def usage(self, device: Device) -> DeviceUsage:
+        with self._lock:
+            b = self._budget(device)
+            return DeviceUsage(device, b.capacity, b.used, b.peak, b.reservations, b.failures)
+
+    def stats(self) -> list[DeviceUsage]:
+        return [self.usage(device) for device in self.devices()]
+
+    def reset_peak(self, device: Device) -> None:
+        with self._lock:
+            budget = self._budget(device)
+            budget.peak = budget.used
+
+    def _charge_locked(self, device: Device, nbytes: int) -> None:
+        budget = self._budget(device)
+        if budget.used + nbytes > budget.capacity:
+            budget.failures += 1
+            raise DeviceOutOfMemory(device, nbytes, budget.capacity - budget.used)
+        budget.used += nbytes
+        budget.peak = max(budget.peak, budget.used)
+        budget.reservations += 1
+
+    def _uncharge(self, device: Device, nbytes: int) -> None:
+        with self._lock:
+            budget = self._budgets[device]
+            budget.used -= nbytes
+            budget.reservations -= 1
+
+    def reserve(self, device: Device, nbytes: int, *, label: str = "") -> Reservation:
+        """Hold ``nbytes`` on ``device``, or raise :class:`DeviceOutOfMemory` and hold nothing."""
+        if nbytes < 0:
+            raise InvalidSize(nbytes, f"cannot reserve a negative size on {device}")
+        with self._lock:
+            self._charge_locked(device, nbytes)
+        return Reservation(self, device, nbytes, label)
+
+    def place(self, tensor: torch.Tensor, device: Device) -> torch.Tensor:
+        """``tensor`` on ``device``, charged to its budget for as long as the result lives.
+
+        Simulated accelerators keep the data in host memory. Tensors sharing a storage are
+        charged once, for the whole storage.
+        """
+        nbytes = tensor.untyped_storage().nbytes()
+        moved = self._move(tensor, device, nbytes)
+        key = moved.untyped_storage().data_ptr()
+        if nbytes == 0 or key == 0:
+            return moved
+        with self._lock:
+            _, count = self._placed.get(key, (device, 0))
+            if count == 0:
+                self._charge_locked(device, nbytes)
+            self._placed[key] = (device, count + 1)
+        weakref.finalize(moved, self._forget, key, device, nbytes)
+        return moved
+
+    def _move(self, tensor: torch.Tensor, device: Device, nbytes: int) -> torch.Tensor:
+        if not self.simulated:
+            with mapped_oom(device, nbytes):
+                return tensor.to(device.torch_name)
+        moved = tensor.to("cpu")
+        if self.device_of(moved) not in (None, device):
+            # A real move to another device copies; so does a simulated one, to be charged apart.
+            moved = moved.clone()
+        return moved
+
+    def _forget(self, key: int, device: Device, nbytes: int) -> None:
+        with self._lock:
+            owner, count = self._placed.get(key, (device, 1))
+            if count > 1:
+                self._placed[key] = (owner, count - 1)
+                return
+            self._placed.pop(key, None)
+        self._uncharge(device, nbytes)
+
+    def device_of(self, tensor: Any) -> Device | None:
+        """The device ``tensor`` was placed on through this allocator, if any."""
+        with self._lock:
+            placed = self._placed.get(tensor.untyped_storage().data_ptr())
+        return placed[0] if placed else None
