@@ -61,6 +61,8 @@ def parse_size(value: str | int | float) -> int:
 def _from_float(original: object, number: float) -> int:
     if math.isnan(number) or math.isinf(number):
         raise InvalidSize(original, "not a finite number")
+    if number < 0:
+        raise InvalidSize(original, "sizes cannot be negative")
     # Sizes like "1.5 GB" are exact; anything finer than a byte rounds to the nearest byte.
     return round(number)
 
