@@ -17,27 +17,57 @@ from memplan.errors import (
     TierError,
 )
 from memplan.gpu import Allocator, Device, DeviceMemory, Inventory, probe
+from memplan.planner import (
+    Checkpoint,
+    Corrections,
+    Estimate,
+    Full,
+    Overheads,
+    Plan,
+    Policy,
+    Quantized,
+    Sharded,
+    Streamed,
+    Workload,
+    estimate,
+    inspect,
+    plan,
+)
 from memplan.units import format_size, parse_size
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Allocator",
+    "Checkpoint",
     "CheckpointError",
+    "Corrections",
     "Device",
     "DeviceMemory",
     "DeviceOutOfMemory",
     "DoesNotFit",
+    "Estimate",
+    "Full",
     "InvalidDevice",
     "InvalidSize",
     "Inventory",
     "MemplanError",
+    "Overheads",
     "PinViolation",
+    "Plan",
+    "Policy",
+    "Quantized",
     "RemoteTierError",
+    "Sharded",
     "SimulationSpecError",
+    "Streamed",
     "TierError",
+    "Workload",
     "__version__",
+    "estimate",
     "format_size",
+    "inspect",
     "parse_size",
+    "plan",
     "probe",
 ]

@@ -6,7 +6,7 @@ happen, so callers catch ``memplan.MemplanError`` subclasses and read fields, ne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from memplan.gpu.device import Device
@@ -82,12 +82,13 @@ class DoesNotFit(MemplanError):
     """No strategy fits: ``needed`` bytes on ``device`` where ``available`` are free."""
 
     def __init__(
-        self, needed: int, available: int, device: Device | None, detail: str = ""
+        self, needed: int, available: int, device: Device | None, detail: str = "", plan: Any = None
     ) -> None:
         self.needed = needed
         self.available = available
         self.device = device
         self.detail = detail
+        self.plan = plan  # the memplan.Plan with every strategy's shortfall, when the planner raised this
         where = str(device) if device is not None else "any device"
         msg = f"needs {_size(needed)}, {where} has {_size(available)} available"
         super().__init__(f"{msg}; {detail}" if detail else msg)

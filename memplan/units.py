@@ -52,9 +52,7 @@ def parse_size(value: str | int | float) -> int:
     number, unit = match.groups()
     multiplier = _unit_multiplier(unit)
     if multiplier is None:
-        raise InvalidSize(
-            value, f"unknown unit {unit!r}; use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB"
-        )
+        raise InvalidSize(value, f"unknown unit {unit!r}; use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB")
     return _checked(value, _from_float(value, float(number) * multiplier))
 
 

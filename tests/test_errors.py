@@ -13,9 +13,7 @@ def test_every_error_is_a_memplan_error_with_fields() -> None:
     assert str(fit) == "needs 141.0 GiB, cuda:0 has 79.0 GiB available"
     assert fit.needed == 141 * 2**30
 
-    ckpt = memplan.CheckpointError(
-        "model-00001.safetensors", "offsets overlap", tensor="lm_head.weight"
-    )
+    ckpt = memplan.CheckpointError("model-00001.safetensors", "offsets overlap", tensor="lm_head.weight")
     assert "model-00001.safetensors" in str(ckpt) and "lm_head.weight" in str(ckpt)
 
     remote = memplan.RemoteTierError("remote", "layer.3", "gave up after 5 tries")

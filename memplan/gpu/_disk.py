@@ -44,9 +44,7 @@ class DiskProbe(Probe):
         try:
             usage = shutil.disk_usage(target)
         except OSError as exc:
-            result.problem(
-                self.name, f"cannot stat spill dir {self.spill_dir}: {exc.strerror or exc}"
-            )
+            result.problem(self.name, f"cannot stat spill dir {self.spill_dir}: {exc.strerror or exc}")
             return result
         result.memories.append(
             DeviceMemory(

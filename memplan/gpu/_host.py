@@ -121,9 +121,7 @@ def read_cgroup_limit(cgroup_root: Path, proc_cgroup: Path) -> CgroupLimit | Non
     if "memory" in paths:
         mount = cgroup_root / "memory"
         levels = _levels(mount, paths["memory"])
-        return _tightest(
-            levels, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", 1
-        )
+        return _tightest(levels, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", 1)
     return None
 
 
@@ -163,9 +161,7 @@ class HostProbe(Probe):
             result.problem("cgroup", f"{exc}; using psutil's figures")
             cap = None
         if cap is not None and cap.limit < total:
-            memory = DeviceMemory(
-                Device("cpu"), cap.limit, min(available, cap.headroom, cap.limit), "cgroup"
-            )
+            memory = DeviceMemory(Device("cpu"), cap.limit, min(available, cap.headroom, cap.limit), "cgroup")
         else:
             memory = DeviceMemory(Device("cpu"), total, min(available, total), "psutil")
         result.memories.append(memory)

@@ -109,20 +109,14 @@ class NvmlProbe(Probe):
         except Exception as exc:
             result.problem("nvml", f"cannot enumerate devices: {exc}")
             return
-        for cuda_index, nvml_index in enumerate(
-            visible_nvml_indices(count, uuids, self.visible_devices)
-        ):
+        for cuda_index, nvml_index in enumerate(visible_nvml_indices(count, uuids, self.visible_devices)):
             device = Device("cuda", cuda_index)
             try:
-                result.memories.append(
-                    self._device_memory(nvml, handles[nvml_index], device, result)
-                )
+                result.memories.append(self._device_memory(nvml, handles[nvml_index], device, result))
             except Exception as exc:
                 result.problem("nvml", f"{device} (NVML index {nvml_index}): {exc}")
 
-    def _device_memory(
-        self, nvml: Any, handle: Any, device: Device, result: ProbeResult
-    ) -> DeviceMemory:
+    def _device_memory(self, nvml: Any, handle: Any, device: Device, result: ProbeResult) -> DeviceMemory:
         info = nvml.nvmlDeviceGetMemoryInfo(handle)
         total, free = int(info.total), int(info.free)
         name = _as_str(nvml.nvmlDeviceGetName(handle))

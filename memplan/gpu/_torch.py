@@ -36,9 +36,7 @@ class TorchCudaProbe(Probe):
 
     name = "torch.cuda"
 
-    def __init__(
-        self, *, torch: Any | None = None, find_torch: Callable[[], Any] = _imported_torch
-    ) -> None:
+    def __init__(self, *, torch: Any | None = None, find_torch: Callable[[], Any] = _imported_torch) -> None:
         self.torch = torch if torch is not None else find_torch()
 
     def measure(self) -> ProbeResult:
@@ -71,9 +69,7 @@ class MpsProbe(Probe):
 
     name = "mps"
 
-    def __init__(
-        self, *, torch: Any | None = None, find_torch: Callable[[], Any] = _torch_on_macos
-    ) -> None:
+    def __init__(self, *, torch: Any | None = None, find_torch: Callable[[], Any] = _torch_on_macos) -> None:
         self.torch = torch if torch is not None else find_torch()
 
     def measure(self) -> ProbeResult:

@@ -102,9 +102,7 @@ def mapped_oom(device: Device, requested: int) -> Iterator[None]:
 class Allocator:
     """Budgets for every device of ``inventory``; thread-safe."""
 
-    def __init__(
-        self, inventory: Inventory, *, capacities: dict[Device, int] | None = None
-    ) -> None:
+    def __init__(self, inventory: Inventory, *, capacities: dict[Device, int] | None = None) -> None:
         self.inventory = inventory
         self.simulated = inventory.simulated
         caps = {m.device: m.free for m in inventory}
@@ -121,9 +119,7 @@ class Allocator:
             return self._budgets[device]
         except KeyError:
             have = ", ".join(str(d) for d in sorted(self._budgets)) or "none"
-            raise InvalidDevice(
-                str(device), f"not in this allocator's inventory ({have})"
-            ) from None
+            raise InvalidDevice(str(device), f"not in this allocator's inventory ({have})") from None
 
     def available(self, device: Device) -> int:
         with self._lock:

@@ -39,9 +39,7 @@ class Device:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise InvalidDevice(
-                str(self.kind), f"unknown kind; expected one of {', '.join(_KINDS)}"
-            )
+            raise InvalidDevice(str(self.kind), f"unknown kind; expected one of {', '.join(_KINDS)}")
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
             raise InvalidDevice(f"{self.kind}:{self.index}", "index must be an integer >= 0")
 
@@ -210,9 +208,7 @@ class Inventory:
     def from_dict(cls, data: dict[str, Any]) -> Inventory:
         return cls(
             devices=tuple(DeviceMemory.from_dict(d) for d in data["devices"]),
-            problems=tuple(
-                ProbeProblem(p["source"], p["message"]) for p in data.get("problems", [])
-            ),
+            problems=tuple(ProbeProblem(p["source"], p["message"]) for p in data.get("problems", [])),
             simulated=bool(data.get("simulated", False)),
         )
 

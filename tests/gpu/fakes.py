@@ -71,9 +71,7 @@ class FakeNvml:
     def nvmlDeviceGetMemoryInfo(self, handle: FakeGpu) -> Any:
         if handle.fail_memory:
             raise FakeNVMLError(15, "GPU is lost")
-        return SimpleNamespace(
-            total=handle.total, free=handle.free, used=handle.total - handle.free
-        )
+        return SimpleNamespace(total=handle.total, free=handle.free, used=handle.total - handle.free)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGpu) -> list[Any]:
         if handle.fail_processes:

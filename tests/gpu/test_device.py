@@ -25,9 +25,7 @@ def test_device_parse_and_str(text: str, device: Device, shown: str) -> None:
     assert Device.parse(str(device)) == device
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "gpu:0", "cuda:-1", "cuda:x", "cuda:", "cuda:1.5", ":0", "tpu"]
-)
+@pytest.mark.parametrize("bad", ["", "gpu:0", "cuda:-1", "cuda:x", "cuda:", "cuda:1.5", ":0", "tpu"])
 def test_device_parse_rejects(bad: str) -> None:
     with pytest.raises(InvalidDevice):
         Device.parse(bad)

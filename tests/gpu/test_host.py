@@ -143,7 +143,5 @@ def test_real_machine_matches_psutil_and_cgroup() -> None:
     expected_total = min(vm.total, cap.limit) if cap else vm.total
     assert memory.total == expected_total
     # free moves while the test runs; it is psutil's (or the cgroup's) figure within 256 MiB
-    expected_free = (
-        min(vm.available, cap.headroom) if cap and cap.limit < vm.total else vm.available
-    )
+    expected_free = min(vm.available, cap.headroom) if cap and cap.limit < vm.total else vm.available
     assert abs(memory.free - expected_free) < 256 * 2**20

@@ -1,0 +1,305 @@
+"""``inspect(path) -> Checkpoint``: a model's shape from its headers, index and config.json.
+
+Only the 8-byte length and JSON header of each shard are read, never tensor data, never torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from memplan.errors import CheckpointError
+from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
+
+__all__ = ["Architecture", "Checkpoint", "LayerInfo", "TensorInfo", "inspect"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_LAYER = re.compile(r"^((?:.*\.)?(?:layers|h|blocks|block|layer)\.(\d+))\.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's header facts, where it lives, and which decoder layer it belongs to."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+    layer: int | None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0] if "." in self.name else ""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One decoder layer: its module prefix (``model.layers.3``), tensors and bytes."""
+
+    index: int
+    prefix: str
+    tensors: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The facts of config.json the estimate needs; None where the config does not say."""
+
+    model_type: str | None = None
+    architectures: tuple[str, ...] = ()
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    intermediate_size: int | None = None
+    tie_word_embeddings: bool = False
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    moe_intermediate_size: int | None = None
+    torch_dtype: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Architecture:
+        # Multimodal configs keep the language model's facts under text_config.
+        text = config.get("text_config")
+        cfg: Mapping[str, Any] = (
+            text if isinstance(text, dict) and "num_hidden_layers" not in config else config
+        )
+        heads = _int(cfg, "num_attention_heads", "n_head")
+        hidden = _int(cfg, "hidden_size", "n_embd")
+        head_dim = _int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
+        return cls(
+            model_type=_str(cfg, "model_type") or _str(config, "model_type"),
+            architectures=tuple(config.get("architectures") or ()),
+            num_layers=_int(cfg, "num_hidden_layers", "n_layer"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=_int(cfg, "num_key_value_heads") or heads,
+            head_dim=head_dim,
+            vocab_size=_int(cfg, "vocab_size"),
+            intermediate_size=_int(cfg, "intermediate_size", "n_inner"),
+            tie_word_embeddings=bool(
+                config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+            ),
+            num_experts=_int(cfg, "num_local_experts", "num_experts", "n_routed_experts"),
+            experts_per_token=_int(cfg, "num_experts_per_tok", "moe_topk"),
+            moe_intermediate_size=_int(cfg, "moe_intermediate_size"),
+            torch_dtype=_str(cfg, "torch_dtype", "dtype") or _str(config, "torch_dtype", "dtype"),
+        )
+
+
+def _int(cfg: Mapping[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _str(cfg: Mapping[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a model is made of, read from its headers. Build it with :func:`inspect`."""
+
+    path: Path
+    files: tuple[Path, ...]
+    tensors: Mapping[str, TensorInfo] = field(compare=False)
+    architecture: Architecture
+    layers: tuple[LayerInfo, ...]
+    fingerprint: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for t in self.tensors.values():
+            totals[t.dtype] += t.nbytes
+        return dict(totals)
+
+    @property
+    def dtype(self) -> str:
+        """The floating dtype most bytes are stored in (the model's working dtype)."""
+        floats = {d: n for d, n in self.bytes_by_dtype().items() if d.startswith(("F", "BF"))}
+        return max(floats, key=lambda d: floats[d]) if floats else "F32"
+
+    def non_layer_tensors(self) -> list[TensorInfo]:
+        return [t for t in self.tensors.values() if t.layer is None]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(str(path), f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(str(path), f"{what} is not a JSON object")
+    return data
+
+
+def _index_shards(directory: Path, index_path: Path) -> dict[str, Path]:
+    """tensor name -> shard path, from the index; every shard must be a file inside ``directory``."""
+    weight_map = _load_json(index_path, "the index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(str(index_path), "index has no weight_map of tensor names to files")
+    root = directory.resolve()
+    shards: dict[str, Path] = {}
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(str(index_path), "weight_map must name a file", tensor=tensor)
+        shard = (directory / file).resolve()
+        if Path(file).is_absolute() or root not in shard.parents:
+            raise CheckpointError(
+                str(index_path), f"shard {file!r} is outside the model directory", tensor=tensor
+            )
+        if not shard.is_file():
+            raise CheckpointError(
+                str(directory / file), "shard named by the index does not exist", tensor=tensor
+            )
+        shards[tensor] = directory / file
+    return shards
+
+
+def _discover(path: Path) -> tuple[Path, list[Path], dict[str, Path] | None]:
+    """(model directory, shard files, tensor->shard map from an index or None)."""
+    if not path.exists():
+        raise CheckpointError(str(path), "does not exist")
+    if path.is_file():
+        return path.parent, [path], None
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = _index_shards(path, index)
+        return path, sorted(set(weight_map.values())), weight_map
+    if (path / SINGLE_NAME).is_file():
+        return path, [path / SINGLE_NAME], None
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(str(path), f"no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
+    return path, found, None
+
+
+def _collect(
+    headers: list[ShardHeader], weight_map: dict[str, Path] | None
+) -> dict[str, tuple[TensorEntry, Path]]:
+    """tensor name -> (its header entry, its shard); a tensor stored twice is an error."""
+    entries: dict[str, tuple[TensorEntry, Path]] = {}
+    for header in headers:
+        for entry in header.tensors:
+            if weight_map is not None and weight_map.get(entry.name) != header.path:
+                continue  # the index is authoritative; a stray copy elsewhere is not loaded
+            if entry.name in entries:
+                other = entries[entry.name][1].name
+                raise CheckpointError(str(header.path), f"also stored in {other}", tensor=entry.name)
+            entries[entry.name] = (entry, header.path)
+    for tensor, shard in (weight_map or {}).items():
+        if tensor not in entries:
+            raise CheckpointError(str(shard), "tensor named by the index is not in this shard", tensor=tensor)
+    return entries
+
+
+def _decoder_container(names: list[str], num_layers: int | None) -> str | None:
+    """The module holding the decoder layers: ``model.layers`` (not a vision tower's layers)."""
+    counts: dict[str, set[int]] = defaultdict(set)
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            counts[match.group(1).rsplit(".", 1)[0]].add(int(match.group(2)))
+    if not counts:
+        return None
+    exact = [c for c, idx in counts.items() if num_layers is not None and len(idx) == num_layers]
+    return exact[0] if exact else max(counts, key=lambda c: len(counts[c]))
+
+
+def _layer_index(name: str, container: str | None) -> int | None:
+    """The decoder layer ``name`` belongs to, if any."""
+    match = _LAYER.match(name)
+    if match is None or match.group(1).rsplit(".", 1)[0] != container:
+        return None
+    return int(match.group(2))
+
+
+def _layers(infos: dict[str, TensorInfo], container: str | None) -> tuple[LayerInfo, ...]:
+    grouped: dict[int, list[TensorInfo]] = defaultdict(list)
+    for info in infos.values():
+        if info.layer is not None:
+            grouped[info.layer].append(info)
+    layers = []
+    for index in sorted(grouped):
+        members = grouped[index]
+        prefix = f"{container}.{index}"
+        layers.append(
+            LayerInfo(index, prefix, tuple(t.name for t in members), sum(t.nbytes for t in members))
+        )
+    return tuple(layers)
+
+
+def _fingerprint(entries: dict[str, tuple[TensorEntry, Path]]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(entries):
+        e = entries[name][0]
+        digest.update(f"{name}:{e.dtype}:{','.join(map(str, e.shape))};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _architecture(directory: Path) -> Architecture:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        return Architecture()
+    return Architecture.from_config(_load_json(config_path, "config.json"))
+
+
+def inspect(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's shape: a model directory (sharded or not) or one ``.safetensors`` file.
+
+    Raises :class:`~memplan.CheckpointError` naming the file (and tensor) at fault.
+    """
+    path = Path(path)
+    directory, files, weight_map = _discover(path)
+    entries = _collect([read_header(f) for f in files], weight_map)
+    architecture = _architecture(directory)
+    container = _decoder_container(list(entries), architecture.num_layers)
+    infos: dict[str, TensorInfo] = {}
+    for name, (e, shard) in entries.items():
+        layer = _layer_index(name, container)
+        infos[name] = TensorInfo(name, e.dtype, e.shape, shard, e.offset, e.nbytes, layer)
+    layers = _layers(infos, container)
+    if architecture.num_layers is None and layers:
+        architecture = replace(architecture, num_layers=len(layers))
+    return Checkpoint(path, tuple(files), infos, architecture, layers, _fingerprint(entries))

@@ -1,0 +1,336 @@
+"""``estimate(checkpoint, workload, strategy) -> Estimate``: bytes per device, by what holds them.
+
+Weights (by dtype or quantized format), KV cache, the transient peak of one layer's forward,
+runtime overhead, and a learned correction from peaks measured on earlier loads. Pure: shapes in,
+numbers out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from memplan.errors import MemplanError
+from memplan.gpu.device import Device
+from memplan.planner.checkpoint import Architecture, Checkpoint, TensorInfo
+from memplan.planner.corrections import Corrections
+from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
+
+__all__ = [
+    "DeviceEstimate",
+    "Estimate",
+    "Overheads",
+    "Workload",
+    "dtype_bytes",
+    "estimate",
+    "normalize_dtype",
+    "strategy_key",
+]
+
+MiB = 2**20
+_DTYPE_ALIASES = {
+    "F32": ("f32", "fp32", "float32", "float"), "F16": ("f16", "fp16", "float16", "half"),
+    "BF16": ("bf16", "bfloat16"), "F64": ("f64", "fp64", "float64", "double"),
+    "F8_E4M3": ("fp8", "f8", "float8_e4m3fn", "f8_e4m3"), "F8_E5M2": ("float8_e5m2", "f8_e5m2"),
+}  # fmt: skip
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+NF4_BLOCK = 64
+DOUBLE_QUANT_BLOCK = 256
+
+
+def normalize_dtype(name: str) -> str:
+    """``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"`` and ``"BF16"`` are all ``"BF16"``."""
+    key = name.strip().removeprefix("torch.")
+    if key.upper() in _BYTES:
+        return key.upper()
+    for canonical, aliases in _DTYPE_ALIASES.items():
+        if key.lower() in aliases:
+            return canonical
+    raise MemplanError(f"unknown floating dtype {name!r}; use bf16, fp16, fp32 or fp8")
+
+
+def dtype_bytes(name: str) -> int:
+    return _BYTES[normalize_dtype(name)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the model will run: ``batch`` sequences of ``context`` tokens.
+
+    ``prefill_chunk`` caps the tokens of one forward (chunked prefill); None means the whole
+    context in one forward, the worst case. ``kv_dtype`` None means the model's compute dtype.
+    """
+
+    batch: int = 1
+    context: int = 4096
+    kv_dtype: str | None = None
+    prefill_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        for label, value in (("batch", self.batch), ("context", self.context)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MemplanError(f"workload {label} must be a positive integer, got {value!r}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise MemplanError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.kv_dtype is not None:
+            normalize_dtype(self.kv_dtype)
+
+    @property
+    def tokens_per_forward(self) -> int:
+        return self.batch * min(self.context, self.prefill_chunk or self.context)
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Memory a loaded model costs beyond its tensors; tune these for your machine.
+
+    ``cuda_context``: the CUDA context, cuBLAS workspace and kernels, per device touched.
+    ``host_runtime``: the resident size of Python + torch + this library before any weight.
+    ``allocator_slack``: fraction the caching allocator holds beyond live tensors.
+    """
+
+    cuda_context: int = 600 * MiB
+    mps_runtime: int = 256 * MiB
+    host_runtime: int = 400 * MiB
+    allocator_slack: float = 0.05
+
+    def fixed(self, device: Device) -> int:
+        return {"cuda": self.cuda_context, "mps": self.mps_runtime, "cpu": self.host_runtime}.get(
+            device.kind, 0
+        )
+
+
+@dataclass(frozen=True)
+class DeviceEstimate:
+    device: Device
+    weights: int = 0
+    kv_cache: int = 0
+    activations: int = 0
+    buffers: int = 0
+    overhead: int = 0
+    correction: int = 0
+
+    @property
+    def peak(self) -> int:
+        return (
+            self.weights + self.kv_cache + self.activations + self.buffers + self.overhead + self.correction
+        )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    strategy: Strategy
+    devices: tuple[DeviceEstimate, ...]
+    notes: tuple[str, ...] = ()
+
+    def on(self, device: Device) -> DeviceEstimate:
+        for d in self.devices:
+            if d.device == device:
+                return d
+        return DeviceEstimate(device)
+
+    @property
+    def total(self) -> int:
+        return sum(d.peak for d in self.devices)
+
+
+@dataclass
+class _Ledger:
+    """Per-device sums while an estimate is built."""
+
+    parts: dict[Device, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+    def add(self, device: Device, **amounts: int) -> None:
+        for part, amount in amounts.items():
+            self.parts[device][part] += amount
+
+
+def strategy_key(strategy: Strategy) -> str:
+    """The name corrections are recorded under: ``full``, ``int8``, ``nf4``, ``sharded``, ``streamed``."""
+    return strategy.method if isinstance(strategy, Quantized) else strategy.kind
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def is_quantizable(tensor: TensorInfo) -> bool:
+    """bitsandbytes replaces the decoder's ``nn.Linear`` layers; embeddings, norms and lm_head stay."""
+    return tensor.layer is not None and len(tensor.shape) == 2 and tensor.name.endswith(".weight")
+
+
+def tensor_bytes(tensor: TensorInfo, dtype: str) -> int:
+    """Bytes of ``tensor`` once cast to ``dtype``; integer tensors keep their own type."""
+    if tensor.dtype not in _BYTES:
+        return tensor.nbytes
+    return tensor.numel * dtype_bytes(dtype)
+
+
+def quantized_bytes(tensor: TensorInfo, method: str, dtype: str, double_quant: bool) -> int:
+    """bnb's storage for one Linear weight, or ``dtype`` bytes for a module that stays."""
+    if not is_quantizable(tensor):
+        return tensor_bytes(tensor, dtype)
+    rows, numel = tensor.shape[0], tensor.numel
+    if method == "int8":
+        return numel + rows * 4  # int8 weights + one fp32 scale per output row (SCB)
+    blocks = math.ceil(numel / NF4_BLOCK)
+    absmax = blocks * 4  # one fp32 absmax per block
+    if double_quant:  # absmax re-quantised to 8 bits, one fp32 absmax per 256 blocks, 256-entry code
+        absmax = blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4
+    return math.ceil(numel / 2) + absmax
+
+
+def _weight_fn(strategy: Strategy) -> Callable[[TensorInfo], int]:
+    if isinstance(strategy, Quantized):
+        return lambda t: quantized_bytes(t, strategy.method, strategy.dtype, strategy.double_quant)
+    return lambda t: tensor_bytes(t, strategy.dtype)
+
+
+def layer_weight_bytes(checkpoint: Checkpoint, weigh: Callable[[TensorInfo], int]) -> list[int]:
+    tensors = checkpoint.tensors
+    return [sum(weigh(tensors[name]) for name in layer.tensors) for layer in checkpoint.layers]
+
+
+def module_weight_bytes(checkpoint: Checkpoint, weigh: Callable[[TensorInfo], int]) -> dict[str, int]:
+    """Bytes per module the device map places: each decoder layer, and each other module."""
+    sizes: dict[str, int] = defaultdict(int)
+    for layer, nbytes in zip(checkpoint.layers, layer_weight_bytes(checkpoint, weigh), strict=True):
+        sizes[layer.prefix] = nbytes
+    for tensor in checkpoint.non_layer_tensors():
+        sizes[tensor.module] += weigh(tensor)
+    return dict(sizes)
+
+
+# --- KV cache and activations ---------------------------------------------------------------
+
+
+def kv_bytes_per_layer(arch: Architecture, workload: Workload, dtype: str) -> int:
+    if arch.num_kv_heads is None or arch.head_dim is None:
+        return 0
+    kv_dtype = workload.kv_dtype or dtype
+    return 2 * arch.num_kv_heads * arch.head_dim * workload.context * workload.batch * dtype_bytes(kv_dtype)
+
+
+def activation_bytes(arch: Architecture, workload: Workload, dtype: str) -> int:
+    """The transient peak of one forward: the larger of one decoder layer's working set and the
+    logits. Attention is taken as SDPA/flash (no tokens x tokens score matrix)."""
+    h, heads, hd = arch.hidden_size, arch.num_heads, arch.head_dim
+    if h is None or heads is None or hd is None:
+        return 0
+    kv = (arch.num_kv_heads or heads) * hd
+    inter = arch.intermediate_size or 4 * h
+    if arch.num_experts and arch.experts_per_token:
+        inter = (arch.moe_intermediate_size or inter) * arch.experts_per_token
+    attention = 2 * h + 2 * heads * hd + 2 * kv + h  # residual, normed, q, attn out, k, v, o_proj out
+    mlp = 3 * h + 3 * inter  # residual, normed, down out; gate, up, act(gate) * up
+    tokens = workload.tokens_per_forward
+    layer_peak = tokens * max(attention, mlp)
+    logits = tokens * (arch.vocab_size or 0) + tokens * h
+    return max(layer_peak, logits) * dtype_bytes(dtype)
+
+
+# --- per strategy ---------------------------------------------------------------------------
+
+
+def _staging(checkpoint: Checkpoint) -> int:
+    """Host bytes of the largest tensor: loads read one tensor at a time before placing it."""
+    return max((t.nbytes for t in checkpoint.tensors.values()), default=0)
+
+
+def _one_device(
+    checkpoint: Checkpoint, workload: Workload, strategy: Full | Quantized, ledger: _Ledger
+) -> None:
+    weigh = _weight_fn(strategy)
+    arch, device = checkpoint.architecture, strategy.device
+    kv = kv_bytes_per_layer(arch, workload, strategy.dtype) * len(checkpoint.layers)
+    act = activation_bytes(arch, workload, strategy.dtype)
+    ledger.add(device, weights=sum(weigh(t) for t in checkpoint.tensors.values()), kv_cache=kv)
+    ledger.add(device, activations=act)
+    if isinstance(strategy, Quantized):  # each Linear weight lands in dtype, then is quantised
+        quantizable = [t for t in checkpoint.tensors.values() if is_quantizable(t)]
+        ledger.add(device, buffers=max((tensor_bytes(t, strategy.dtype) for t in quantizable), default=0))
+    ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+
+
+def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:
+    sizes = module_weight_bytes(checkpoint, _weight_fn(strategy))
+    kv_layer = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype)
+    layer_prefixes = {layer.prefix for layer in checkpoint.layers}
+    act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)
+    largest_offloaded = 0
+    for module, device in strategy.device_map:
+        nbytes = sizes.get(module, 0)
+        kv = kv_layer if module in layer_prefixes else 0
+        if device.is_accelerator or not strategy.offloaded:
+            ledger.add(device, weights=nbytes, kv_cache=kv)
+        else:  # offloaded: weights wait in host RAM, run (and keep their KV) on the execution device
+            ledger.add(device, weights=nbytes)
+            ledger.add(strategy.execution_device, kv_cache=kv)
+            largest_offloaded = max(largest_offloaded, nbytes)
+    for device in strategy.devices:
+        if device.is_accelerator or not strategy.offloaded:
+            ledger.add(device, activations=act)
+    ledger.add(strategy.execution_device, buffers=largest_offloaded)
+    ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+
+
+def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, ledger: _Ledger) -> None:
+    weigh = _weight_fn(strategy)
+    sizes = layer_weight_bytes(checkpoint, weigh)
+    largest = max(sizes, default=0)
+    arena = (strategy.prefetch_depth + 1) * largest
+    resident = sum(sizes[: strategy.resident_layers])
+    others = sum(weigh(t) for t in checkpoint.non_layer_tensors())
+    device = strategy.compute_device
+    kv = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype) * len(sizes)
+    act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)
+    ledger.add(device, weights=others + resident, buffers=arena, kv_cache=kv, activations=act)
+    if strategy.source == "host":
+        ledger.add(Device("cpu"), weights=sum(sizes[strategy.resident_layers :]))
+    elif device.is_accelerator:  # pinned staging buffers between the files and the device
+        ledger.add(Device("cpu"), buffers=arena)
+
+
+_LAYOUTS: dict[type, Callable[[Checkpoint, Workload, Any, _Ledger], None]] = {
+    Full: _one_device,
+    Quantized: _one_device,
+    Sharded: _sharded,
+    Streamed: _streamed,
+}
+
+
+def estimate(
+    checkpoint: Checkpoint,
+    workload: Workload,
+    strategy: Strategy,
+    *,
+    overheads: Overheads | None = None,
+    corrections: Corrections | None = None,
+) -> Estimate:
+    """Peak bytes per device for loading ``checkpoint`` with ``strategy`` and running ``workload``."""
+    overheads = overheads or Overheads()
+    ledger = _Ledger()
+    ledger.add(Device("cpu"))  # the host always pays the runtime
+    _LAYOUTS[type(strategy)](checkpoint, workload, strategy, ledger)
+    devices = [_finish(device, parts, overheads) for device, parts in sorted(ledger.parts.items())]
+    if corrections is not None:
+        key = strategy_key(strategy)
+        devices = [
+            _corrected(d, corrections.factor(checkpoint.fingerprint, key, d.device.kind)) for d in devices
+        ]
+    notes: tuple[str, ...] = ()
+    if checkpoint.architecture.head_dim is None:
+        notes = ("no usable config.json: KV cache and activations are not estimated",)
+    return Estimate(strategy, tuple(devices), notes)
+
+
+def _finish(device: Device, parts: dict[str, int], overheads: Overheads) -> DeviceEstimate:
+    weights, kv, act, buffers = parts["weights"], parts["kv_cache"], parts["activations"], parts["buffers"]
+    slack = int(overheads.allocator_slack * (weights + kv + act + buffers)) if device.is_accelerator else 0
+    return DeviceEstimate(device, weights, kv, act, buffers, overheads.fixed(device) + slack)
+
+
+def _corrected(d: DeviceEstimate, factor: float) -> DeviceEstimate:
+    return replace(d, correction=round(d.peak * (factor - 1)))

@@ -1,0 +1,92 @@
+"""The ways a model can be loaded, as configs: dataclasses dispatched by type, JSON by ``kind``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from memplan.gpu.device import Device
+
+__all__ = ["Full", "Quantized", "Sharded", "Strategy", "Streamed", "describe"]
+
+
+@dataclass(frozen=True)
+class Full:
+    """Every weight on one device, in ``dtype``."""
+
+    device: Device
+    dtype: str
+    kind: Literal["full"] = "full"
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Linear layers as bitsandbytes int8 (LLM.int8) or nf4; embeddings, norms, lm_head in ``dtype``."""
+
+    method: Literal["int8", "nf4"]
+    device: Device
+    dtype: str
+    double_quant: bool = True
+    kind: Literal["quantized"] = "quantized"
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """Whole modules over devices: ``device_map`` pairs a module prefix with its device.
+
+    With ``cpu`` entries beside accelerators the model is offloaded: those layers' weights live
+    in host memory and run on ``execution_device``.
+    """
+
+    device_map: tuple[tuple[str, Device], ...]
+    dtype: str
+    execution_device: Device
+    kind: Literal["sharded"] = "sharded"
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return tuple(sorted({device for _, device in self.device_map}))
+
+    @property
+    def offloaded(self) -> bool:
+        return any(not d.is_accelerator for d in self.devices) and self.execution_device.is_accelerator
+
+    def accelerate_device_map(self) -> dict[str, int | str]:
+        """The same map in accelerate's spelling (``0``, ``"mps"``, ``"cpu"``)."""
+        return {
+            module: device.index if device.kind == "cuda" else str(device)
+            for module, device in self.device_map
+        }
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """Layers live in ``source`` (host RAM or the safetensors files) and pass through
+    ``compute_device``: ``resident_layers`` stay there, ``prefetch_depth`` more are in flight."""
+
+    compute_device: Device
+    source: Literal["host", "disk"]
+    resident_layers: int
+    prefetch_depth: int
+    dtype: str
+    kind: Literal["streamed"] = "streamed"
+
+
+Strategy = Union[Full, Quantized, Sharded, Streamed]  # noqa: UP007  (the codec reads this union)
+
+
+def describe(strategy: Strategy) -> str:
+    """One line a person reads: ``int8 on cuda:0``, ``sharded over cuda:0, cuda:1``."""
+    if isinstance(strategy, Full):
+        return f"full on {strategy.device} ({strategy.dtype})"
+    if isinstance(strategy, Quantized):
+        dq = ", double quant" if strategy.method == "nf4" and strategy.double_quant else ""
+        return f"{strategy.method} on {strategy.device} (compute {strategy.dtype}{dq})"
+    if isinstance(strategy, Sharded):
+        counts = {d: sum(1 for _, dev in strategy.device_map if dev == d) for d in strategy.devices}
+        spread = ", ".join(f"{d} ({n} modules)" for d, n in counts.items())
+        return f"{'offloaded' if strategy.offloaded else 'sharded'} over {spread}"
+    return (
+        f"streamed from {strategy.source} through {strategy.compute_device}: "
+        f"{strategy.resident_layers} layers resident, prefetch depth {strategy.prefetch_depth}"
+    )
