@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
-from memplan.errors import MemplanError
+from memplan.errors import DoesNotFit, MemplanError
 from memplan.gpu import Inventory, probe
+from memplan.planner import Corrections, Policy, Workload, inspect, plan
 from memplan.units import format_size
 
 __all__ = ["main", "render_inventory"]
@@ -49,17 +52,70 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memplan", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    probe_cmd = commands.add_parser("probe", help="measure host, CUDA, MPS and disk memory")
-    probe_cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
-    probe_cmd.add_argument(
+def _cmd_plan(args: argparse.Namespace) -> int:
+    checkpoint = inspect(args.model)
+    inventory = probe(args.simulate)
+    workload = Workload(batch=args.batch, context=args.context, kv_dtype=args.kv_dtype)
+    base = Policy.seed_thresholds() if args.policy == "thresholds" else Policy()
+    allow = args.allow_quantization or base.allow_quantization
+    policy = replace(base, allow_quantization=allow, headroom=args.headroom, dtype=args.dtype)
+    try:
+        result = plan(checkpoint, inventory, workload, policy, corrections=Corrections.load())
+    except DoesNotFit as exc:
+        print(exc.plan.to_json() if args.json else exc.plan.explain())
+        print(f"memplan: nothing fits: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(result.to_json() if args.json else result.explain())
+    return EXIT_OK
+
+
+def _common(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--json", action="store_true", help="print JSON for scripts")
+    command.add_argument(
         "--simulate",
         metavar="SPEC",
         help="simulated devices instead of real ones, e.g. 'cuda:0=24GiB@20GiB,cpu=64GiB'",
     )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _add_plan(commands: Any) -> None:
+    cmd = commands.add_parser("plan", help="choose how to load a model: full, quantized, sharded or streamed")
+    cmd.add_argument("model", help="model directory (safetensors, sharded or not) or one .safetensors file")
+    cmd.add_argument("--context", type=_positive, default=4096, help="tokens per sequence (default 4096)")
+    cmd.add_argument("--batch", type=_positive, default=1, help="sequences at once (default 1)")
+    cmd.add_argument("--kv-dtype", help="KV cache dtype (default: the compute dtype)")
+    cmd.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
+    cmd.add_argument("--allow-quantization", action="store_true", help="consider bitsandbytes int8 and nf4")
+    cmd.add_argument("--headroom", type=_fraction, default=0.10, help="fraction of free memory to leave")
+    cmd.add_argument(
+        "--policy", choices=("default", "thresholds"), default="default",
+        help="default compares estimated peaks; thresholds uses the needed/available ratio rules",
+    )  # fmt: skip
+    _common(cmd)
+    cmd.set_defaults(run=_cmd_plan)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memplan", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    probe_cmd = commands.add_parser("probe", help="measure host, CUDA, MPS and disk memory")
+    _common(probe_cmd)
     probe_cmd.set_defaults(run=_cmd_probe)
+    _add_plan(commands)
     return parser
 
 

@@ -39,6 +39,7 @@ _DTYPE_ALIASES = {
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 NF4_BLOCK = 64
 DOUBLE_QUANT_BLOCK = 256
+NF4_CODE_BYTES = 16 * 4  # the 16 fp32 NF4 levels each quantised weight keeps
 
 
 def normalize_dtype(name: str) -> str:
@@ -179,7 +180,7 @@ def quantized_bytes(tensor: TensorInfo, method: str, dtype: str, double_quant: b
     absmax = blocks * 4  # one fp32 absmax per block
     if double_quant:  # absmax re-quantised to 8 bits, one fp32 absmax per 256 blocks, 256-entry code
         absmax = blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4
-    return math.ceil(numel / 2) + absmax
+    return math.ceil(numel / 2) + absmax + NF4_CODE_BYTES
 
 
 def _weight_fn(strategy: Strategy) -> Callable[[TensorInfo], int]:

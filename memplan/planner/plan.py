@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from memplan._codec import decode, encode
 from memplan.errors import DoesNotFit, MemplanError
@@ -176,12 +176,9 @@ def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded
         slots.append(spill)
     slot, device_map = 0, []
     for module in _ordered_modules(ckpt, sizes):
-        while slot < len(slots) and budgets[slots[slot]] < cost(module, slots[slot]):
+        # What finds no room lands on the last device, so the estimate shows how much is missing.
+        while slot + 1 < len(slots) and budgets[slots[slot]] < cost(module, slots[slot]):
             slot += 1
-        if slot == len(slots):
-            room = ", ".join(f"{d} {format_size(max(0, budgets[d]))}" for d in slots)
-            size = format_size(sizes[module])
-            return f"{module} ({size}) finds no room; left after the modules before it: {room}"
         budgets[slots[slot]] -= cost(module, slots[slot])
         device_map.append((module, slots[slot]))
     return Sharded(tuple(device_map), ctx.dtype, devices[0])
@@ -198,6 +195,7 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     kv = kv_bytes_per_layer(ckpt.architecture, ctx.workload, ctx.dtype) * len(sizes)
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1
     base = _device_budget(ctx, device, 0) - int((others + kv) * slack)
+    origin: Literal["host", "disk"] = "host" if source == "host" else "disk"
     for depth in range(ctx.policy.prefetch_depth, 0, -1):
         room = base - int((depth + 1) * largest * slack)
         if room < 0:
@@ -206,12 +204,9 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
         while resident < len(sizes) and int(sizes[resident] * slack) <= room:
             room -= int(sizes[resident] * slack)
             resident += 1
-        return Streamed(device, "host" if source == "host" else "disk", resident, depth, ctx.dtype)
-    need = int((others + kv + 2 * largest) * slack)
-    return (
-        f"even one layer in flight needs {format_size(need)} beside the fixed overhead "
-        f"on {device}, which has {ctx.budget_line(device)}"
-    )
+        return Streamed(device, origin, resident, depth, ctx.dtype)
+    # The leanest stream does not fit either; its estimate shows by how much.
+    return Streamed(device, origin, 0, 1, ctx.dtype)
 
 
 def _build(ctx: _Context, candidate: str) -> Strategy | str:

@@ -1,0 +1,41 @@
+"""Shared fixtures: small real checkpoints written the way users' checkpoints are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def save_tiny_llama(path: Path, *, tie: bool = False, max_shard_size: str = "200KB", layers: int = 4) -> Path:
+    """A random-init transformers Llama saved with save_pretrained (safetensors, sharded)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tie, max_position_embeddings=256,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("models") / "tiny-llama-single", tie=True, max_shard_size="50MB"
+    )
+
+
+@pytest.fixture(scope="session")
+def hollow_70b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from memplan.testing import LLAMA_SHAPES, write_llama_checkpoint
+
+    return write_llama_checkpoint(tmp_path_factory.mktemp("models") / "llama-70b", LLAMA_SHAPES["70b"])
