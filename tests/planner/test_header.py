@@ -209,11 +209,11 @@ def test_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.zeros(1024, 1024)}, path)
     reads: list[int] = []
-    monkeypatch.setattr(
-        header_module,
-        "open",
-        lambda p, mode: CountingFile(open(p, mode), reads),  # noqa: SIM115, raising=False
-    )
+
+    def counting_open(name: Path, mode: str) -> CountingFile:
+        return CountingFile(open(name, mode), reads)  # noqa: SIM115  (closed by CountingFile)
+
+    monkeypatch.setattr(header_module, "open", counting_open, raising=False)
     header = read_header(path)
     assert header.file_bytes > 4 * 2**20
     assert sum(reads) == 8 + header.header_bytes < 200
