@@ -211,7 +211,7 @@ def test_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     reads: list[int] = []
 
     def counting_open(name: Path, mode: str) -> CountingFile:
-        return CountingFile(open(name, mode), reads)  # noqa: SIM115  (closed by CountingFile)
+        return CountingFile(open(name, mode), reads)
 
     monkeypatch.setattr(header_module, "open", counting_open, raising=False)
     header = read_header(path)
