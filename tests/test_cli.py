@@ -68,3 +68,52 @@ def test_real_probe_table() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].split()[0] == "DEVICE"
     assert any(line.startswith("cpu ") for line in out.stdout.splitlines())
+
+
+def test_plan_command_explains(hollow_70b, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    code = main(["plan", str(hollow_70b), "--simulate", "cuda:0=80GiB,cpu=64GiB", "--allow-quantization"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "chosen: nf4 on cuda:0" in out and "[    no] full" in out
+
+
+def test_plan_command_json_round_trips(hollow_70b, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import memplan
+
+    assert main(["plan", str(hollow_70b), "--simulate", "cuda:0=80GiB,cuda:1=80GiB,cpu=64GiB", "--json"]) == 0
+    plan = memplan.Plan.from_json(capsys.readouterr().out)
+    assert plan.strategy is not None and plan.strategy.kind == "sharded"
+
+
+def test_plan_command_nothing_fits_exits_1_with_shortfalls(hollow_70b) -> None:  # type: ignore[no-untyped-def]
+    out = run_cli("plan", str(hollow_70b), "--simulate", "cuda:0=8GiB,cpu=8GiB")
+    assert out.returncode == 1
+    assert "short by" in out.stdout and "chosen: nothing fits" in out.stdout
+    assert out.stderr.startswith("memplan: nothing fits: needs") and "Traceback" not in out.stderr
+
+
+def test_plan_command_bad_checkpoint_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00")
+    out = run_cli("plan", str(tmp_path))
+    assert out.returncode == 1
+    assert (
+        out.stderr.strip()
+        == f"memplan: error: {tmp_path / 'model.safetensors'}: file is 2 bytes, shorter than the 8-byte header length"
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [("plan",), ("plan", "x", "--context", "0"), ("plan", "x", "--headroom", "2")]
+)
+def test_plan_usage_errors_exit_2(args: tuple[str, ...]) -> None:
+    assert run_cli(*args).returncode == 2
+
+
+def test_plan_cli_does_not_import_torch(hollow_70b) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import sys; from memplan.cli import main; "
+        f"main(['plan', {str(hollow_70b)!r}, '--simulate', 'cuda:0=80GiB,cpu=64GiB']); "
+        "assert 'torch' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr

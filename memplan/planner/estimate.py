@@ -178,8 +178,8 @@ def quantized_bytes(tensor: TensorInfo, method: str, dtype: str, double_quant: b
         return numel + rows * 4  # int8 weights + one fp32 scale per output row (SCB)
     blocks = math.ceil(numel / NF4_BLOCK)
     absmax = blocks * 4  # one fp32 absmax per block
-    if double_quant:  # absmax re-quantised to 8 bits, one fp32 absmax per 256 blocks, 256-entry code
-        absmax = blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4
+    if double_quant:  # absmax as 8 bits + fp32 absmax per 256 blocks, a 256-entry code, an fp32 offset
+        absmax = blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4 + 4
     return math.ceil(numel / 2) + absmax + NF4_CODE_BYTES
 
 

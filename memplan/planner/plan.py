@@ -76,11 +76,16 @@ class Policy:
 
     @classmethod
     def seed_thresholds(cls, **overrides: Any) -> Policy:
-        """The seed's rule: needed/available <= 0.6 full, <= 0.8 quantized, <= 1.5 sharded, else streamed."""
+        """The seed's rule: needed/available <= 0.6 full, <= 0.8 quantized, <= 1.5 sharded, else streamed.
+
+        "needed" is the full-precision peak, "available" all accelerators' usable memory (the host's
+        when there is none). Streamed candidates have no ratio and are judged by estimated peaks.
+        """
         fields: dict[str, Any] = {
             "name": "thresholds",
             "allow_quantization": True,
             "thresholds": SEED_THRESHOLDS,
+            "order": ("full", "int8", "nf4", "sharded", "offloaded", "streamed-host", "streamed-disk"),
         }
         return cls(**{**fields, **overrides})
 
@@ -259,25 +264,18 @@ def _judge_peaks(ctx: _Context, candidate: str, strategy: Strategy) -> Decision:
 def _judge_ratio(ctx: _Context, candidate: str, strategy: Strategy, ratio: float) -> Decision:
     """The seed's rule: a fixed ceiling on needed / available per strategy."""
     est = ctx.estimate(strategy)
-    ceiling = dict(ctx.policy.thresholds).get(candidate)
-    if ceiling is None or ratio <= ceiling:
-        bound = f" <= {ceiling}" if ceiling is not None else ""
-        return Decision(
-            candidate,
-            strategy,
-            est,
-            True,
-            f"{describe(strategy)}: needed/available = {ratio:.2f}{bound}",
-        )
+    ceiling = dict(ctx.policy.thresholds)[candidate]
+    if ratio <= ceiling:
+        reason = f"{describe(strategy)}: needed/available = {ratio:.2f} <= {ceiling}"
+        return Decision(candidate, strategy, est, True, reason)
     return Decision(candidate, strategy, est, False, f"needed/available = {ratio:.2f} > {ceiling}")
 
 
 def _needed_over_available(ctx: _Context) -> float:
-    full = ctx.estimate(Full(ctx.best_accelerator() or Device("cpu"), ctx.dtype))
-    main = full.strategy.device if isinstance(full.strategy, Full) else Device("cpu")
-    pool = ctx.accelerators() or [Device("cpu")]
-    available = sum(ctx.usable(d) for d in pool)
-    return full.on(main).peak / available if available else float("inf")
+    main = ctx.best_accelerator() or Device("cpu")
+    needed = ctx.estimate(Full(main, ctx.dtype)).on(main).peak
+    available = sum(ctx.usable(d) for d in ctx.accelerators() or [Device("cpu")])
+    return needed / available if available else float("inf")
 
 
 def _decide(ctx: _Context) -> tuple[list[Decision], int | None]:
@@ -289,10 +287,9 @@ def _decide(ctx: _Context) -> tuple[list[Decision], int | None]:
         if isinstance(built, str):
             decisions.append(Decision(candidate, None, None, False, built))
             continue
+        by_ratio = candidate in dict(ctx.policy.thresholds)
         judged = (
-            _judge_ratio(ctx, candidate, built, ratio)
-            if ctx.policy.thresholds
-            else _judge_peaks(ctx, candidate, built)
+            _judge_ratio(ctx, candidate, built, ratio) if by_ratio else _judge_peaks(ctx, candidate, built)
         )
         if judged.fits and chosen is None:
             chosen = len(decisions)
