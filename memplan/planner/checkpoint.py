@@ -5,19 +5,22 @@ Only the 8-byte length and JSON header of each shard are read, never tensor data
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from memplan.errors import CheckpointError
 from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
 
 __all__ = ["Architecture", "Checkpoint", "LayerInfo", "TensorInfo", "inspect"]
+
+T = TypeVar("T")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -36,7 +39,7 @@ class TensorInfo:
     nbytes: int
     layer: int | None
 
-    @property
+    @functools.cached_property  # asked for per tensor by every candidate's estimate
     def numel(self) -> int:
         n = 1
         for dim in self.shape:
@@ -133,6 +136,18 @@ class Checkpoint:
     architecture: Architecture
     layers: tuple[LayerInfo, ...]
     fingerprint: str
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()`` once per key: figures derived from this (immutable) checkpoint's shape."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        result: T = self._memo[key]
+        return result
+
+    def module_of(self, tensor: TensorInfo) -> str:
+        """The module a device map places ``tensor`` with: its decoder layer, else its own module."""
+        return self.layers[tensor.layer].prefix if tensor.layer is not None else tensor.module
 
     @property
     def nbytes(self) -> int:
@@ -180,21 +195,26 @@ def _index_shards(directory: Path, index_path: Path) -> dict[str, Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(str(index_path), "index has no weight_map of tensor names to files")
     root = directory.resolve()
+    checked: dict[str, Path] = {}  # a shard holds hundreds of tensors: resolve each file once
     shards: dict[str, Path] = {}
     for tensor, file in weight_map.items():
         if not isinstance(file, str) or not file:
             raise CheckpointError(str(index_path), "weight_map must name a file", tensor=tensor)
-        shard = (directory / file).resolve()
-        if Path(file).is_absolute() or root not in shard.parents:
-            raise CheckpointError(
-                str(index_path), f"shard {file!r} is outside the model directory", tensor=tensor
-            )
-        if not shard.is_file():
-            raise CheckpointError(
-                str(directory / file), "shard named by the index does not exist", tensor=tensor
-            )
-        shards[tensor] = directory / file
+        if file not in checked:
+            checked[file] = _checked_shard(directory, root, index_path, file, tensor)
+        shards[tensor] = checked[file]
     return shards
+
+
+def _checked_shard(directory: Path, root: Path, index_path: Path, file: str, tensor: str) -> Path:
+    shard = (directory / file).resolve()
+    if Path(file).is_absolute() or root not in shard.parents:
+        raise CheckpointError(
+            str(index_path), f"shard {file!r} is outside the model directory", tensor=tensor
+        )
+    if not shard.is_file():
+        raise CheckpointError(str(directory / file), "shard named by the index does not exist", tensor=tensor)
+    return directory / file
 
 
 def _discover(path: Path) -> tuple[Path, list[Path], dict[str, Path] | None]:

@@ -7,6 +7,7 @@ numbers out.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -42,6 +43,7 @@ DOUBLE_QUANT_BLOCK = 256
 NF4_CODE_BYTES = 16 * 4  # the 16 fp32 NF4 levels each quantised weight keeps
 
 
+@functools.lru_cache(maxsize=64)  # called per tensor per candidate; names repeat
 def normalize_dtype(name: str) -> str:
     """``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"`` and ``"BF16"`` are all ``"BF16"``."""
     key = name.strip().removeprefix("torch.")
@@ -183,25 +185,46 @@ def quantized_bytes(tensor: TensorInfo, method: str, dtype: str, double_quant: b
     return math.ceil(numel / 2) + absmax + NF4_CODE_BYTES
 
 
-def _weight_fn(strategy: Strategy) -> Callable[[TensorInfo], int]:
-    if isinstance(strategy, Quantized):
-        return lambda t: quantized_bytes(t, strategy.method, strategy.dtype, strategy.double_quant)
-    return lambda t: tensor_bytes(t, strategy.dtype)
+@dataclass(frozen=True)
+class WeightFormat:
+    """How weights are stored: ``dtype``, or bnb ``method`` for the Linear weights. Hashable, so
+    per-checkpoint sizes are computed once per format however many candidates ask."""
+
+    dtype: str
+    method: str | None = None
+    double_quant: bool = True
+
+    @classmethod
+    def of(cls, strategy: Strategy) -> WeightFormat:
+        if isinstance(strategy, Quantized):
+            return cls(strategy.dtype, strategy.method, strategy.double_quant)
+        return cls(strategy.dtype)
+
+    def bytes_of(self, tensor: TensorInfo) -> int:
+        if self.method is None:
+            return tensor_bytes(tensor, self.dtype)
+        return quantized_bytes(tensor, self.method, self.dtype, self.double_quant)
 
 
-def layer_weight_bytes(checkpoint: Checkpoint, weigh: Callable[[TensorInfo], int]) -> list[int]:
-    tensors = checkpoint.tensors
-    return [sum(weigh(tensors[name]) for name in layer.tensors) for layer in checkpoint.layers]
-
-
-def module_weight_bytes(checkpoint: Checkpoint, weigh: Callable[[TensorInfo], int]) -> dict[str, int]:
+def module_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> dict[str, int]:
     """Bytes per module the device map places: each decoder layer, and each other module."""
-    sizes: dict[str, int] = defaultdict(int)
-    for layer, nbytes in zip(checkpoint.layers, layer_weight_bytes(checkpoint, weigh), strict=True):
-        sizes[layer.prefix] = nbytes
-    for tensor in checkpoint.non_layer_tensors():
-        sizes[tensor.module] += weigh(tensor)
-    return dict(sizes)
+
+    def compute() -> dict[str, int]:
+        sizes: dict[str, int] = defaultdict(int)
+        for tensor in checkpoint.tensors.values():
+            sizes[checkpoint.module_of(tensor)] += fmt.bytes_of(tensor)
+        return dict(sizes)
+
+    return checkpoint.memo(("module_bytes", fmt), compute)
+
+
+def layer_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> list[int]:
+    sizes = module_weight_bytes(checkpoint, fmt)
+    return [sizes[layer.prefix] for layer in checkpoint.layers]
+
+
+def non_layer_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> int:
+    return sum(module_weight_bytes(checkpoint, fmt).values()) - sum(layer_weight_bytes(checkpoint, fmt))
 
 
 # --- KV cache and activations ---------------------------------------------------------------
@@ -243,11 +266,12 @@ def _staging(checkpoint: Checkpoint) -> int:
 def _one_device(
     checkpoint: Checkpoint, workload: Workload, strategy: Full | Quantized, ledger: _Ledger
 ) -> None:
-    weigh = _weight_fn(strategy)
     arch, device = checkpoint.architecture, strategy.device
     kv = kv_bytes_per_layer(arch, workload, strategy.dtype) * len(checkpoint.layers)
     act = activation_bytes(arch, workload, strategy.dtype)
-    ledger.add(device, weights=sum(weigh(t) for t in checkpoint.tensors.values()), kv_cache=kv)
+    ledger.add(
+        device, weights=sum(module_weight_bytes(checkpoint, WeightFormat.of(strategy)).values()), kv_cache=kv
+    )
     ledger.add(device, activations=act)
     if isinstance(strategy, Quantized):  # each Linear weight lands in dtype, then is quantised
         quantizable = [t for t in checkpoint.tensors.values() if is_quantizable(t)]
@@ -256,7 +280,7 @@ def _one_device(
 
 
 def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:
-    sizes = module_weight_bytes(checkpoint, _weight_fn(strategy))
+    sizes = module_weight_bytes(checkpoint, WeightFormat.of(strategy))
     kv_layer = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype)
     layer_prefixes = {layer.prefix for layer in checkpoint.layers}
     act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)
@@ -278,12 +302,12 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
 
 
 def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, ledger: _Ledger) -> None:
-    weigh = _weight_fn(strategy)
-    sizes = layer_weight_bytes(checkpoint, weigh)
+    fmt = WeightFormat.of(strategy)
+    sizes = layer_weight_bytes(checkpoint, fmt)
     largest = max(sizes, default=0)
     arena = (strategy.prefetch_depth + 1) * largest
     resident = sum(sizes[: strategy.resident_layers])
-    others = sum(weigh(t) for t in checkpoint.non_layer_tensors())
+    others = non_layer_weight_bytes(checkpoint, fmt)
     device = strategy.compute_device
     kv = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype) * len(sizes)
     act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)

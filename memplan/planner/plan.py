@@ -19,14 +19,15 @@ from memplan.planner.corrections import Corrections
 from memplan.planner.estimate import (
     Estimate,
     Overheads,
+    WeightFormat,
     Workload,
     activation_bytes,
     estimate,
     kv_bytes_per_layer,
     layer_weight_bytes,
     module_weight_bytes,
+    non_layer_weight_bytes,
     normalize_dtype,
-    tensor_bytes,
 )
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed, describe
 from memplan.units import format_size
@@ -162,7 +163,7 @@ def _ordered_modules(ckpt: Checkpoint, sizes: dict[str, int]) -> list[str]:
 def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded | str:
     """Whole modules in order over ``devices``, each within its budget; the rest to ``spill``."""
     ckpt, overheads = ctx.checkpoint, ctx.policy.overheads
-    sizes = module_weight_bytes(ckpt, lambda t: tensor_bytes(t, ctx.dtype))
+    sizes = module_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv_layer = kv_bytes_per_layer(ckpt.architecture, ctx.workload, ctx.dtype)
     layer_prefixes = {layer.prefix for layer in ckpt.layers}
 
@@ -192,11 +193,11 @@ def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded
 def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     """The deepest prefetch (up to the policy's) that fits, then as many resident layers as fit."""
     ckpt, overheads = ctx.checkpoint, ctx.policy.overheads
-    sizes = layer_weight_bytes(ckpt, lambda t: tensor_bytes(t, ctx.dtype))
+    sizes = layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     if not sizes:
         return "the checkpoint has no decoder layers to stream"
     largest = max(sizes)
-    others = sum(tensor_bytes(t, ctx.dtype) for t in ckpt.non_layer_tensors())
+    others = non_layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv = kv_bytes_per_layer(ckpt.architecture, ctx.workload, ctx.dtype) * len(sizes)
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1
     base = _device_budget(ctx, device, 0) - int((others + kv) * slack)

@@ -73,7 +73,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_prefix(path: Path) -> tuple[bytes, int]:
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:  # two small reads: buffering would read ahead
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise CheckpointError(
@@ -123,7 +123,7 @@ def _entry(path: Path, name: str, value: object) -> tuple[str, tuple[int, ...], 
     def bad(reason: str) -> CheckpointError:
         return CheckpointError(str(path), reason, tensor=name)
 
-    if not isinstance(value, dict) or set(value) != _ENTRY_KEYS:
+    if not isinstance(value, dict) or value.keys() != _ENTRY_KEYS:
         raise bad("entry must have exactly 'dtype', 'shape' and 'data_offsets'")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:

@@ -210,8 +210,8 @@ def test_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     save_file({"w": torch.zeros(1024, 1024)}, path)
     reads: list[int] = []
 
-    def counting_open(name: Path, mode: str) -> CountingFile:
-        return CountingFile(open(name, mode), reads)
+    def counting_open(name: Path, mode: str, **kwargs: int) -> CountingFile:
+        return CountingFile(open(name, mode, **kwargs), reads)
 
     monkeypatch.setattr(header_module, "open", counting_open, raising=False)
     header = read_header(path)
