@@ -17,6 +17,7 @@ from memplan.errors import (
     TierError,
 )
 from memplan.gpu import Allocator, Device, DeviceMemory, Inventory, probe
+from memplan.loaders import Fallback, LoadReport, load
 from memplan.planner import (
     Checkpoint,
     Corrections,
@@ -47,10 +48,12 @@ __all__ = [
     "DeviceOutOfMemory",
     "DoesNotFit",
     "Estimate",
+    "Fallback",
     "Full",
     "InvalidDevice",
     "InvalidSize",
     "Inventory",
+    "LoadReport",
     "MemplanError",
     "Overheads",
     "PinViolation",
@@ -67,6 +70,7 @@ __all__ = [
     "estimate",
     "format_size",
     "inspect",
+    "load",
     "parse_size",
     "plan",
     "probe",

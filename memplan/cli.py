@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -10,7 +11,7 @@ from typing import Any
 
 from memplan.errors import DoesNotFit, MemplanError
 from memplan.gpu import Inventory, probe
-from memplan.planner import Corrections, Policy, Workload, inspect, plan
+from memplan.planner import Corrections, Plan, Policy, Workload, inspect, plan
 from memplan.units import format_size
 
 __all__ = ["main", "render_inventory"]
@@ -52,21 +53,65 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _plan_from(args: argparse.Namespace) -> Plan:
     checkpoint = inspect(args.model)
     inventory = probe(args.simulate)
     workload = Workload(batch=args.batch, context=args.context, kv_dtype=args.kv_dtype)
     base = Policy.seed_thresholds() if args.policy == "thresholds" else Policy()
     allow = args.allow_quantization or base.allow_quantization
     policy = replace(base, allow_quantization=allow, headroom=args.headroom, dtype=args.dtype)
+    corrections = Corrections() if inventory.simulated else Corrections.load()
+    return plan(checkpoint, inventory, workload, policy, corrections=corrections)
+
+
+def _nothing_fits(args: argparse.Namespace, exc: DoesNotFit) -> int:
+    print(exc.plan.to_json() if args.json else exc.plan.explain())
+    print(f"memplan: nothing fits: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
     try:
-        result = plan(checkpoint, inventory, workload, policy, corrections=Corrections.load())
+        result = _plan_from(args)
     except DoesNotFit as exc:
-        print(exc.plan.to_json() if args.json else exc.plan.explain())
-        print(f"memplan: nothing fits: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _nothing_fits(args, exc)
     print(result.to_json() if args.json else result.explain())
     return EXIT_OK
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    from memplan.loaders import LoadReport, load
+
+    try:
+        chosen = _plan_from(args)
+    except DoesNotFit as exc:
+        return _nothing_fits(args, exc)
+    model = load(args.model, plan=chosen, progress=not args.json)
+    forward = _forward_check(model, args.tokens)
+    report: LoadReport = model.memplan_report  # type: ignore[assignment]
+    if args.json:
+        print(json.dumps({"report": report.to_dict(), "forward": forward}, indent=2))
+    else:
+        print(report.explain())
+        print(f"  forward on {args.tokens} tokens: {forward['seconds']:.3f} s, output {forward['shape']}")
+    return EXIT_OK
+
+
+def _forward_check(model: Any, tokens: int) -> dict[str, Any]:
+    """One forward on a few tokens, the proof that the loaded model runs."""
+    import time
+
+    import torch
+
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 2)
+    ids = (torch.arange(tokens) % vocab).unsqueeze(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(ids)
+    logits = getattr(out, "logits", out)
+    if not torch.isfinite(logits.float()).all():
+        raise MemplanError("the loaded model produced non-finite outputs")
+    return {"seconds": time.perf_counter() - start, "shape": list(logits.shape)}
 
 
 def _common(command: argparse.ArgumentParser) -> None:
@@ -92,8 +137,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _add_plan(commands: Any) -> None:
-    cmd = commands.add_parser("plan", help="choose how to load a model: full, quantized, sharded or streamed")
+def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("model", help="model directory (safetensors, sharded or not) or one .safetensors file")
     cmd.add_argument("--context", type=_positive, default=4096, help="tokens per sequence (default 4096)")
     cmd.add_argument("--batch", type=_positive, default=1, help="sequences at once (default 1)")
@@ -106,7 +150,19 @@ def _add_plan(commands: Any) -> None:
         help="default compares estimated peaks; thresholds uses the needed/available ratio rules",
     )  # fmt: skip
     _common(cmd)
+
+
+def _add_plan(commands: Any) -> None:
+    cmd = commands.add_parser("plan", help="choose how to load a model: full, quantized, sharded or streamed")
+    _plan_arguments(cmd)
     cmd.set_defaults(run=_cmd_plan)
+
+
+def _add_load(commands: Any) -> None:
+    cmd = commands.add_parser("load", help="plan, load the model, run one forward and print the load report")
+    _plan_arguments(cmd)
+    cmd.add_argument("--tokens", type=_positive, default=8, help="tokens in the test forward (default 8)")
+    cmd.set_defaults(run=_cmd_load)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(probe_cmd)
     probe_cmd.set_defaults(run=_cmd_probe)
     _add_plan(commands)
+    _add_load(commands)
     return parser
 
 

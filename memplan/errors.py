@@ -6,6 +6,7 @@ happen, so callers catch ``memplan.MemplanError`` subclasses and read fields, ne
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -70,7 +71,8 @@ class SimulationSpecError(MemplanError):
 class CheckpointError(MemplanError):
     """A checkpoint file that is missing, unreadable or malformed."""
 
-    def __init__(self, file: str, reason: str, tensor: str | None = None) -> None:
+    def __init__(self, file: str | os.PathLike[str], reason: str, tensor: str | None = None) -> None:
+        file = os.fspath(file)
         self.file = file
         self.tensor = tensor
         self.reason = reason

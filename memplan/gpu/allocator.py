@@ -121,6 +121,14 @@ class Allocator:
             have = ", ".join(str(d) for d in sorted(self._budgets)) or "none"
             raise InvalidDevice(str(device), f"not in this allocator's inventory ({have})") from None
 
+    def tracks(self, device: Device) -> bool:
+        """Whether ``device`` has a budget here (a simulated inventory may leave the host out)."""
+        return device in self._budgets
+
+    def torch_device(self, device: Device) -> str:
+        """Where tensors for ``device`` really live: the host, for a simulated accelerator."""
+        return "cpu" if self.simulated else device.torch_name
+
     def available(self, device: Device) -> int:
         with self._lock:
             budget = self._budget(device)
@@ -184,7 +192,7 @@ class Allocator:
     def _move(self, tensor: torch.Tensor, device: Device, nbytes: int) -> torch.Tensor:
         if not self.simulated:
             with mapped_oom(device, nbytes):
-                return tensor.to(device.torch_name)
+                return tensor.to(self.torch_device(device))
         moved = tensor.to("cpu")
         if self.device_of(moved) not in (None, device):
             # A real move to another device copies; so does a simulated one, to be charged apart.

@@ -122,6 +122,11 @@ class DeviceEstimate:
             self.weights + self.kv_cache + self.activations + self.buffers + self.overhead + self.correction
         )
 
+    @property
+    def at_load(self) -> int:
+        """The uncorrected part a load alone reaches: no KV cache or activations until a forward runs."""
+        return self.weights + self.buffers + self.overhead
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -297,7 +302,8 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
     for device in strategy.devices:
         if device.is_accelerator or not strategy.offloaded:
             ledger.add(device, activations=act)
-    ledger.add(strategy.execution_device, buffers=largest_offloaded)
+    # offloaded modules visit the execution device one at a time, with the next one prefetched
+    ledger.add(strategy.execution_device, buffers=2 * largest_offloaded)
     ledger.add(Device("cpu"), buffers=_staging(checkpoint))
 
 

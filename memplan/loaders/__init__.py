@@ -1,0 +1,9 @@
+"""Loading: carry a plan out with low peak memory, falling back to the next strategy on OOM.
+
+Imports torch only when a load runs.
+"""
+
+from memplan.loaders.load import load
+from memplan.loaders.report import Fallback, LoadReport
+
+__all__ = ["Fallback", "LoadReport", "load"]

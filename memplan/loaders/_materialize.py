@@ -1,0 +1,143 @@
+"""Fill a meta-device model from the checkpoint, tensor by tensor, into each tensor's final place."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memplan.errors import CheckpointError
+from memplan.gpu.device import Device
+from memplan.loaders._placement import Placement
+from memplan.loaders._quantize import is_quantized_layer, quantize_weight, quantized_nbytes
+from memplan.loaders._reader import TensorReader
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Binding", "Materializer", "bindings", "set_tensor"]
+
+_LACKS = "the model needs it, the checkpoint lacks it"
+
+
+@dataclass
+class Binding:
+    """One tensor of the model: where it is set (tied parameters: several places) and its source."""
+
+    owners: list[tuple[nn.Module, str]]
+    name: str  # the checkpoint's name for it
+    shape: tuple[int, ...]
+    is_buffer: bool
+
+
+def _checkpoint_name(names: list[str], available: Callable[[str], bool], base_prefix: str) -> str | None:
+    """The first of a tensor's model names the checkpoint has, allowing for a base-model prefix."""
+    for name in names:
+        variants = [name]
+        if base_prefix:
+            variants += [name.removeprefix(f"{base_prefix}."), f"{base_prefix}.{name}"]
+        for variant in variants:
+            if available(variant):
+                return variant
+    return None
+
+
+def _grouped_params(model: nn.Module) -> dict[int, tuple[list[tuple[nn.Module, str]], list[str]]]:
+    groups: dict[int, tuple[list[tuple[nn.Module, str]], list[str]]] = defaultdict(lambda: ([], []))
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners, names = groups[id(param)]
+                owners.append((module, attr))
+                names.append(f"{module_name}.{attr}" if module_name else attr)
+    return groups
+
+
+def bindings(model: nn.Module, reader: TensorReader, prefixes: Iterable[str] = ()) -> list[Binding]:
+    """Every parameter (and every buffer still on meta) of ``model``, in checkpoint file order.
+
+    With ``prefixes``, only tensors under those module names. A tensor the checkpoint lacks is a
+    :class:`CheckpointError` now, before anything is read.
+    """
+    wanted = tuple(f"{p}." for p in prefixes)
+    base = str(getattr(model, "base_model_prefix", "") or "")
+    tensors = reader.checkpoint.tensors
+    found: list[Binding] = []
+    for owners, names in _grouped_params(model).values():
+        if wanted and not names[0].startswith(wanted):
+            continue
+        name = _checkpoint_name(names, tensors.__contains__, base)
+        if name is None:
+            raise CheckpointError(reader.checkpoint.path, _LACKS, names[0])
+        param = getattr(owners[0][0], owners[0][1])
+        found.append(Binding(owners, name, tuple(param.shape), False))
+    for module_name, module in model.named_modules():
+        for attr, buffer in module._buffers.items():
+            full = f"{module_name}.{attr}" if module_name else attr
+            if buffer is not None and buffer.device.type == "meta" and full.startswith(wanted or ("",)):
+                name = _checkpoint_name([full], tensors.__contains__, base)
+                if name is None:
+                    raise CheckpointError(reader.checkpoint.path, "buffer missing from the checkpoint", full)
+                found.append(Binding([(module, attr)], name, tuple(buffer.shape), True))
+    return sorted(found, key=lambda b: (str(tensors[b.name].file), tensors[b.name].offset))
+
+
+def set_tensor(binding: Binding, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in every place ``binding`` names (a parameter, unless it is a buffer)."""
+    from torch import nn
+
+    if not binding.is_buffer and not isinstance(tensor, nn.Parameter):
+        tensor = nn.Parameter(tensor, requires_grad=False)
+    for module, attr in binding.owners:
+        if binding.is_buffer:
+            module._buffers[attr] = tensor
+        else:
+            module._parameters[attr] = tensor  # type: ignore[assignment]  # a Parameter, made above
+
+
+class Materializer:
+    """Reads each binding's tensor, checks it, casts it to ``dtype`` and places it (quantising
+    bitsandbytes layers' weights on the way)."""
+
+    def __init__(self, reader: TensorReader, placement: Placement, dtype: torch.dtype) -> None:
+        self.reader = reader
+        self.placement = placement
+        self.dtype = dtype
+
+    def host_tensor(self, binding: Binding) -> torch.Tensor:
+        """The binding's data on the host, checked against the model's shape, in the compute dtype."""
+        info = self.reader.info(binding.name)
+        if tuple(info.shape) != binding.shape:
+            found, expected = list(info.shape), list(binding.shape)
+            raise CheckpointError(
+                info.file, f"shape {found} in the file, the model expects {expected}", info.name
+            )
+        tensor = self.reader.read(info.name)
+        if tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        return tensor
+
+    def load(self, binding: Binding, device: Device) -> None:
+        host = self.host_tensor(binding)
+        module, attr = binding.owners[0]
+        if attr == "weight" and is_quantized_layer(module):
+            param = quantize_weight(module, host, self.placement.torch_device(device))
+            self.placement.charge(device, quantized_nbytes(param), binding.name)
+            set_tensor(binding, param)
+            return
+        set_tensor(binding, self.placement.put(host, device, binding.name))
+
+    def load_all(self, items: Iterable[Binding], device_for: Callable[[str], Device]) -> None:
+        for binding in items:
+            self.load(binding, device_for(binding.name))
+
+
+def move_real_buffers(model: nn.Module, placement: Placement, device_for: Callable[[str], Device]) -> None:
+    """Computed buffers (rotary tables) go where their module runs, charged like everything else."""
+    for module_name, module in model.named_modules():
+        for attr, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type != "meta":
+                full = f"{module_name}.{attr}" if module_name else attr
+                module._buffers[attr] = placement.put(buffer, device_for(full), full)

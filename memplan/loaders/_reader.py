@@ -1,0 +1,112 @@
+"""Tensor bytes straight from safetensors files into tensors, one ``preadv`` per tensor.
+
+The header was validated by :func:`memplan.inspect`; this reads the data it points at into a
+buffer the caller owns (a fresh host tensor, an arena slot, a pinned staging buffer), so a load
+never holds an mmap of the whole file nor a second copy of a tensor. Positional reads let the
+prefetch thread and the loader share file descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memplan.errors import CheckpointError
+from memplan.planner.checkpoint import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TensorReader", "torch_dtype"]
+
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def torch_dtype(name: str, *, tensor: str = "", file: Path | None = None) -> torch.dtype:
+    """The torch dtype for a safetensors dtype name, or a :class:`CheckpointError` saying it has none."""
+    import torch
+
+    found = getattr(torch, _TORCH_DTYPES.get(name.upper(), ""), None)
+    if not isinstance(found, torch.dtype):
+        raise CheckpointError(file or Path("?"), f"dtype {name} has no torch equivalent here", tensor)
+    return found
+
+
+class TensorReader:
+    """Reads tensors of one checkpoint; counts bytes read; thread-safe; close() or ``with``."""
+
+    def __init__(self, checkpoint: Checkpoint, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.bytes_read = 0
+        self._on_bytes = on_bytes
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                try:
+                    self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
+            return self._fds[file]
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.checkpoint.tensors[name]
+        except KeyError:
+            lacks = "the model needs it, the checkpoint lacks it"
+            raise CheckpointError(self.checkpoint.path, lacks, name) from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """A new host tensor with ``name``'s data, in the file's dtype and shape."""
+        import torch
+
+        info = self.info(name)
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype, tensor=name, file=info.file))
+        self.read_into(info, out)
+        return out
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor) -> None:
+        """Fill the contiguous host tensor ``out`` (``info.nbytes`` long) with ``info``'s bytes."""
+        import torch
+
+        if info.nbytes == 0:
+            return
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        fd, done = self._fd(info.file), 0
+        while done < info.nbytes:
+            try:
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+            except OSError as exc:
+                raise CheckpointError(info.file, f"read failed: {exc.strerror}", info.name) from exc
+            if got == 0:
+                missing = info.nbytes - done
+                raise CheckpointError(
+                    info.file, f"file ends {missing} bytes into this tensor (truncated?)", info.name
+                )
+            done += got
+        with self._lock:
+            self.bytes_read += info.nbytes
+        if self._on_bytes is not None:
+            self._on_bytes(info.nbytes)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,98 @@
+"""The model's modules with every parameter on the meta device: structure without memory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from memplan.errors import CheckpointError, MemplanError
+from memplan.planner.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["ModelFactory", "build_skeleton", "empty_parameters"]
+
+ModelFactory = Callable[..., "nn.Module"]
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Parameters registered inside go to the meta device; buffers stay real.
+
+    Buffers such as rotary frequency tables are computed in ``__init__`` and absent from
+    checkpoints, so they must survive; the same choice as accelerate's ``init_empty_weights``.
+    """
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            extra = {k: v for k, v in vars(param).items() if not k.startswith("_")}
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=False, **extra)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _config(checkpoint: Checkpoint) -> Any:
+    """transformers' config object when transformers is installed, else config.json as a dict."""
+    config_file = checkpoint.path / "config.json" if checkpoint.path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return json.loads(config_file.read_text())
+    try:
+        return AutoConfig.from_pretrained(checkpoint.path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(config_file, f"transformers cannot read this config: {exc}") from exc
+
+
+def _transformers_class(config: Any) -> ModelFactory:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, name, None)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+    return transformers.AutoModelForCausalLM  # type: ignore[return-value]  # a factory with from_config
+
+
+def _construct(factory: ModelFactory, config: Any, dtype: torch.dtype) -> nn.Module:
+    import torch
+
+    builder = getattr(factory, "from_config", None) or getattr(factory, "_from_config", None)
+    if builder is not None and config is not None:
+        return builder(config, dtype=dtype)  # type: ignore[no-any-return]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
+    try:
+        return factory(config) if config is not None else factory()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_skeleton(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.dtype) -> nn.Module:
+    """Build ``model_cls`` (or transformers' class for the config) with meta parameters, in eval mode."""
+    config = _config(checkpoint)
+    factory = model_cls
+    if factory is None:
+        if config is None or isinstance(config, dict):
+            raise MemplanError(
+                f"cannot tell which model class {checkpoint.name} is: pass model_cls=..., or install "
+                "transformers (pip install 'memplan[hf]') and keep config.json beside the weights"
+            )
+        factory = _transformers_class(config)
+    with empty_parameters():
+        model = _construct(factory, config, dtype)
+    return model.eval()

@@ -1,0 +1,156 @@
+"""Carry out one strategy: fill a meta skeleton so every tensor lands where the plan put it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memplan.gpu.device import Device
+from memplan.loaders._materialize import Binding, Materializer, bindings, move_real_buffers
+from memplan.loaders._placement import Placement
+from memplan.loaders._quantize import replace_linears
+from memplan.loaders._reader import TensorReader, torch_dtype
+from memplan.loaders._skeleton import ModelFactory, build_skeleton
+from memplan.loaders._streaming import ModuleStreamer
+from memplan.planner.checkpoint import Checkpoint
+from memplan.planner.estimate import is_quantizable
+from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["Loaded", "carry_out"]
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    streamer: ModuleStreamer | None = None
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        base = str(getattr(model, "base_model_prefix", "") or "")
+        return model.get_submodule(name.removeprefix(f"{base}."))
+
+
+def _move_inputs_to(device: str) -> Callable[..., Any]:
+    """A forward pre-hook that brings tensor arguments to the module's device (layer boundaries)."""
+    import torch
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple | list):
+            return type(value)(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        return move(args), move(kwargs)
+
+    return hook
+
+
+def _prefix_lookup(device_map: tuple[tuple[str, Device], ...], default: Device) -> Callable[[str], Device]:
+    def device_for(name: str) -> Device:
+        for module, device in device_map:
+            if name == module or name.startswith(f"{module}."):
+                return device
+        return default
+
+    return device_for
+
+
+def _streamer(
+    model: nn.Module, prefixes: list[str], materializer: Materializer, placement: Placement,
+    device: Device, *, depth: int, source: str,
+) -> ModuleStreamer:  # fmt: skip
+    everything = bindings(model, materializer.reader, prefixes)
+    modules: list[tuple[nn.Module, list[Binding]]] = []
+    for prefix in prefixes:
+        mine = [b for b in everything if b.name == prefix or b.name.startswith(f"{prefix}.")]
+        modules.append((_submodule(model, prefix), mine))
+    return ModuleStreamer(modules, materializer, placement, device, depth=depth, source=source)
+
+
+def _one_device(model: nn.Module, strategy: Full | Quantized, materializer: Materializer) -> Loaded:
+    if isinstance(strategy, Quantized):
+        names = {t.module for t in materializer.reader.checkpoint.tensors.values() if is_quantizable(t)}
+        replace_linears(model, names, strategy, materializer.dtype)
+        model.eval()  # the new layers were built in training mode, which changes bnb's int8 path
+    materializer.load_all(bindings(model, materializer.reader), lambda _: strategy.device)
+    move_real_buffers(model, materializer.placement, lambda _: strategy.device)
+    return Loaded(model)
+
+
+def _sharded(model: nn.Module, strategy: Sharded, materializer: Materializer) -> Loaded:
+    placement = materializer.placement
+    run_on = _prefix_lookup(strategy.device_map, strategy.execution_device)
+    offloaded = [m for m, d in strategy.device_map if strategy.offloaded and not d.is_accelerator]
+    streamer = None
+    if offloaded:  # they visit the execution device one at a time, the next one prefetched
+        streamer = _streamer(
+            model, offloaded, materializer, placement, strategy.execution_device, depth=1, source="host"
+        )
+        moved = dict.fromkeys(offloaded, strategy.execution_device)
+        run_on = _prefix_lookup(tuple(moved.items()) + strategy.device_map, strategy.execution_device)
+    resident = [b for b in bindings(model, materializer.reader) if not _under(b.name, offloaded)]
+    materializer.load_all(resident, run_on)
+    move_real_buffers(model, placement, run_on)
+    for module_name, _ in strategy.device_map:
+        device = placement.torch_device(run_on(module_name))
+        _submodule(model, module_name).register_forward_pre_hook(_move_inputs_to(device), with_kwargs=True)
+    return Loaded(model, streamer)
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
+
+
+def _streamed(model: nn.Module, strategy: Streamed, materializer: Materializer) -> Loaded:
+    layers = materializer.reader.checkpoint.layers
+    streamed = [layer.prefix for layer in layers[strategy.resident_layers :]]
+    streamer = None
+    if streamed:
+        streamer = _streamer(
+            model, streamed, materializer, materializer.placement, strategy.compute_device,
+            depth=min(strategy.prefetch_depth, max(1, len(streamed) - 1)), source=strategy.source,
+        )  # fmt: skip
+    resident = [b for b in bindings(model, materializer.reader) if not _under(b.name, streamed)]
+    materializer.load_all(resident, lambda _: strategy.compute_device)
+    move_real_buffers(model, materializer.placement, lambda _: strategy.compute_device)
+    return Loaded(model, streamer)
+
+
+def carry_out(
+    strategy: Strategy,
+    reader: TensorReader,
+    placement: Placement,
+    model_cls: ModelFactory | None,
+) -> Loaded:
+    """Build the model for ``strategy`` from ``reader``'s checkpoint; on failure strip what was built."""
+    checkpoint: Checkpoint = reader.checkpoint
+    dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
+    model = build_skeleton(checkpoint, model_cls, dtype)
+    materializer = Materializer(reader, placement, dtype)
+    try:
+        if isinstance(strategy, Full | Quantized):
+            return _one_device(model, strategy, materializer)
+        if isinstance(strategy, Sharded):
+            return _sharded(model, strategy, materializer)
+        return _streamed(model, strategy, materializer)
+    except BaseException:
+        _strip(model)
+        raise
+
+
+def _strip(model: nn.Module) -> None:
+    """Drop every tensor of a half-built model, so a traceback that keeps it alive keeps no memory."""
+    for module in model.modules():
+        module._parameters.clear()
+        module._buffers.clear()

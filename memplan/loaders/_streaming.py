@@ -1,0 +1,255 @@
+"""Streamed execution: modules whose weights live elsewhere visit the compute device for their forward.
+
+A :class:`ModuleStreamer` owns an arena of ``depth + 1`` reusable slots on the compute device,
+each as large as the largest streamed module. A forward pre-hook binds module *i* to its slot
+(waiting for it if the prefetch thread is not done) and starts filling slots for the next
+modules; a forward post-hook gives module *i*'s slot back. So at most ``depth + 1`` modules'
+weights are on the compute device at once, and reads overlap compute.
+
+On CUDA the host side is pinned and copies run on a side stream; on the host (and on simulated
+accelerators, whose data lives on the host) the thread reads or copies straight into the slot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from memplan.gpu.device import Device
+from memplan.loaders._materialize import Binding, Materializer, set_tensor
+from memplan.loaders._placement import Placement
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["ModuleStreamer", "StreamStats"]
+
+_ALIGN = 256  # bytes; keeps every view in a slot aligned for vectorised kernels
+
+
+@dataclass
+class StreamStats:
+    """What streaming did: modules brought in, bytes moved, and how much of it the forward waited for."""
+
+    fetches: int = 0
+    bytes_moved: int = 0
+    fetch_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of fetch time that overlapped compute (1.0: the forward never waited)."""
+        if self.fetch_seconds <= 0:
+            return 1.0
+        return max(0.0, 1.0 - self.wait_seconds / self.fetch_seconds)
+
+
+@dataclass
+class _Streamed:
+    module: nn.Module
+    bindings: list[Binding]
+    offsets: list[int]
+    nbytes: int
+    meta: list[torch.Tensor]  # what each binding holds while the module is away
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # source="host": the weights, in dtype
+
+
+def _layout(bindings: list[Binding], dtype_of: Callable[[str], torch.dtype]) -> list[int]:
+    """Each binding's offset in a slot (aligned), and last the slot size the module needs."""
+    offsets, at = [], 0
+    for b in bindings:
+        offsets.append(at)
+        size = dtype_of(b.name).itemsize * _numel(b.shape)
+        at += -(-size // _ALIGN) * _ALIGN
+    offsets.append(at)
+    return offsets
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class ModuleStreamer:
+    """Streams ``modules`` (in execution order) through ``device`` with ``depth`` fetches in flight."""
+
+    def __init__(
+        self,
+        modules: list[tuple[nn.Module, list[Binding]]],
+        materializer: Materializer,
+        placement: Placement,
+        device: Device,
+        *,
+        depth: int,
+        source: str,
+    ) -> None:
+        import torch
+
+        self.materializer, self.device, self.depth, self.source = materializer, device, depth, source
+        self.stats = StreamStats()
+        self._items = []
+        for module, binds in modules:
+            offsets = _layout(binds, self._slot_dtype)
+            meta = [getattr(b.owners[0][0], b.owners[0][1]) for b in binds]
+            self._items.append(_Streamed(module, binds, offsets[:-1], offsets[-1], meta))
+        self._index = {id(item.module): i for i, item in enumerate(self._items)}
+        slot_bytes = max((item.nbytes for item in self._items), default=0)
+        where = placement.torch_device(device)
+        self._cuda = where.startswith("cuda")
+        slots = depth + 1
+        placement.charge(device, slots * slot_bytes, "streaming arena")
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=where) for _ in range(slots)]
+        self._free: deque[int] = deque(range(slots))
+        self._inflight: dict[int, tuple[int, Future[float]]] = {}
+        self._bound: dict[int, int] = {}
+        self._released: dict[int, Any] = {}  # slot -> CUDA event recorded when its module finished
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="memplan-prefetch")
+        self._stream = torch.cuda.Stream(device=where) if self._cuda else None  # type: ignore[no-untyped-call]
+        if source == "host":
+            self._load_host_copies(placement)
+        self._handles = [
+            h
+            for item in self._items
+            for h in (
+                item.module.register_forward_pre_hook(self._pre_hook),
+                item.module.register_forward_hook(self._post_hook),
+            )
+        ]
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _file_dtype(self, name: str) -> torch.dtype:
+        from memplan.loaders._reader import torch_dtype
+
+        info = self.materializer.reader.info(name)
+        return torch_dtype(info.dtype, tensor=name, file=info.file)
+
+    def _slot_dtype(self, name: str) -> torch.dtype:
+        """Floating weights run in the compute dtype; integer tensors keep the file's."""
+        found = self._file_dtype(name)
+        return self.materializer.dtype if found.is_floating_point else found
+
+    def _load_host_copies(self, placement: Placement) -> None:
+        """source="host": every streamed weight read once into host RAM (pinned on CUDA), charged there."""
+        cpu = Device("cpu")
+        for item in self._items:
+            for b in item.bindings:
+                tensor = self.materializer.host_tensor(b)
+                placement.charge(cpu, tensor.numel() * tensor.element_size(), b.name)
+                item.host[b.name] = tensor.pin_memory() if self._cuda else tensor
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slots[0].numel() if self._slots else 0
+
+    # --- filling slots (prefetch thread) -----------------------------------------------------
+
+    def _views(self, item: _Streamed, slot: int) -> list[torch.Tensor]:
+        flat, views = self._slots[slot], []
+        for b, offset in zip(item.bindings, item.offsets, strict=True):
+            dtype = self._slot_dtype(b.name)
+            size = _numel(b.shape) * dtype.itemsize
+            views.append(flat[offset : offset + size].view(dtype).view(b.shape))
+        return views
+
+    def _fill(self, index: int, slot: int) -> float:
+        start = time.perf_counter()
+        item = self._items[index]
+        event = self._released.pop(slot, None)
+        if event is not None:
+            event.synchronize()  # the compute stream is done reading this slot's previous module
+        for b, view in zip(item.bindings, self._views(item, slot), strict=True):
+            self._copy_in(item, b, view, slot)
+        if self._stream is not None:
+            self._stream.synchronize()
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.stats.fetches += 1
+            self.stats.bytes_moved += item.nbytes
+            self.stats.fetch_seconds += seconds
+        return seconds
+
+    def _copy_in(self, item: _Streamed, b: Binding, view: torch.Tensor, slot: int) -> None:
+        import torch
+
+        if self.source == "host":
+            src = item.host[b.name]
+        elif not self._cuda and view.dtype == self._file_dtype(b.name):
+            self.materializer.reader.read_into(self.materializer.reader.info(b.name), view)
+            return
+        else:
+            src = self.materializer.host_tensor(b)
+        if self._stream is None:
+            view.copy_(src)
+            return
+        with torch.cuda.stream(self._stream):
+            view.copy_(src, non_blocking=True)
+
+    # --- hooks (compute thread) ---------------------------------------------------------------
+
+    def _schedule(self, index: int) -> None:
+        """Start fetching ``index`` into a free slot; caller holds the lock."""
+        if index in self._inflight or index in self._bound or not self._free:
+            return
+        slot = self._free.popleft()
+        self._inflight[index] = (slot, self._pool.submit(self._fill, index, slot))
+
+    def _take(self, index: int) -> int:
+        while True:
+            with self._lock:
+                if index in self._inflight or self._free:
+                    self._schedule(index)
+                    slot, future = self._inflight.pop(index)
+                    break
+                # used out of order: the oldest prefetch gives its slot up
+                slot, future = self._inflight.pop(next(iter(self._inflight)))
+            future.result()
+            with self._lock:
+                self._free.append(slot)
+        start = time.perf_counter()
+        future.result()
+        with self._lock:
+            self.stats.wait_seconds += time.perf_counter() - start
+        return slot
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        index = self._index[id(module)]
+        slot = self._take(index)
+        item = self._items[index]
+        for b, view in zip(item.bindings, self._views(item, slot), strict=True):
+            set_tensor(b, view)
+        with self._lock:
+            self._bound[index] = slot
+            for step in range(1, self.depth + 1):
+                self._schedule((index + step) % len(self._items))
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        import torch
+
+        index = self._index[id(module)]
+        item = self._items[index]
+        for b, placeholder in zip(item.bindings, item.meta, strict=True):
+            set_tensor(b, placeholder)
+        with self._lock:
+            slot = self._bound.pop(index)
+            if self._cuda:
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(torch.cuda.current_stream(self._slots[slot].device))
+                self._released[slot] = event
+            self._free.append(slot)
+            self._schedule((index + self.depth) % len(self._items))
+
+    def close(self) -> None:
+        """Remove the hooks and stop the prefetch thread (the arena goes with the placement)."""
+        for handle in self._handles:
+            handle.remove()
+        self._pool.shutdown(wait=True, cancel_futures=True)

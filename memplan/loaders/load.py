@@ -1,0 +1,191 @@
+"""``memplan.load``: probe, plan, load, and on running out of memory fall back to the next strategy."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memplan.errors import DeviceOutOfMemory, DoesNotFit
+from memplan.gpu.allocator import Allocator
+from memplan.gpu.device import Device, Inventory
+from memplan.gpu.probe import probe
+from memplan.loaders._placement import Placement
+from memplan.loaders._reader import TensorReader
+from memplan.loaders._skeleton import ModelFactory
+from memplan.loaders._strategies import Loaded, carry_out
+from memplan.loaders.report import Fallback, LoadReport, RssSampler
+from memplan.planner.checkpoint import Checkpoint, inspect
+from memplan.planner.corrections import Corrections
+from memplan.planner.estimate import Workload, strategy_key
+from memplan.planner.plan import Plan, Policy
+from memplan.planner.plan import plan as make_plan
+from memplan.planner.strategies import describe
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["load"]
+
+log = logging.getLogger("memplan.load")
+
+
+def load(
+    path: str | Path,
+    *,
+    plan: Plan | None = None,
+    model_cls: ModelFactory | None = None,
+    workload: Workload | None = None,
+    policy: Policy | None = None,
+    progress: bool = True,
+    allocator: Allocator | None = None,
+    corrections: Corrections | None = None,
+) -> nn.Module:
+    """Load the model at ``path`` the way the plan says, and return it in eval mode.
+
+    Without ``plan``, probes the machine (``MEMPLAN_SIMULATE`` is honoured) and plans with
+    ``workload`` and ``policy``. ``allocator`` is the budget to charge (share one with a residency
+    manager); by default a fresh one over the probed inventory. When a strategy runs out of memory
+    the load frees what it placed, re-plans on what is really free and takes the next strategy.
+    The result carries ``model.memplan_report`` (:class:`LoadReport`).
+    """
+    checkpoint = inspect(path)
+    inventory = allocator.inventory if allocator else plan.inventory if plan else probe()
+    allocator = allocator or Allocator(inventory)
+    keep = corrections is None and not inventory.simulated
+    corrections = corrections if corrections is not None else Corrections.load()
+    current = plan or make_plan(checkpoint, inventory, workload, policy, corrections=corrections)
+    fallbacks: list[Fallback] = []
+    start = time.perf_counter()
+    while True:
+        try:
+            model = _attempt(checkpoint, current, allocator, model_cls, progress, corrections, fallbacks)
+            report: LoadReport = model.memplan_report  # type: ignore[assignment]
+            model.memplan_report = replace(report, seconds=time.perf_counter() - start)  # type: ignore[assignment]
+            break
+        except DeviceOutOfMemory as exc:
+            current = _fall_back(checkpoint, current, allocator, corrections, exc, fallbacks)
+    if keep:
+        corrections.save()
+    return model
+
+
+def _attempt(
+    checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
+    progress: bool, corrections: Corrections, fallbacks: list[Fallback],
+) -> nn.Module:  # fmt: skip
+    strategy, estimate = current.strategy, current.estimate
+    assert strategy is not None and estimate is not None  # plan() raises when nothing was chosen
+    placement = Placement(allocator)
+    before = {d: allocator.usage(d).used for d in allocator.devices()}
+    for device in allocator.devices():
+        allocator.reset_peak(device)
+    _reset_cuda_peaks(allocator)
+    try:
+        with (
+            _progress_bar(checkpoint, progress) as bar,
+            RssSampler() as rss,
+            TensorReader(checkpoint, on_bytes=bar.update) as reader,
+        ):
+            loaded = carry_out(strategy, reader, placement, model_cls)
+    except BaseException:
+        placement.release()
+        gc.collect()
+        raise
+    peaks = _peaks(allocator, before, rss.peak)
+    report = LoadReport(
+        checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0,
+        reader.bytes_read, tuple(sorted(peaks.items())), allocator.simulated,
+    )  # fmt: skip
+    if not allocator.simulated:
+        _record(corrections, checkpoint, current, peaks)
+    return _finish(loaded, placement, report)
+
+
+def _finish(loaded: Loaded, placement: Placement, report: LoadReport) -> nn.Module:
+    model = loaded.model
+    model.memplan_report = report  # type: ignore[assignment]
+    model.memplan_streamer = loaded.streamer  # type: ignore[assignment]
+    # The model's bytes stay charged for as long as the model lives.
+    weakref.finalize(model, placement.release)
+    if loaded.streamer is not None:
+        weakref.finalize(model, loaded.streamer.close)
+    return model
+
+
+def _fall_back(
+    checkpoint: Checkpoint, current: Plan, allocator: Allocator, corrections: Corrections,
+    exc: DeviceOutOfMemory, fallbacks: list[Fallback],
+) -> Plan:  # fmt: skip
+    failed = current.chosen
+    assert failed is not None and failed.strategy is not None
+    fallbacks.append(Fallback(failed.strategy, str(exc)))
+    log.warning("%s ran out of memory (%s); trying the next strategy", describe(failed.strategy), exc)
+    order = tuple(c for c in current.policy.order if c != failed.candidate)
+    if not order:
+        raise exc
+    # Plan again on what the allocator really has free now, not on what was probed.
+    fresh = _inventory_from(allocator)
+    try:
+        return make_plan(
+            checkpoint, fresh, current.workload, replace(current.policy, order=order), corrections=corrections
+        )
+    except DoesNotFit as nothing:
+        raise nothing from exc
+
+
+def _inventory_from(allocator: Allocator) -> Inventory:
+    memories = []
+    for memory in allocator.inventory:
+        if allocator.tracks(memory.device):
+            free = min(memory.free, allocator.available(memory.device))
+            memory = replace(memory, free=free)
+        memories.append(memory)
+    return replace(allocator.inventory, devices=tuple(memories))
+
+
+def _record(
+    corrections: Corrections, checkpoint: Checkpoint, current: Plan, peaks: dict[Device, int]
+) -> None:
+    """Teach the planner: each device's measured load peak against the part of the estimate a load reaches."""
+    assert current.estimate is not None and current.strategy is not None
+    key = strategy_key(current.strategy)
+    for planned in current.estimate.devices:
+        measured = peaks.get(planned.device, 0)
+        if measured:
+            corrections.record(checkpoint.fingerprint, key, planned.device.kind, planned.at_load, measured)
+
+
+def _peaks(allocator: Allocator, before: dict[Device, int], rss: int) -> dict[Device, int]:
+    peaks = {d: allocator.usage(d).peak - before[d] for d in allocator.devices() if d.is_accelerator}
+    torch = sys.modules.get("torch")
+    if not allocator.simulated and torch is not None and torch.cuda.is_initialized():
+        for device in peaks:
+            if device.kind == "cuda":
+                peaks[device] = int(torch.cuda.max_memory_allocated(device.index))
+    peaks[Device("cpu")] = rss
+    return peaks
+
+
+def _reset_cuda_peaks(allocator: Allocator) -> None:
+    torch = sys.modules.get("torch")
+    if allocator.simulated or torch is None or not torch.cuda.is_available():
+        return
+    for device in allocator.devices():
+        if device.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(device.index)
+
+
+def _progress_bar(checkpoint: Checkpoint, progress: bool) -> Any:
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    quiet = not progress or not sys.stderr.isatty()
+    return tqdm(
+        total=checkpoint.nbytes, unit="B", unit_scale=True, unit_divisor=1024,
+        desc=f"loading {checkpoint.name}", disable=quiet, leave=False,
+    )  # fmt: skip
