@@ -182,7 +182,7 @@ def _reset_cuda_peaks(allocator: Allocator) -> None:
 
 
 def _progress_bar(checkpoint: Checkpoint, progress: bool) -> Any:
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    from tqdm.auto import tqdm
 
     quiet = not progress or not sys.stderr.isatty()
     return tqdm(
