@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 
 
-def save_tiny_llama(path: Path, *, tie: bool = False, max_shard_size: str = "200KB", layers: int = 4) -> Path:
+def save_tiny_llama(
+    path: Path, *, tie: bool = False, max_shard_size: str = "200KB", layers: int = 4, intermediate: int = 160
+) -> Path:
     """A random-init transformers Llama saved with save_pretrained (safetensors, sharded)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+        hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tie, max_position_embeddings=256,
     )  # fmt: skip
     model = LlamaForCausalLM(config).to(torch.bfloat16)

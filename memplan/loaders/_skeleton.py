@@ -43,14 +43,16 @@ def empty_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _config(checkpoint: Checkpoint) -> Any:
-    """transformers' config object when transformers is installed, else config.json as a dict."""
+def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
+    """transformers' config object for transformers' classes (or none given), else config.json as a dict."""
     config_file = checkpoint.path / "config.json" if checkpoint.path.is_dir() else None
     if config_file is None or not config_file.is_file():
         return None
     try:
         from transformers import AutoConfig
     except ImportError:
+        AutoConfig = None  # noqa: N806
+    if AutoConfig is None or (factory is not None and not _is_transformers_class(factory)):
         return json.loads(config_file.read_text())
     try:
         return AutoConfig.from_pretrained(checkpoint.path)
@@ -66,6 +68,10 @@ def _transformers_class(config: Any) -> ModelFactory:
         if found is not None:
             return found  # type: ignore[no-any-return]
     return transformers.AutoModelForCausalLM  # type: ignore[return-value]  # a factory with from_config
+
+
+def _is_transformers_class(factory: ModelFactory) -> bool:
+    return hasattr(factory, "from_config") or hasattr(factory, "_from_config")
 
 
 def _construct(factory: ModelFactory, config: Any, dtype: torch.dtype) -> nn.Module:
@@ -84,7 +90,7 @@ def _construct(factory: ModelFactory, config: Any, dtype: torch.dtype) -> nn.Mod
 
 def build_skeleton(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.dtype) -> nn.Module:
     """Build ``model_cls`` (or transformers' class for the config) with meta parameters, in eval mode."""
-    config = _config(checkpoint)
+    config = _config(checkpoint, model_cls)
     factory = model_cls
     if factory is None:
         if config is None or isinstance(config, dict):

@@ -1,0 +1,188 @@
+"""memplan.load against transformers' own loading of the same checkpoint, on simulated devices."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import memplan
+from memplan import Allocator, Device, Policy, Sharded, Streamed, Workload
+from memplan.cli import main
+from memplan.planner import Corrections, Overheads
+
+CUDA0, CUDA1, CPU = Device("cuda", 0), Device("cuda", 1), Device("cpu")
+IDS = torch.tensor([[1, 17, 33, 4, 250, 9, 77]])
+WORKLOAD = Workload(context=64)
+# Tiny models next to a 600 MiB CUDA context would plan nothing interesting; budgets here are exact.
+EXACT = Overheads(cuda_context=0, allocator_slack=0.0)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits  # type: ignore[no-any-return]
+
+
+def transformers_logits(path: Path, **kwargs: object) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return logits(AutoModelForCausalLM.from_pretrained(path, **kwargs).eval())
+
+
+def plan_only(path: Path, candidate: str, spec: str, **policy: object) -> memplan.Plan:
+    order = (candidate,)
+    return memplan.plan(
+        memplan.inspect(path), memplan.probe(spec), WORKLOAD, Policy(order=order, overheads=EXACT, **policy)
+    )
+
+
+def tight_spec(path: Path, strategy: memplan.Strategy) -> str:
+    """Accelerators with just the memory ``strategy`` needs (after the default 10% headroom)."""
+    est = memplan.estimate(memplan.inspect(path), WORKLOAD, strategy, overheads=EXACT)
+    gpus = [f"{d.device}={math.ceil(d.peak / 0.9) + 1024}" for d in est.devices if d.device.is_accelerator]
+    return ",".join([*gpus, "cpu=8GiB"])
+
+
+@pytest.fixture(scope="module")
+def want(tiny_llama: Path) -> torch.Tensor:
+    return transformers_logits(tiny_llama)
+
+
+def test_full_load_gives_transformers_logits_bit_for_bit(tiny_llama: Path, want: torch.Tensor) -> None:
+    model = memplan.load(
+        tiny_llama, plan=plan_only(tiny_llama, "full", "cuda:0=1GiB,cpu=8GiB"), progress=False
+    )
+    report = model.memplan_report
+    assert torch.equal(logits(model), want)
+    assert report.strategy == memplan.Full(CUDA0, "BF16")
+    assert report.bytes_read == memplan.inspect(tiny_llama).nbytes
+    assert report.peak(CUDA0) >= memplan.inspect(tiny_llama).nbytes
+    assert not report.fallbacks
+
+
+def test_tied_embeddings_are_loaded_once_and_shared(tiny_llama_single: Path) -> None:
+    model = memplan.load(tiny_llama_single, plan=plan_only(tiny_llama_single, "full", "cuda:0=1GiB"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(logits(model), transformers_logits(tiny_llama_single))
+
+
+def test_default_load_on_this_machine_plans_and_records_the_measured_peak(tiny_llama: Path) -> None:
+    corrections = Corrections()
+    model = memplan.load(tiny_llama, progress=False, corrections=corrections)
+    report = model.memplan_report
+    assert not report.simulated
+    assert report.peak(CPU) > 0  # sampled RSS
+    fingerprint = memplan.inspect(tiny_llama).fingerprint
+    assert any(key.startswith(fingerprint) for key in corrections.entries)
+
+
+@pytest.fixture(scope="module")
+def blockwise_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bitsandbytes' CPU nf4 kernel wants every width a multiple of its 64-wide blocks."""
+    from tests.conftest import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-q", intermediate=192)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_quantized_load_matches_transformers_bitsandbytes(blockwise_llama: Path, method: str) -> None:
+    tiny_llama = blockwise_llama
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    config = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if method == "int8"
+        else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    )  # fmt: skip
+    theirs = transformers_logits(tiny_llama, quantization_config=config, device_map="cpu")
+    chosen = plan_only(tiny_llama, method, "cpu=8GiB", allow_quantization=True)
+    model = memplan.load(tiny_llama, plan=chosen, progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit)
+    assert type(model.lm_head) is torch.nn.Linear  # kept in high precision, as the plan counted it
+    assert torch.equal(logits(model), theirs)
+
+
+def test_sharded_load_splits_layers_over_two_budgeted_devices(tiny_llama: Path, want: torch.Tensor) -> None:
+    ckpt = memplan.inspect(tiny_llama)
+    each = ckpt.nbytes  # less headroom, neither device can hold the model alone
+    chosen = plan_only(tiny_llama, "sharded", f"cuda:0={each:.0f},cuda:1={each:.0f},cpu=8GiB")
+    allocator = Allocator(chosen.inventory)
+    model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
+    assert isinstance(model.memplan_report.strategy, Sharded)
+    used = {d: allocator.usage(d).used for d in (CUDA0, CUDA1)}
+    assert all(0 < u <= each for u in used.values())
+    assert torch.equal(logits(model), want)
+
+
+@pytest.mark.parametrize("source", ["disk", "host"])
+def test_streamed_load_keeps_the_arena_bounded_and_logits_exact(
+    tiny_llama: Path, want: torch.Tensor, source: str
+) -> None:
+    strategy = Streamed(CUDA0, source, resident_layers=1, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    chosen = plan_only(tiny_llama, f"streamed-{source}", tight_spec(tiny_llama, strategy), prefetch_depth=1)
+    assert chosen.strategy == strategy
+    allocator = Allocator(chosen.inventory)
+    model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
+    assert torch.equal(logits(model), want)
+    assert torch.equal(logits(model), want)  # the arena's slots are reused on the second pass
+    stats = model.memplan_streamer.stats
+    assert stats.fetches >= 2 * 3  # three streamed layers, twice
+    assert allocator.usage(CUDA0).peak <= chosen.estimate.on(CUDA0).peak  # type: ignore[union-attr]
+    assert 0.0 <= stats.hidden_fraction <= 1.0
+
+
+def test_offloaded_layers_visit_the_execution_device(tiny_llama: Path, want: torch.Tensor) -> None:
+    ckpt = memplan.inspect(tiny_llama)
+    chosen = plan_only(tiny_llama, "offloaded", f"cuda:0={ckpt.nbytes * 0.6:.0f},cpu=8GiB")
+    strategy = chosen.strategy
+    assert isinstance(strategy, Sharded) and strategy.offloaded
+    model = memplan.load(tiny_llama, plan=chosen, progress=False)
+    assert torch.equal(logits(model), want)
+
+
+def test_out_of_memory_during_load_falls_back_and_frees_what_it_placed(
+    tiny_llama: Path, want: torch.Tensor
+) -> None:
+    """The probe saw 1 GiB; by load time another process left less than the weights need."""
+    ckpt = memplan.inspect(tiny_llama)
+    chosen = plan_only(tiny_llama, "full", "cuda:0=1GiB,cpu=8GiB")
+    chosen = memplan.plan(ckpt, chosen.inventory, WORKLOAD, Policy(overheads=EXACT))
+    allocator = Allocator(chosen.inventory, capacities={CUDA0: ckpt.nbytes // 2})
+    model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
+    report = model.memplan_report
+    assert [f.strategy.kind for f in report.fallbacks] == ["full"]
+    assert "cuda:0 is out of memory" in report.fallbacks[0].reason
+    assert report.strategy.kind in ("sharded", "streamed")
+    assert allocator.usage(CUDA0).used <= ckpt.nbytes // 2
+    assert torch.equal(logits(model), want)
+    assert "fell back from full" in report.explain()
+
+
+def test_a_dropped_model_gives_its_budget_back(tiny_llama: Path) -> None:
+    chosen = plan_only(tiny_llama, "full", "cuda:0=1GiB,cpu=8GiB")
+    allocator = Allocator(chosen.inventory)
+    model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
+    assert allocator.usage(CUDA0).used > 0
+    del model
+    gc.collect()
+    assert allocator.usage(CUDA0).used == 0
+
+
+def test_cli_load_runs_a_forward_and_prints_the_report(
+    tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["load", str(tiny_llama), "--simulate", "cpu=8GiB", "--json", "--tokens", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["report"]["strategy"]["kind"] == "full"
+    assert out["forward"]["shape"] == [1, 5, 512]
+    assert main(["load", str(tiny_llama), "--simulate", "cpu=8GiB"]) == 0
+    assert "full on cpu" in capsys.readouterr().out
