@@ -51,7 +51,7 @@ def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
     try:
         from transformers import AutoConfig
     except ImportError:
-        AutoConfig = None  # noqa: N806
+        AutoConfig = None
     if AutoConfig is None or (factory is not None and not _is_transformers_class(factory)):
         return json.loads(config_file.read_text())
     try:

@@ -15,6 +15,7 @@ from memplan.errors import DeviceOutOfMemory, DoesNotFit
 from memplan.gpu.allocator import Allocator
 from memplan.gpu.device import Device, Inventory
 from memplan.gpu.probe import probe
+from memplan.loaders._malloc import fix_mmap_threshold
 from memplan.loaders._placement import Placement
 from memplan.loaders._reader import TensorReader
 from memplan.loaders._skeleton import ModelFactory
@@ -55,6 +56,7 @@ def load(
     The result carries ``model.memplan_report`` (:class:`LoadReport`).
     """
     checkpoint = inspect(path)
+    fix_mmap_threshold()
     inventory = allocator.inventory if allocator else plan.inventory if plan else probe()
     allocator = allocator or Allocator(inventory)
     keep = corrections is None and not inventory.simulated

@@ -1,0 +1,124 @@
+"""Shared by the benchmarks: random-init Llama checkpoints, cold page cache, fresh-process workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# ~1.1B parameters: the issue's "~1B" size. A small vocabulary keeps embeddings from dominating,
+# so the streamed budget is spent on layers, as it would be for a larger model.
+LLAMA_1B = dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
+    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048,
+)  # fmt: skip
+LLAMA_100M = dict(
+    hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048,
+)  # fmt: skip
+LLAMA_QUICK = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512,
+)  # fmt: skip
+
+
+def make_llama(path: Path, shape: dict[str, int], *, shard_bytes: int = 512 << 20) -> Path:
+    """Random bf16 weights for a Llama ``shape``, saved as sharded safetensors with an index.
+
+    Tensors are drawn shard by shard, so writing a 1B model never holds it whole in memory.
+    Reused if ``path`` already holds a checkpoint of this shape.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, torch_dtype="bfloat16")
+    if (path / "model.safetensors.index.json").exists() and _same_shape(path, shape):
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        names = {k: (tuple(v.shape)) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shards: list[dict[str, Any]] = [{}]
+    sizes = [0]
+    for name, shape_ in names.items():
+        nbytes = 2 * _numel(shape_)
+        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = shape_
+        sizes[-1] += nbytes
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: _init(name, shape_, generator) for name, shape_ in shard.items()}
+        save_file(tensors, path / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    config.save_pretrained(path)
+    return path
+
+
+def _init(name: str, shape: tuple[int, ...], generator: Any) -> Any:
+    import torch
+
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _same_shape(path: Path, shape: dict[str, int]) -> bool:
+    config = json.loads((path / "config.json").read_text())
+    return all(config.get(k) == v for k, v in shape.items())
+
+
+def drop_page_cache(path: Path) -> None:
+    """Evict ``path``'s files from the page cache (no root needed), so the next read is cold."""
+    for file in sorted(path.glob("*.safetensors")):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def run_worker(script: Path, *args: str) -> dict[str, Any]:
+    """Run ``script --worker ...`` in a fresh interpreter (clean peak RSS), return its JSON line."""
+    out = subprocess.run(
+        [sys.executable, str(script), "--worker", *args], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
