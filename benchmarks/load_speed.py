@@ -74,12 +74,15 @@ def _bnb_config(method: str) -> Any:
     )  # fmt: skip
 
 
-def _memplan_plan(path: Path, order: tuple[str, ...], spec: str, **policy: Any) -> Any:
+def _memplan_plan(path: Path, order: tuple[str, ...], spec: str, context: int = 512, **policy: Any) -> Any:
     import memplan
 
     inventory = memplan.probe(spec)
     return memplan.plan(
-        memplan.inspect(path), inventory, memplan.Workload(context=512), memplan.Policy(order=order, **policy)
+        memplan.inspect(path),
+        inventory,
+        memplan.Workload(context=context),
+        memplan.Policy(order=order, **policy),
     )
 
 
@@ -129,7 +132,9 @@ def worker(case: str, path: Path, arg: str) -> dict[str, Any]:
 
         # The host budget is the whole process's: what it already holds is the runtime overhead.
         overheads = Overheads(host_runtime=base)
-        chosen = _memplan_plan(path, ("streamed-disk",), f"cpu={arg}", headroom=0.0, overheads=overheads)
+        chosen = _memplan_plan(
+            path, ("streamed-disk",), f"cpu={arg}", TOKENS, headroom=0.0, overheads=overheads
+        )
         model = memplan.load(path, plan=chosen, progress=False)
         extra["strategy"] = memplan.planner.describe(chosen.strategy)
         loaded = time.perf_counter() - start
@@ -168,6 +173,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, smoke run")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "memplan-bench-1b")
     parser.add_argument("--budget", default="600MiB", help="host budget for the streamed comparison")
+    parser.add_argument("--only", choices=("quantized", "full", "streamed"), help="run one comparison")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "MODEL", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -178,9 +184,12 @@ def main() -> None:
     path = make_llama(args.model_dir.with_name(args.model_dir.name + ("-quick" if args.quick else "")), shape)
     me = Path(__file__)
     print(f"model: {path} ({sum(f.stat().st_size for f in path.glob('*.safetensors')) / 2**30:.2f} GiB)")
-    quantized(me, path)
-    full_cold(me, path)
-    streamed(me, path, "420MiB" if args.quick else args.budget)
+    if args.only in (None, "quantized"):
+        quantized(me, path)
+    if args.only in (None, "full"):
+        full_cold(me, path)
+    if args.only in (None, "streamed"):
+        streamed(me, path, "420MiB" if args.quick else args.budget)
 
 
 def quantized(me: Path, path: Path) -> None:

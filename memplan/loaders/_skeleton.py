@@ -48,12 +48,10 @@ def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
     config_file = checkpoint.path / "config.json" if checkpoint.path.is_dir() else None
     if config_file is None or not config_file.is_file():
         return None
-    try:
-        from transformers import AutoConfig
-    except ImportError:
-        AutoConfig = None
-    if AutoConfig is None or (factory is not None and not _is_transformers_class(factory)):
+    if not _has_transformers() or (factory is not None and not _is_transformers_class(factory)):
         return json.loads(config_file.read_text())
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(checkpoint.path)
     except (ValueError, KeyError, OSError) as exc:
@@ -68,6 +66,12 @@ def _transformers_class(config: Any) -> ModelFactory:
         if found is not None:
             return found  # type: ignore[no-any-return]
     return transformers.AutoModelForCausalLM  # type: ignore[return-value]  # a factory with from_config
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
 
 
 def _is_transformers_class(factory: ModelFactory) -> bool:

@@ -93,12 +93,16 @@ class Overheads:
     ``cuda_context``: the CUDA context, cuBLAS workspace and kernels, per device touched.
     ``host_runtime``: the resident size of Python + torch + this library before any weight.
     ``allocator_slack``: fraction the caching allocator holds beyond live tensors.
+    ``bnb_runtime``: host memory bitsandbytes takes on its first quantisation (its native
+    library and workspaces); measured at 44-70 MiB on 0.1B and 1.1B Llamas
+    (``benchmarks/estimate_accuracy.py``).
     """
 
     cuda_context: int = 600 * MiB
     mps_runtime: int = 256 * MiB
     host_runtime: int = 400 * MiB
     allocator_slack: float = 0.05
+    bnb_runtime: int = 64 * MiB
 
     def fixed(self, device: Device) -> int:
         return {"cuda": self.cuda_context, "mps": self.mps_runtime, "cpu": self.host_runtime}.get(
@@ -278,10 +282,23 @@ def _one_device(
         device, weights=sum(module_weight_bytes(checkpoint, WeightFormat.of(strategy)).values()), kv_cache=kv
     )
     ledger.add(device, activations=act)
-    if isinstance(strategy, Quantized):  # each Linear weight lands in dtype, then is quantised
-        quantizable = [t for t in checkpoint.tensors.values() if is_quantizable(t)]
-        ledger.add(device, buffers=max((tensor_bytes(t, strategy.dtype) for t in quantizable), default=0))
+    if isinstance(strategy, Quantized):
+        ledger.add(device, buffers=_quantize_transient(checkpoint, strategy))
     ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+
+
+def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
+    """Each Linear weight lands in ``dtype`` and is quantised; nf4 also passes through float32
+    while quantising, and its forward dequantises one weight at a time back to ``dtype``."""
+    largest = max(
+        (t for t in checkpoint.tensors.values() if is_quantizable(t)), key=lambda t: t.numel, default=None
+    )
+    if largest is None:
+        return 0
+    staging = tensor_bytes(largest, strategy.dtype)
+    if strategy.method == "nf4":
+        return 2 * staging + 4 * largest.numel
+    return staging
 
 
 def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:
@@ -345,6 +362,8 @@ def estimate(
     ledger = _Ledger()
     ledger.add(Device("cpu"))  # the host always pays the runtime
     _LAYOUTS[type(strategy)](checkpoint, workload, strategy, ledger)
+    if isinstance(strategy, Quantized):
+        ledger.add(Device("cpu"), buffers=overheads.bnb_runtime)
     devices = [_finish(device, parts, overheads) for device, parts in sorted(ledger.parts.items())]
     if corrections is not None:
         key = strategy_key(strategy)
