@@ -41,3 +41,9 @@ def hollow_70b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from memplan.testing import LLAMA_SHAPES, write_llama_checkpoint
 
     return write_llama_checkpoint(tmp_path_factory.mktemp("models") / "llama-70b", LLAMA_SHAPES["70b"])
+
+
+@pytest.fixture(autouse=True)
+def _private_corrections(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads on this machine record measured peaks; keep them out of the user's cache."""
+    monkeypatch.setenv("MEMPLAN_CORRECTIONS", str(tmp_path_factory.mktemp("cache") / "corrections.json"))
