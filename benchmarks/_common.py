@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -47,7 +48,7 @@ def make_llama(path: Path, shape: dict[str, int], *, shard_bytes: int = 512 << 2
     shards: list[dict[str, Any]] = [{}]
     sizes = [0]
     for name, shape_ in names.items():
-        nbytes = 2 * _numel(shape_)
+        nbytes = 2 * math.prod(shape_)
         if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
             shards.append({})
             sizes.append(0)
@@ -70,13 +71,6 @@ def _init(name: str, shape: tuple[int, ...], generator: Any) -> Any:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
     return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _same_shape(path: Path, shape: dict[str, int]) -> bool:

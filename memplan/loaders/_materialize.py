@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Binding", "Materializer", "bindings", "set_tensor"]
+__all__ = ["Binding", "Materializer", "bindings", "in_module", "set_tensor"]
 
 _LACKS = "the model needs it, the checkpoint lacks it"
 
@@ -55,19 +55,20 @@ def _grouped_params(model: nn.Module) -> dict[int, tuple[list[tuple[nn.Module, s
     return groups
 
 
-def bindings(model: nn.Module, reader: TensorReader, prefixes: Iterable[str] = ()) -> list[Binding]:
+def in_module(name: str, module: str) -> bool:
+    """Whether the tensor or module ``name`` is ``module`` or lies inside it."""
+    return name == module or name.startswith(f"{module}.")
+
+
+def bindings(model: nn.Module, reader: TensorReader) -> list[Binding]:
     """Every parameter (and every buffer still on meta) of ``model``, in checkpoint file order.
 
-    With ``prefixes``, only tensors under those module names. A tensor the checkpoint lacks is a
-    :class:`CheckpointError` now, before anything is read.
+    A tensor the checkpoint lacks is a :class:`CheckpointError` now, before anything is read.
     """
-    wanted = tuple(f"{p}." for p in prefixes)
     base = str(getattr(model, "base_model_prefix", "") or "")
     tensors = reader.checkpoint.tensors
     found: list[Binding] = []
     for owners, names in _grouped_params(model).values():
-        if wanted and not names[0].startswith(wanted):
-            continue
         name = _checkpoint_name(names, tensors.__contains__, base)
         if name is None:
             raise CheckpointError(reader.checkpoint.path, _LACKS, names[0])
@@ -76,7 +77,7 @@ def bindings(model: nn.Module, reader: TensorReader, prefixes: Iterable[str] = (
     for module_name, module in model.named_modules():
         for attr, buffer in module._buffers.items():
             full = f"{module_name}.{attr}" if module_name else attr
-            if buffer is not None and buffer.device.type == "meta" and full.startswith(wanted or ("",)):
+            if buffer is not None and buffer.device.type == "meta":
                 name = _checkpoint_name([full], tensors.__contains__, base)
                 if name is None:
                     raise CheckpointError(reader.checkpoint.path, "buffer missing from the checkpoint", full)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memplan.gpu.device import Device
-from memplan.loaders._materialize import Binding, Materializer, bindings, move_real_buffers
+from memplan.loaders._materialize import Binding, Materializer, bindings, in_module, move_real_buffers
 from memplan.loaders._placement import Placement
 from memplan.loaders._quantize import replace_linears
 from memplan.loaders._reader import TensorReader, torch_dtype
@@ -59,23 +59,26 @@ def _move_inputs_to(device: str) -> Callable[..., Any]:
 def _prefix_lookup(device_map: tuple[tuple[str, Device], ...], default: Device) -> Callable[[str], Device]:
     def device_for(name: str) -> Device:
         for module, device in device_map:
-            if name == module or name.startswith(f"{module}."):
+            if in_module(name, module):
                 return device
         return default
 
     return device_for
 
 
+def _split(everything: list[Binding], prefixes: list[str]) -> tuple[list[Binding], list[Binding]]:
+    """The bindings under ``prefixes`` (streamed), and the rest (resident)."""
+    streamed = [b for b in everything if any(in_module(b.name, p) for p in prefixes)]
+    taken = {id(b) for b in streamed}
+    return streamed, [b for b in everything if id(b) not in taken]
+
+
 def _streamer(
-    model: nn.Module, prefixes: list[str], materializer: Materializer, placement: Placement,
+    model: nn.Module, prefixes: list[str], streamed: list[Binding], materializer: Materializer,
     device: Device, *, depth: int, source: str,
 ) -> ModuleStreamer:  # fmt: skip
-    everything = bindings(model, materializer.reader, prefixes)
-    modules: list[tuple[nn.Module, list[Binding]]] = []
-    for prefix in prefixes:
-        mine = [b for b in everything if b.name == prefix or b.name.startswith(f"{prefix}.")]
-        modules.append((_submodule(model, prefix), mine))
-    return ModuleStreamer(modules, materializer, placement, device, depth=depth, source=source)
+    modules = [(_submodule(model, p), [b for b in streamed if in_module(b.name, p)]) for p in prefixes]
+    return ModuleStreamer(modules, materializer, materializer.placement, device, depth=depth, source=source)
 
 
 def _one_device(model: nn.Module, strategy: Full | Quantized, materializer: Materializer) -> Loaded:
@@ -92,14 +95,14 @@ def _sharded(model: nn.Module, strategy: Sharded, materializer: Materializer) ->
     placement = materializer.placement
     run_on = _prefix_lookup(strategy.device_map, strategy.execution_device)
     offloaded = [m for m, d in strategy.device_map if strategy.offloaded and not d.is_accelerator]
+    streamed, resident = _split(bindings(model, materializer.reader), offloaded)
     streamer = None
     if offloaded:  # they visit the execution device one at a time, the next one prefetched
         streamer = _streamer(
-            model, offloaded, materializer, placement, strategy.execution_device, depth=1, source="host"
+            model, offloaded, streamed, materializer, strategy.execution_device, depth=1, source="host"
         )
         moved = dict.fromkeys(offloaded, strategy.execution_device)
         run_on = _prefix_lookup(tuple(moved.items()) + strategy.device_map, strategy.execution_device)
-    resident = [b for b in bindings(model, materializer.reader) if not _under(b.name, offloaded)]
     materializer.load_all(resident, run_on)
     move_real_buffers(model, placement, run_on)
     for module_name, _ in strategy.device_map:
@@ -108,20 +111,16 @@ def _sharded(model: nn.Module, strategy: Sharded, materializer: Materializer) ->
     return Loaded(model, streamer)
 
 
-def _under(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
-
-
 def _streamed(model: nn.Module, strategy: Streamed, materializer: Materializer) -> Loaded:
     layers = materializer.reader.checkpoint.layers
-    streamed = [layer.prefix for layer in layers[strategy.resident_layers :]]
+    prefixes = [layer.prefix for layer in layers[strategy.resident_layers :]]
+    streamed, resident = _split(bindings(model, materializer.reader), prefixes)
     streamer = None
-    if streamed:
+    if prefixes:
         streamer = _streamer(
-            model, streamed, materializer, materializer.placement, strategy.compute_device,
-            depth=min(strategy.prefetch_depth, max(1, len(streamed) - 1)), source=strategy.source,
+            model, prefixes, streamed, materializer, strategy.compute_device,
+            depth=min(strategy.prefetch_depth, max(1, len(prefixes) - 1)), source=strategy.source,
         )  # fmt: skip
-    resident = [b for b in bindings(model, materializer.reader) if not _under(b.name, streamed)]
     materializer.load_all(resident, lambda _: strategy.compute_device)
     move_real_buffers(model, materializer.placement, lambda _: strategy.compute_device)
     return Loaded(model, streamer)

@@ -12,10 +12,10 @@ accelerators, whose data lives on the host) the thread reads or copies straight 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,25 +57,20 @@ class _Streamed:
     offsets: list[int]
     nbytes: int
     meta: list[torch.Tensor]  # what each binding holds while the module is away
+    dtypes: list[torch.dtype]  # each binding's dtype in the slot
+    file_dtypes: list[torch.dtype]
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # source="host": the weights, in dtype
 
 
-def _layout(bindings: list[Binding], dtype_of: Callable[[str], torch.dtype]) -> list[int]:
+def _layout(bindings: list[Binding], dtypes: list[torch.dtype]) -> list[int]:
     """Each binding's offset in a slot (aligned), and last the slot size the module needs."""
     offsets, at = [], 0
-    for b in bindings:
+    for b, dtype in zip(bindings, dtypes, strict=True):
         offsets.append(at)
-        size = dtype_of(b.name).itemsize * _numel(b.shape)
+        size = dtype.itemsize * math.prod(b.shape)
         at += -(-size // _ALIGN) * _ALIGN
     offsets.append(at)
     return offsets
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class ModuleStreamer:
@@ -97,9 +92,12 @@ class ModuleStreamer:
         self.stats = StreamStats()
         self._items = []
         for module, binds in modules:
-            offsets = _layout(binds, self._slot_dtype)
+            files = [self._file_dtype(b.name) for b in binds]
+            # Floating weights run in the compute dtype; integer tensors keep the file's.
+            dtypes = [materializer.dtype if d.is_floating_point else d for d in files]
+            offsets = _layout(binds, dtypes)
             meta = [getattr(b.owners[0][0], b.owners[0][1]) for b in binds]
-            self._items.append(_Streamed(module, binds, offsets[:-1], offsets[-1], meta))
+            self._items.append(_Streamed(module, binds, offsets[:-1], offsets[-1], meta, dtypes, files))
         self._index = {id(item.module): i for i, item in enumerate(self._items)}
         slot_bytes = max((item.nbytes for item in self._items), default=0)
         where = placement.torch_device(device)
@@ -133,11 +131,6 @@ class ModuleStreamer:
         info = self.materializer.reader.info(name)
         return torch_dtype(info.dtype, tensor=name, file=info.file)
 
-    def _slot_dtype(self, name: str) -> torch.dtype:
-        """Floating weights run in the compute dtype; integer tensors keep the file's."""
-        found = self._file_dtype(name)
-        return self.materializer.dtype if found.is_floating_point else found
-
     def _load_host_copies(self, placement: Placement) -> None:
         """source="host": every streamed weight read once into host RAM (pinned on CUDA), charged there."""
         cpu = Device("cpu")
@@ -155,9 +148,8 @@ class ModuleStreamer:
 
     def _views(self, item: _Streamed, slot: int) -> list[torch.Tensor]:
         flat, views = self._slots[slot], []
-        for b, offset in zip(item.bindings, item.offsets, strict=True):
-            dtype = self._slot_dtype(b.name)
-            size = _numel(b.shape) * dtype.itemsize
+        for b, offset, dtype in zip(item.bindings, item.offsets, item.dtypes, strict=True):
+            size = math.prod(b.shape) * dtype.itemsize
             views.append(flat[offset : offset + size].view(dtype).view(b.shape))
         return views
 
@@ -167,8 +159,8 @@ class ModuleStreamer:
         event = self._released.pop(slot, None)
         if event is not None:
             event.synchronize()  # the compute stream is done reading this slot's previous module
-        for b, view in zip(item.bindings, self._views(item, slot), strict=True):
-            self._copy_in(item, b, view, slot)
+        for b, view, file_dtype in zip(item.bindings, self._views(item, slot), item.file_dtypes, strict=True):
+            self._copy_in(item, b, view, file_dtype)
         if self._stream is not None:
             self._stream.synchronize()
         seconds = time.perf_counter() - start
@@ -178,12 +170,12 @@ class ModuleStreamer:
             self.stats.fetch_seconds += seconds
         return seconds
 
-    def _copy_in(self, item: _Streamed, b: Binding, view: torch.Tensor, slot: int) -> None:
+    def _copy_in(self, item: _Streamed, b: Binding, view: torch.Tensor, file_dtype: torch.dtype) -> None:
         import torch
 
         if self.source == "host":
             src = item.host[b.name]
-        elif not self._cuda and view.dtype == self._file_dtype(b.name):
+        elif not self._cuda and view.dtype == file_dtype:
             self.materializer.reader.read_into(self.materializer.reader.info(b.name), view)
             return
         else:

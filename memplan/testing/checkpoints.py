@@ -9,6 +9,7 @@ only headers, so it sees the real model. Loading one gives zeros.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,19 +98,12 @@ def llama_tensors(shape: LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
     return tensors
 
 
-def _numel(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
-
-
 def write_safetensors_header(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str) -> int:
     """Write a safetensors file whose data are a sparse hole; returns its data bytes."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dims in tensors:
-        nbytes = _numel(dims) * _BYTES[dtype]
+        nbytes = math.prod(dims) * _BYTES[dtype]
         header[name] = {"dtype": dtype, "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -126,7 +120,7 @@ def _shards(
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for tensor in tensors:
-        nbytes = _numel(tensor[1]) * _BYTES[dtype]
+        nbytes = math.prod(tensor[1]) * _BYTES[dtype]
         if shards[-1] and size + nbytes > max_shard:
             shards.append([])
             size = 0
