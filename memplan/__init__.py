@@ -11,10 +11,12 @@ from memplan.errors import (
     InvalidDevice,
     InvalidSize,
     MemplanError,
+    MissingDependency,
     PinViolation,
     RemoteTierError,
     SimulationSpecError,
     TierError,
+    TierFull,
 )
 from memplan.gpu import Allocator, Device, DeviceMemory, Inventory, probe
 from memplan.loaders import Fallback, LoadReport, load
@@ -55,6 +57,7 @@ __all__ = [
     "Inventory",
     "LoadReport",
     "MemplanError",
+    "MissingDependency",
     "Overheads",
     "PinViolation",
     "Plan",
@@ -65,6 +68,7 @@ __all__ = [
     "SimulationSpecError",
     "Streamed",
     "TierError",
+    "TierFull",
     "Workload",
     "__version__",
     "estimate",

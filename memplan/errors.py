@@ -19,10 +19,12 @@ __all__ = [
     "InvalidDevice",
     "InvalidSize",
     "MemplanError",
+    "MissingDependency",
     "PinViolation",
     "RemoteTierError",
     "SimulationSpecError",
     "TierError",
+    "TierFull",
 ]
 
 
@@ -125,6 +127,25 @@ class TierError(MemplanError):
         self.reason = reason
         where = f"tier {tier!r}" + (f", key {key!r}" if key is not None else "")
         super().__init__(f"{where}: {reason}")
+
+
+class TierFull(TierError):
+    """A tier has no room for ``needed`` bytes; ``available`` were free. Nothing was stored."""
+
+    def __init__(self, tier: str, key: str | None, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(tier, key, f"needs {_size(needed)}, {_size(available)} free")
+
+
+class MissingDependency(MemplanError):
+    """An optional part was asked for whose package is not installed."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        self.package = package
+        self.extra = extra
+        self.feature = feature
+        super().__init__(f"{feature} needs {package}: pip install 'memplan[{extra}]'")
 
 
 class RemoteTierError(TierError):

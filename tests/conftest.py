@@ -47,3 +47,49 @@ def hollow_70b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _private_corrections(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loads on this machine record measured peaks; keep them out of the user's cache."""
     monkeypatch.setenv("MEMPLAN_CORRECTIONS", str(tmp_path_factory.mktemp("cache") / "corrections.json"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+S3_KEY, S3_SECRET = "AKIAMEMPLANTESTKEY01", "memplan-test-secret-do-not-log"
+S3_BUCKETS = ("conformance", "residency")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> object:
+    """A real S3 API (moto's server) on a free loopback port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+    )  # fmt: skip
+    for bucket in S3_BUCKETS:
+        client.create_bucket(Bucket=bucket)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """fsspec storage options for the loopback S3 server; nothing reaches AWS."""
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return {
+        "key": S3_KEY,
+        "secret": S3_SECRET,
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }

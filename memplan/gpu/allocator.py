@@ -170,14 +170,16 @@ class Allocator:
             self._charge_locked(device, nbytes)
         return Reservation(self, device, nbytes, label)
 
-    def place(self, tensor: torch.Tensor, device: Device) -> torch.Tensor:
+    def place(self, tensor: torch.Tensor, device: Device, *, copy: bool = False) -> torch.Tensor:
         """``tensor`` on ``device``, charged to its budget for as long as the result lives.
 
         Simulated accelerators keep the data in host memory. Tensors sharing a storage are
-        charged once, for the whole storage.
+        charged once, for the whole storage. ``copy`` makes the result never share the input's
+        storage, even where it is already on ``device``.
         """
-        nbytes = tensor.untyped_storage().nbytes()
-        moved = self._move(tensor, device, nbytes)
+        moved = self._move(tensor, device, tensor.untyped_storage().nbytes(), copy)
+        # A copied view owns only its own elements, so charge the result's storage.
+        nbytes = moved.untyped_storage().nbytes()
         key = moved.untyped_storage().data_ptr()
         if nbytes == 0 or key == 0:
             return moved
@@ -189,12 +191,12 @@ class Allocator:
         weakref.finalize(moved, self._forget, key, device, nbytes)
         return moved
 
-    def _move(self, tensor: torch.Tensor, device: Device, nbytes: int) -> torch.Tensor:
+    def _move(self, tensor: torch.Tensor, device: Device, nbytes: int, copy: bool) -> torch.Tensor:
         if not self.simulated:
             with mapped_oom(device, nbytes):
-                return tensor.to(self.torch_device(device))
-        moved = tensor.to("cpu")
-        if self.device_of(moved) not in (None, device):
+                return tensor.to(self.torch_device(device), copy=copy)
+        moved = tensor.to("cpu", copy=copy)
+        if not copy and self.device_of(moved) not in (None, device):
             # A real move to another device copies; so does a simulated one, to be charged apart.
             moved = moved.clone()
         return moved

@@ -1,0 +1,128 @@
+"""Reusable host buffers in size classes, pinned when CUDA is there.
+
+Pinning is slow (a ``cudaHostAlloc`` is a page-locking syscall) and pinned memory is what makes
+host→GPU copies run at full speed and asynchronously, so buffers are kept and reused rather
+than freed. Requests are rounded up to a size class: 64 KiB, 1 MiB, 16 MiB, then multiples of
+16 MiB.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SIZE_CLASSES", "ClassStats", "HostPool", "PoolStats", "size_class"]
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZE_CLASSES = (64 * KiB, MiB, 16 * MiB)
+
+
+def size_class(nbytes: int) -> int:
+    """The buffer size a request of ``nbytes`` is served from."""
+    for size in SIZE_CLASSES:
+        if nbytes <= size:
+            return size
+    step = SIZE_CLASSES[-1]
+    return -(-nbytes // step) * step
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    size: int
+    hits: int
+    misses: int
+    in_use: int
+    cached: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    pinned: bool
+    classes: tuple[ClassStats, ...]
+    cached_bytes: int
+    in_use_bytes: int
+
+    @property
+    def hits(self) -> int:
+        return sum(c.hits for c in self.classes)
+
+    @property
+    def misses(self) -> int:
+        return sum(c.misses for c in self.classes)
+
+    @property
+    def hit_rate(self) -> float:
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else 0.0
+
+
+def cuda_present() -> bool:
+    # Only ask torch when it is already imported: this must not initialise CUDA on its own.
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+class HostPool:
+    """Buffers by size class; ``release`` keeps up to ``max_cached`` bytes for reuse."""
+
+    def __init__(
+        self, *, pinned: bool | None = None, max_cached: int = 1 << 30, zero_on_release: bool = False
+    ) -> None:
+        self.pinned = cuda_present() if pinned is None else pinned
+        self.max_cached = max_cached
+        self.zero_on_release = zero_on_release
+        self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._hits: dict[int, int] = defaultdict(int)
+        self._misses: dict[int, int] = defaultdict(int)
+        self._in_use: dict[int, int] = defaultdict(int)
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A ``uint8`` buffer of at least ``nbytes`` (its size class); contents unspecified."""
+        size = size_class(nbytes)
+        with self._lock:
+            self._in_use[size] += 1
+            if self._free[size]:
+                self._hits[size] += 1
+                self._cached_bytes -= size
+                return self._free[size].pop()
+            self._misses[size] += 1
+        import torch
+
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Give ``buffer`` back: cached for reuse while the cache has room, else freed."""
+        size = buffer.numel()
+        if self.zero_on_release:
+            buffer.zero_()  # the next owner must never see this owner's bytes
+        with self._lock:
+            self._in_use[size] -= 1
+            if self._cached_bytes + size <= self.max_cached:
+                self._free[size].append(buffer)
+                self._cached_bytes += size
+
+    def trim(self) -> int:
+        """Free every cached buffer; return the bytes given back."""
+        with self._lock:
+            freed = self._cached_bytes
+            self._free.clear()
+            self._cached_bytes = 0
+            return freed
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            sizes = sorted(set(self._hits) | set(self._misses) | set(self._free))
+            classes = tuple(
+                ClassStats(s, self._hits[s], self._misses[s], self._in_use[s], len(self._free[s]))
+                for s in sizes
+            )
+            in_use = sum(s * n for s, n in self._in_use.items())
+            return PoolStats(self.pinned, classes, self._cached_bytes, in_use)

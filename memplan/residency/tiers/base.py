@@ -1,0 +1,195 @@
+"""The tier contract: a place that holds tensors by key, within a capacity, with exact accounting.
+
+Subclasses say how to store, fetch and discard one tensor; this base does the rest once:
+locking, capacity, ``used``, missing keys and counters. Every tier passes
+``tests/conformance/``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from memplan.errors import TierError, TierFull
+from memplan.gpu.device import Device
+from memplan.residency._wire import validate_key
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Tier", "TierStats"]
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """Counters of one tier. ``raw_bytes`` is what its tensors weigh uncompressed."""
+
+    name: str
+    kind: str
+    device: Device
+    capacity: int
+    used: int
+    entries: int
+    raw_bytes: int
+    puts: int
+    gets: int
+    drops: int
+    bytes_written: int
+    bytes_read: int
+    failures: int
+    bandwidth: float
+
+    @property
+    def compression_ratio(self) -> float:
+        """Raw bytes over stored bytes: 1.0 without compression, above 1 when it pays."""
+        return self.raw_bytes / self.used if self.used else 1.0
+
+
+@dataclass
+class _Held:
+    handle: Any
+    nbytes: int
+    raw_nbytes: int
+
+
+class Tier(ABC):
+    """Holds tensors by key. ``put`` copies in, ``get`` hands back, ``drop`` frees.
+
+    ``addressable`` tiers hand back the stored tensor itself from ``get``, so a module's
+    parameters can point at it; the others decode a fresh tensor on every ``get``.
+    """
+
+    kind: ClassVar[str]
+    durable: ClassVar[bool] = False  # its contents outlive the process
+    addressable: bool = False
+
+    def __init__(self, *, device: Device, capacity: int, bandwidth: float, name: str | None = None) -> None:
+        self.name = name or self.kind
+        self.device = device
+        self.capacity = capacity
+        self.bandwidth = bandwidth
+        self._lock = threading.RLock()
+        self._held: dict[str, _Held] = {}
+        self._used = 0
+        self._counts = {"puts": 0, "gets": 0, "drops": 0, "written": 0, "read": 0, "failures": 0}
+
+    # -- what a subclass provides --------------------------------------------------------
+    @abstractmethod
+    def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
+        """Keep a copy of ``tensor``; return a handle and the bytes it occupies.
+
+        Raise :class:`TierFull` (see :meth:`_check_room`) before keeping anything when it
+        needs more than ``room`` bytes.
+        """
+
+    @abstractmethod
+    def _fetch(self, key: str, handle: Any) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _discard(self, key: str, handle: Any) -> None: ...
+
+    def _check_room(self, key: str, nbytes: int, room: int) -> None:
+        if nbytes > room:
+            raise TierFull(self.name, key, nbytes, room)
+
+    def _adopt(self, key: str, handle: Any, nbytes: int, raw_nbytes: int) -> None:
+        """Count an entry found at start (a durable tier recovering its files)."""
+        self._held[key] = _Held(handle, nbytes, raw_nbytes)
+        self._used += nbytes
+
+    # -- the contract --------------------------------------------------------------------
+    def put(self, key: str, tensor: torch.Tensor) -> int:
+        """Store a copy of ``tensor`` under a new ``key``; return the bytes it occupies here."""
+        validate_key(self.name, key)
+        with self._lock:
+            if key in self._held:
+                raise TierError(self.name, key, "already holds this key; drop it first")
+            try:
+                handle, nbytes = self._store(key, tensor, self.capacity - self._used)
+            except TierError:
+                self._counts["failures"] += 1
+                raise
+            self._held[key] = _Held(handle, nbytes, tensor.numel() * tensor.element_size())
+            self._used += nbytes
+            self._counts["puts"] += 1
+            self._counts["written"] += nbytes
+            return nbytes
+
+    def get(self, key: str) -> torch.Tensor:
+        with self._lock:
+            held = self._entry(key)
+            try:
+                tensor = self._fetch(key, held.handle)
+            except TierError:
+                self._counts["failures"] += 1
+                raise
+            self._counts["gets"] += 1
+            self._counts["read"] += held.nbytes
+            return tensor
+
+    def drop(self, key: str) -> int:
+        """Forget ``key`` and free its bytes; return how many."""
+        with self._lock:
+            held = self._entry(key)
+            try:
+                self._discard(key, held.handle)
+            except TierError:
+                self._counts["failures"] += 1
+                raise
+            del self._held[key]
+            self._used -= held.nbytes
+            self._counts["drops"] += 1
+            return held.nbytes
+
+    def _entry(self, key: str) -> _Held:
+        try:
+            return self._held[key]
+        except (KeyError, TypeError):
+            raise TierError(self.name, str(key), "no such key") from None
+
+    def size_of(self, key: str) -> int:
+        with self._lock:
+            return self._entry(key).nbytes
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._held
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+    @property
+    def available(self) -> int:
+        with self._lock:
+            return self.capacity - self._used
+
+    def trim(self) -> int:
+        """Give back cached memory that holds no entry; return the bytes freed."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - most tiers hold nothing outside their entries
+        """Release what the tier holds in this process; durable tiers keep their files."""
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            c = self._counts
+            raw = sum(h.raw_nbytes for h in self._held.values())
+            return TierStats(
+                self.name, self.kind, self.device, self.capacity, self._used, len(self._held), raw,
+                c["puts"], c["gets"], c["drops"], c["written"], c["read"], c["failures"], self.bandwidth,
+            )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.used}/{self.capacity} bytes, {len(self)} keys>"

@@ -1,0 +1,81 @@
+"""``host``: tensors in host memory, served from a size-class pool (pinned when CUDA is there)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memplan.gpu.device import Device
+from memplan.residency import _wire
+from memplan.residency.pool import HostPool, size_class
+from memplan.residency.tiers.base import Tier
+from memplan.units import parse_size
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["HostTier"]
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    buffer: torch.Tensor
+    tensor: torch.Tensor  # a view of ``buffer`` with the stored dtype and shape
+
+
+def host_free_bytes() -> int:
+    from memplan.gpu import probe
+
+    return probe()[Device("cpu")].free
+
+
+class HostTier(Tier):
+    """Host RAM within ``capacity`` (default: the host's free memory, cgroup-aware).
+
+    Uncompressed, each tensor sits in a pooled buffer and ``get`` returns a view of it, so an
+    entry's module can run from here. With ``compression="zstd"`` tensors are kept compressed,
+    cost less room and come back as fresh tensors (:attr:`stats` reports the ratio).
+    """
+
+    kind = "host"
+
+    def __init__(
+        self,
+        capacity: int | str | None = None,
+        *,
+        pool: HostPool | None = None,
+        compression: str = "none",
+        bandwidth: float = 10e9,
+        name: str | None = None,
+    ) -> None:
+        cap = parse_size(capacity) if capacity is not None else host_free_bytes()
+        super().__init__(device=Device("cpu"), capacity=cap, bandwidth=bandwidth, name=name)
+        self.pool = pool or HostPool()
+        self.codec = _wire.Compression(compression)
+        self.addressable = compression == "none"
+
+    def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
+        if not self.addressable:
+            meta, payload = _wire.encode(self.name, key, tensor, self.codec)
+            self._check_room(key, _wire.payload_size(payload), room)
+            return (meta, payload), _wire.payload_size(payload)
+        _wire.dtype_name(self.name, key, tensor)
+        raw = _wire.raw_bytes(tensor)
+        self._check_room(key, size_class(raw.numel()), room)
+        buffer = self.pool.acquire(raw.numel())
+        buffer[: raw.numel()].copy_(raw)
+        view = buffer[: raw.numel()].view(tensor.dtype).reshape(tensor.shape)
+        return _Pooled(buffer, view), buffer.numel()
+
+    def _fetch(self, key: str, handle: Any) -> torch.Tensor:
+        if isinstance(handle, _Pooled):
+            return handle.tensor
+        meta, payload = handle
+        return _wire.decode(self.name, key, meta, payload)
+
+    def _discard(self, key: str, handle: Any) -> None:
+        if isinstance(handle, _Pooled):
+            self.pool.release(handle.buffer)
+
+    def trim(self) -> int:
+        return self.pool.trim()

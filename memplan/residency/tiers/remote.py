@@ -1,0 +1,188 @@
+"""``remote``: tensors as objects under any fsspec URL (``s3://bucket/prefix`` through s3fs).
+
+Each call is retried with exponential backoff on transient errors (connection, timeout, 5xx);
+after the last try it raises :class:`~memplan.RemoteTierError` and nothing in the tier changed,
+so the caller's data stays where it was. Credentials are never logged: messages name the URL
+without its user part and have every secret of ``storage_options`` masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from memplan.errors import MissingDependency, RemoteTierError
+from memplan.gpu.device import Device
+from memplan.residency import _wire
+from memplan.residency.tiers.base import Tier
+from memplan.residency.tiers.disk import key_from_name, name_for_key
+from memplan.units import parse_size
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RemoteTier", "redact_url"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+UNBOUNDED = 2**62
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a ``user:password@`` part."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _secrets(options: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    for value in options.values():
+        if isinstance(value, dict):
+            found += _secrets(value)
+        elif isinstance(value, str) and len(value) >= 4:
+            found.append(value)
+    return found
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import botocore.exceptions
+
+        kinds += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        kinds.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+# What a retry cannot fix: a bad request, a missing object, no permission (s3fs maps S3's
+# error codes to these errnos; InternalError, SlowDown and ServiceUnavailable map to EIO/EBUSY).
+_PERMANENT_ERRNOS = frozenset(
+    {errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENOENT, errno.ENOSYS, errno.ENAMETOOLONG, errno.EISDIR}
+)
+
+
+def _permanent(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS
+
+
+class RemoteTier(Tier):
+    """Objects under ``url``; ``storage_options`` go to fsspec (e.g. ``endpoint_url``, ``key``)."""
+
+    kind = "remote"
+    durable = True
+
+    def __init__(
+        self,
+        url: str,
+        capacity: int | str | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        compression: str = "none",
+        retries: int = 4,
+        backoff_s: float = 0.1,
+        bandwidth: float = 100e6,
+        name: str | None = None,
+    ) -> None:
+        cap = parse_size(capacity) if capacity is not None else UNBOUNDED
+        super().__init__(device=Device("remote"), capacity=cap, bandwidth=bandwidth, name=name)
+        options = dict(storage_options or {})
+        self.url = redact_url(url)
+        self._secret_values = _secrets(options) + [
+            s for s in (urllib.parse.urlsplit(url).password, urllib.parse.urlsplit(url).username) if s
+        ]
+        self.codec = _wire.Compression(compression)
+        self.retries = max(1, retries)
+        self.backoff_s = backoff_s
+        self._transient = _transient_errors()
+        self.fs, self.root = self._connect(url, options)
+        self._retry("create the prefix", None, lambda: self.fs.makedirs(self.root, exist_ok=True))
+        self.recovered = self._recover()
+
+    def _connect(self, url: str, options: dict[str, Any]) -> tuple[Any, str]:
+        try:
+            import fsspec
+        except ImportError:
+            raise MissingDependency("fsspec", "remote", "the remote tier") from None
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **options)
+        except ImportError as exc:
+            raise MissingDependency(exc.name or "s3fs", "remote", f"the remote tier for {self.url}") from None
+        except (ValueError, TypeError) as exc:
+            raise RemoteTierError(self.name, None, f"cannot open {self.url}: {self._scrub(exc)}") from None
+        return fs, str(root).rstrip("/")
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        for secret in self._secret_values:
+            text = text.replace(secret, "***")
+        return text
+
+    def _retry(self, what: str, key: str | None, op: Callable[[], T]) -> T:
+        delay = self.backoff_s
+        for attempt in range(1, self.retries + 1):
+            try:
+                return op()
+            except self._transient as exc:
+                if _permanent(exc):
+                    raise RemoteTierError(
+                        self.name, key, f"cannot {what} at {self.url}: {self._scrub(exc)}"
+                    ) from None
+                last = self._scrub(exc)
+                log.warning("%s: %s failed (try %d of %d): %s", self.url, what, attempt, self.retries, last)
+                if attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+        raise RemoteTierError(
+            self.name, key, f"cannot {what} at {self.url} after {self.retries} tries: {last}"
+        )
+
+    def _object(self, key: str) -> str:
+        return f"{self.root}/{name_for_key(key)}"
+
+    def _recover(self) -> int:
+        listing = self._retry("list", None, lambda: self.fs.find(self.root, detail=True))
+        adopted = 0
+        for path, info in listing.items():
+            key = key_from_name(str(path).rsplit("/", 1)[-1])
+            if key is not None and info.get("type", "file") == "file":
+                self._adopt(key, None, int(info.get("size", 0)), int(info.get("size", 0)))
+                adopted += 1
+        return adopted
+
+    def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
+        meta, payload = _wire.encode(self.name, key, tensor, self.codec)
+        body = payload if isinstance(payload, bytes) else payload.numpy().tobytes()
+        blob = _wire.blob_header(key, meta, len(body)) + body
+        self._check_room(key, len(blob), room)
+        self._retry("write", key, lambda: self.fs.pipe_file(self._object(key), blob))
+        return None, len(blob)
+
+    def _fetch(self, key: str, handle: Any) -> torch.Tensor:
+        blob = self._retry("read", key, lambda: self.fs.cat_file(self._object(key)))
+        meta, payload = _wire.parse_blob(self.name, key, bytes(blob))
+        return _wire.decode(self.name, key, meta, payload)
+
+    def _discard(self, key: str, handle: Any) -> None:
+        def remove() -> None:
+            with contextlib.suppress(FileNotFoundError):  # already gone: dropped either way
+                self.fs.rm_file(self._object(key))
+
+        self._retry("delete", key, remove)
