@@ -36,6 +36,7 @@ from memplan.planner import (
     inspect,
     plan,
 )
+from memplan.residency import ResidencyManager, RetentionPolicy, get_tier
 from memplan.units import format_size, parse_size
 
 __version__ = "0.1.0"
@@ -64,6 +65,8 @@ __all__ = [
     "Policy",
     "Quantized",
     "RemoteTierError",
+    "ResidencyManager",
+    "RetentionPolicy",
     "Sharded",
     "SimulationSpecError",
     "Streamed",
@@ -73,6 +76,7 @@ __all__ = [
     "__version__",
     "estimate",
     "format_size",
+    "get_tier",
     "inspect",
     "load",
     "parse_size",

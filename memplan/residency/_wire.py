@@ -38,6 +38,7 @@ __all__ = [
 
 FORMAT = "memplan.tensor.v1"
 MAX_KEY_CHARS = 160  # base64 of the key must stay a legal file name (255 bytes)
+HEADER_ROOM = 1024  # a blob's header, with its metadata, stays below this
 
 
 def validate_key(tier: str, key: object) -> str:

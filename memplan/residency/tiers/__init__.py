@@ -47,6 +47,7 @@ def tier_class(name: str) -> type[Tier]:
     return cls
 
 
-def get_tier(name: str, *args: Any, **kwargs: Any) -> Tier:
-    """A new tier of the kind registered as ``name``, built with ``args`` and ``kwargs``."""
-    return tier_class(name)(*args, **kwargs)
+def get_tier(kind: str, /, *args: Any, **kwargs: Any) -> Tier:
+    """A new tier of the kind registered as ``kind``, built with ``args`` and ``kwargs``
+    (``name=`` sets the tier's own name, e.g. to stack two memory tiers)."""
+    return tier_class(kind)(*args, **kwargs)

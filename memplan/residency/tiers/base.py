@@ -63,6 +63,7 @@ class Tier(ABC):
 
     kind: ClassVar[str]
     durable: ClassVar[bool] = False  # its contents outlive the process
+    latency_s: ClassVar[float] = 0.0  # fixed cost of one fetch, on top of bytes / bandwidth
     addressable: bool = False
 
     def __init__(self, *, device: Device, capacity: int, bandwidth: float, name: str | None = None) -> None:
@@ -174,6 +175,10 @@ class Tier(ABC):
     def available(self) -> int:
         with self._lock:
             return self.capacity - self._used
+
+    def footprint(self, nbytes: int) -> int:
+        """About how many bytes a tensor of ``nbytes`` takes here, before it is stored."""
+        return nbytes
 
     def trim(self) -> int:
         """Give back cached memory that holds no entry; return the bytes freed."""

@@ -58,6 +58,7 @@ class DiskTier(Tier):
 
     kind = "disk"
     durable = True
+    latency_s = 1e-4
 
     def __init__(
         self,
@@ -127,6 +128,9 @@ class DiskTier(Tier):
             return 0
 
     # -- the tier ------------------------------------------------------------------------
+    def footprint(self, nbytes: int) -> int:
+        return nbytes + _wire.HEADER_ROOM
+
     def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
         meta, payload = _wire.encode(self.name, key, tensor, self.codec)
         header = _wire.blob_header(key, meta, _wire.payload_size(payload))

@@ -77,5 +77,8 @@ class HostTier(Tier):
         if isinstance(handle, _Pooled):
             self.pool.release(handle.buffer)
 
+    def footprint(self, nbytes: int) -> int:
+        return size_class(nbytes) if self.addressable else nbytes
+
     def trim(self) -> int:
         return self.pool.trim()

@@ -88,6 +88,7 @@ class RemoteTier(Tier):
 
     kind = "remote"
     durable = True
+    latency_s = 0.05
 
     def __init__(
         self,
@@ -166,6 +167,9 @@ class RemoteTier(Tier):
                 self._adopt(key, None, int(info.get("size", 0)), int(info.get("size", 0)))
                 adopted += 1
         return adopted
+
+    def footprint(self, nbytes: int) -> int:
+        return nbytes + _wire.HEADER_ROOM
 
     def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
         meta, payload = _wire.encode(self.name, key, tensor, self.codec)

@@ -1,0 +1,135 @@
+"""What an entry holds: the tensors of a module (or of a mapping) and where they plug back in.
+
+A demoted module has its parameters and buffers replaced by ``meta`` tensors of the same shape
+and dtype, so a forward on it fails loudly instead of computing with stale memory; on return
+they are replaced by the tier's tensors. Tied parameters stay tied: every slot that held one
+tensor gets the same new parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from memplan.errors import MemplanError
+from memplan.residency import _wire
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Group", "TensorRecord", "digest_of"]
+
+
+@dataclass
+class _Slot:
+    owner: Any  # the nn.Module holding it, or None for a mapping
+    attr: str
+    is_parameter: bool
+    requires_grad: bool
+
+
+@dataclass
+class TensorRecord:
+    """One distinct tensor of an entry: its tier key, checksum and where it plugs in."""
+
+    path: str
+    key: str
+    digest: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    slots: list[_Slot] = field(default_factory=list)
+
+
+def digest_of(tensor: torch.Tensor) -> str:
+    raw = _wire.raw_bytes(tensor).cpu()
+    h = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    h.update(raw.numpy().data)
+    return h.hexdigest()
+
+
+def _module_tensors(module: Any) -> dict[int, tuple[str, Any, list[_Slot]]]:
+    found: dict[int, tuple[str, Any, list[_Slot]]] = {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
+            for attr, tensor in table.items():
+                if tensor is None:
+                    continue
+                grad = bool(tensor.requires_grad) if is_parameter else False
+                slot = _Slot(owner, attr, is_parameter, grad)
+                path = f"{prefix}.{attr}" if prefix else attr
+                found.setdefault(id(tensor), (path, tensor, []))[2].append(slot)
+    return found
+
+
+class Group:
+    """The tensors of one registered entry: an ``nn.Module`` or a mapping of names to tensors."""
+
+    def __init__(self, entry: str, obj: Any, *, dedup: bool) -> None:
+        self.module = obj if hasattr(obj, "named_modules") else None
+        if self.module is None and not isinstance(obj, Mapping):
+            raise MemplanError(f"entry {entry!r}: register an nn.Module or a mapping of tensors")
+        found = _module_tensors(obj) if self.module is not None else self._mapping_tensors(entry, obj)
+        self.records: list[TensorRecord] = []
+        for path, tensor, slots in found.values():
+            digest = digest_of(tensor)
+            key = digest[:48] if dedup else hashlib.sha256(f"{entry}\0{path}".encode()).hexdigest()[:48]
+            nbytes = tensor.numel() * tensor.element_size()
+            self.records.append(
+                TensorRecord(path, key, digest, tensor.dtype, tuple(tensor.shape), nbytes, slots)
+            )
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.originals = {r.key: t for r, (_, t, _) in zip(self.records, found.values(), strict=True)}
+
+    @staticmethod
+    def _mapping_tensors(entry: str, obj: Mapping[str, Any]) -> dict[int, tuple[str, Any, list[_Slot]]]:
+        found: dict[int, tuple[str, Any, list[_Slot]]] = {}
+        for name, tensor in obj.items():
+            if not hasattr(tensor, "untyped_storage"):
+                raise MemplanError(f"entry {entry!r}: {name!r} is not a tensor")
+            found.setdefault(id(tensor), (name, tensor, []))[2].append(_Slot(None, name, False, False))
+        return found
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.records)
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes of each distinct tier key (identical tensors share one key when deduplicated)."""
+        return {r.key: r.nbytes for r in self.records}
+
+    def attach(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Plug the tier's tensors (by key) into the module or mapping."""
+        self._plug({r.key: tensors[r.key] for r in self.records})
+
+    def release(self) -> None:
+        """Unplug: meta tensors in the module, nothing in the mapping."""
+        import torch
+
+        self._plug({r.key: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in self.records})
+        self._tensors = {}
+
+    def drop_originals(self) -> None:
+        self.originals = {}
+
+    def _plug(self, by_key: dict[str, torch.Tensor]) -> None:
+        import torch
+
+        self._tensors = {}
+        for record in self.records:
+            tensor = by_key[record.key]
+            for slot in record.slots:
+                self._tensors[record.path if slot.owner is not None else slot.attr] = tensor
+            if self.module is None:
+                continue
+            parameter = torch.nn.Parameter(tensor, requires_grad=record.slots[0].requires_grad)
+            for slot in record.slots:
+                table = slot.owner._parameters if slot.is_parameter else slot.owner._buffers
+                table[slot.attr] = parameter if slot.is_parameter else tensor
+
+    def handle(self) -> Any:
+        """What ``use`` hands out: the module, or a read-only mapping of the attached tensors."""
+        return self.module if self.module is not None else MappingProxyType(dict(self._tensors))

@@ -1,0 +1,39 @@
+"""Per-entry retention policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.errors import MemplanError
+from memplan.residency.pressure import LEVELS, PressureLevel
+
+__all__ = ["RetentionPolicy"]
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How hard the residency manager works to keep an entry on a fast tier.
+
+    - ``max_idle_s``: demote one tier when unused this long (``None``: never for idleness).
+    - ``max_pressure``: the highest pressure level the entry rides out when idle; above it,
+      the entry is demoted. Critical pressure demotes everything not pinned or leased.
+    - ``priority``: scales the entry's eviction value (2.0 is kept as if used twice as often).
+    - ``persistent``: keep its copy on a durable tier (disk, remote) when the manager closes,
+      so a restart finds it there.
+    - ``pinned_tier``: the tier (by name) it must stay on; the manager refuses requests that
+      would move it.
+    """
+
+    max_idle_s: float | None = None
+    max_pressure: PressureLevel = "low"
+    priority: float = 1.0
+    persistent: bool = False
+    pinned_tier: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_pressure not in LEVELS:
+            raise MemplanError(f"max_pressure must be one of {', '.join(LEVELS)}, not {self.max_pressure!r}")
+        if self.priority <= 0:
+            raise MemplanError(f"priority must be > 0, not {self.priority}")
+        if self.max_idle_s is not None and self.max_idle_s < 0:
+            raise MemplanError(f"max_idle_s must be >= 0, not {self.max_idle_s}")
