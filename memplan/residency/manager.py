@@ -348,7 +348,7 @@ class ResidencyManager:
                 return
             except TierError as exc:
                 last = exc
-        raise last or TierFull(self.tiers[entry.tier].name, entry.name, entry.group.nbytes, 0)
+        raise last or TierError(self.tiers[entry.tier].name, entry.name, "already on the slowest tier")
 
     def _promote(self, entry: _Entry, protect: set[str]) -> None:
         """Onto the fastest addressable tier that can make room without breaking pins or leases."""

@@ -43,12 +43,15 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+_SECRET_NAMES = ("key", "secret", "token", "password", "credential", "session")
+
+
 def _secrets(options: dict[str, Any]) -> list[str]:
     found: list[str] = []
-    for value in options.values():
+    for name, value in options.items():
         if isinstance(value, dict):
             found += _secrets(value)
-        elif isinstance(value, str) and len(value) >= 4:
+        elif isinstance(value, str) and value and any(s in name.lower() for s in _SECRET_NAMES):
             found.append(value)
     return found
 
