@@ -20,8 +20,8 @@ demo: $(BIN)/.installed
 	$(BIN)/memplan probe --simulate "cuda:0=24GiB@20GiB,cuda:1=24GiB,cpu=64GiB,disk=2TiB"
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check memplan tests benchmarks
-	$(BIN)/ruff format --check memplan tests benchmarks
+	$(BIN)/ruff check memplan tests benchmarks examples
+	$(BIN)/ruff format --check memplan tests benchmarks examples
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy memplan

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from memplan.errors import MemplanError, PinViolation, TierError, TierFull
@@ -319,9 +319,22 @@ class ResidencyManager:
     def _room_for(self, entry: _Entry, index: int, protect: set[str]) -> None:
         self._make_room(index, self._needed(entry, index), protect, f"room for {entry.name}")
 
+    def _evictable_bytes(self, index: int, protect: set[str]) -> int:
+        """Bytes evicting every movable entry would free on tier ``index`` (shared keys excluded)."""
+        tier, refs = self.tiers[index], self._refs[index]
+        return sum(
+            tier.size_of(key)
+            for e in self._entries.values()
+            if e.tier == index and e.name not in protect and self._blocked(e, index) is None
+            for key in e.group.sizes()
+            if refs[key] == 1
+        )
+
     def _make_room(self, index: int, needed: int, protect: set[str], reason: str) -> None:
         """Demote evictable entries from tier ``index`` until ``needed`` bytes are free there."""
         tier, stuck = self.tiers[index], set(protect)
+        if tier.available + self._evictable_bytes(index, protect) < needed:
+            raise TierFull(tier.name, None, needed, tier.available)  # evicting would only waste moves
         while tier.available < needed:
             movable = [
                 e for e in self._entries.values()
@@ -530,7 +543,7 @@ class ResidencyManager:
             actions: list[str] = []
             freed_cache = 0
             if rank(level) >= rank("low"):
-                freed_cache = sum(t.trim() for t in self.tiers)
+                freed_cache = sum(self.tiers[i].trim() for i in pressured)
                 actions.append(ACTIONS["low"])
             demoted = self._demote_for_pressure(level, pressured) if rank(level) >= rank("medium") else []
             if rank(level) >= rank("medium"):

@@ -2,8 +2,10 @@
 
 Pinning is slow (a ``cudaHostAlloc`` is a page-locking syscall) and pinned memory is what makes
 host→GPU copies run at full speed and asynchronously, so buffers are kept and reused rather
-than freed. Requests are rounded up to a size class: 64 KiB, 1 MiB, 16 MiB, then multiples of
-16 MiB.
+than freed. Requests fall in size classes (up to 64 KiB, 1 MiB, 16 MiB, and above) and are
+rounded up within their class to 1/16 of the class below (4 KiB, 4 KiB, 64 KiB, 1 MiB), so a
+buffer wastes at most 1/16 of its size (plus one page for tiny ones) yet recurs often
+enough to be reused: a model's layers ask for the same sizes over and over.
 """
 
 from __future__ import annotations
@@ -17,24 +19,30 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SIZE_CLASSES", "ClassStats", "HostPool", "PoolStats", "size_class"]
+__all__ = ["SIZE_CLASSES", "ClassStats", "HostPool", "PoolStats", "class_of", "size_class"]
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE_CLASSES = (64 * KiB, MiB, 16 * MiB)
 
 
+PAGE = 4 * KiB
+
+
+def class_of(nbytes: int) -> int:
+    """The size class (64 KiB, 1 MiB, 16 MiB, or 0 for above) a request belongs to."""
+    return next((size for size in SIZE_CLASSES if nbytes <= size), 0)
+
+
 def size_class(nbytes: int) -> int:
     """The buffer size a request of ``nbytes`` is served from."""
-    for size in SIZE_CLASSES:
-        if nbytes <= size:
-            return size
-    step = SIZE_CLASSES[-1]
+    below = max((size for size in SIZE_CLASSES if size < nbytes), default=PAGE * 16)
+    step = max(PAGE, below // 16)
     return -(-nbytes // step) * step
 
 
 @dataclass(frozen=True)
 class ClassStats:
-    size: int
+    size: int  # the class's upper bound; 0 for "above 16 MiB"
     hits: int
     misses: int
     in_use: int
@@ -82,18 +90,20 @@ class HostPool:
         self._misses: dict[int, int] = defaultdict(int)
         self._in_use: dict[int, int] = defaultdict(int)
         self._cached_bytes = 0
+        self._in_use_bytes = 0
         self._lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> torch.Tensor:
-        """A ``uint8`` buffer of at least ``nbytes`` (its size class); contents unspecified."""
-        size = size_class(nbytes)
+        """A ``uint8`` buffer of at least ``nbytes`` (rounded by :func:`size_class`); contents unspecified."""
+        size, band = size_class(nbytes), class_of(nbytes)
         with self._lock:
-            self._in_use[size] += 1
+            self._in_use[band] += 1
+            self._in_use_bytes += size
             if self._free[size]:
-                self._hits[size] += 1
+                self._hits[band] += 1
                 self._cached_bytes -= size
                 return self._free[size].pop()
-            self._misses[size] += 1
+            self._misses[band] += 1
         import torch
 
         return torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
@@ -104,7 +114,8 @@ class HostPool:
         if self.zero_on_release:
             buffer.zero_()  # the next owner must never see this owner's bytes
         with self._lock:
-            self._in_use[size] -= 1
+            self._in_use[class_of(size)] -= 1
+            self._in_use_bytes -= size
             if self._cached_bytes + size <= self.max_cached:
                 self._free[size].append(buffer)
                 self._cached_bytes += size
@@ -119,10 +130,11 @@ class HostPool:
 
     def stats(self) -> PoolStats:
         with self._lock:
-            sizes = sorted(set(self._hits) | set(self._misses) | set(self._free))
+            cached: dict[int, int] = defaultdict(int)
+            for size, buffers in self._free.items():
+                cached[class_of(size)] += len(buffers)
+            bands = sorted(set(self._hits) | set(self._misses), key=lambda b: b or 1 << 62)
             classes = tuple(
-                ClassStats(s, self._hits[s], self._misses[s], self._in_use[s], len(self._free[s]))
-                for s in sizes
+                ClassStats(b, self._hits[b], self._misses[b], self._in_use[b], cached[b]) for b in bands
             )
-            in_use = sum(s * n for s, n in self._in_use.items())
-            return PoolStats(self.pinned, classes, self._cached_bytes, in_use)
+            return PoolStats(self.pinned, classes, self._cached_bytes, self._in_use_bytes)
