@@ -165,6 +165,23 @@ def _add_load(commands: Any) -> None:
     cmd.set_defaults(run=_cmd_load)
 
 
+def _add_monitor(commands: Any) -> None:
+    from memplan.monitor.commands import cmd_doctor, cmd_monitor
+
+    cmd = commands.add_parser("monitor", help="sample memory per device; plot it or serve it to Prometheus")
+    cmd.add_argument("--interval", type=float, default=0.5, help="seconds between samples (default 0.5)")
+    cmd.add_argument("--duration", type=float, help="stop after this many seconds (default: at Ctrl-C)")
+    cmd.add_argument("--history", type=_positive, default=100, help="samples kept (default 100)")
+    cmd.add_argument("--plot", metavar="PNG", help="write a memory timeline to this PNG at the end")
+    cmd.add_argument("--prometheus", metavar="HOST:PORT", help="serve metrics, e.g. 127.0.0.1:9400")
+    _common(cmd)
+    cmd.set_defaults(run=cmd_monitor)
+    doctor = commands.add_parser("doctor", help="check this machine's setup (and a model's plan) with advice")
+    doctor.add_argument("model", nargs="?", help="also plan this model and say what would load it better")
+    _common(doctor)
+    doctor.set_defaults(run=cmd_doctor)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memplan", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -173,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     probe_cmd.set_defaults(run=_cmd_probe)
     _add_plan(commands)
     _add_load(commands)
+    _add_monitor(commands)
     return parser
 
 

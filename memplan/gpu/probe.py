@@ -10,7 +10,7 @@ from memplan.gpu._base import Probe, ProbeResult, get_probe
 from memplan.gpu._simulated import parse_simulation, simulation_from_env
 from memplan.gpu.device import Device, DeviceMemory, Inventory, ProbeProblem
 
-__all__ = ["DEFAULT_PROBES", "default_probes", "probe"]
+__all__ = ["DEFAULT_PROBES", "default_probes", "measure", "probe"]
 
 DEFAULT_PROBES: tuple[str, ...] = ("host", "nvml", "torch.cuda", "mps", "disk")
 
@@ -34,8 +34,12 @@ def probe(
     spec = simulate if simulate is not None else simulation_from_env()
     if spec is not None:
         return parse_simulation(spec)
-    chosen = list(probes) if probes is not None else default_probes(spill_dir=spill_dir)
-    return _merge([_run(p) for p in chosen])
+    return measure(probes if probes is not None else default_probes(spill_dir=spill_dir))
+
+
+def measure(probes: Sequence[Probe]) -> Inventory:
+    """One inventory from ``probes``, ignoring any simulation: what those sources see now."""
+    return _merge([_run(p) for p in probes])
 
 
 def _run(source: Probe) -> ProbeResult:
