@@ -165,6 +165,12 @@ def _add_load(commands: Any) -> None:
     cmd.set_defaults(run=_cmd_load)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memplan.demo import run_demo
+
+    return run_demo()
+
+
 def _add_monitor(commands: Any) -> None:
     from memplan.monitor.commands import cmd_doctor, cmd_monitor
 
@@ -191,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_plan(commands)
     _add_load(commands)
     _add_monitor(commands)
+    demo = commands.add_parser("demo", help="plan a small Llama on four simulated machines, load it on two")
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 

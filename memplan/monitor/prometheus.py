@@ -19,7 +19,7 @@ _STATE_VALUE = {"normal": 0, "warning": 1, "critical": 2, "emergency": 3}
 def _client() -> Any:
     try:
         import prometheus_client
-        import prometheus_client.core  # noqa: F401 - the metric families live here
+        import prometheus_client.core
     except ImportError:
         raise MissingDependency("prometheus-client", "monitor", "Prometheus metrics") from None
     return prometheus_client
