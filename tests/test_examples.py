@@ -25,3 +25,23 @@ def test_retention_policies_example_shows_each_policy_at_work() -> None:
     assert "embedder    gpu -> host" in out and "(medium pressure)" in out
     assert "(idle 0.2s > 0.2s)" in out
     assert out.count("chat on gpu") >= 5  # pinned: never moved
+
+
+def test_infer_example_loads_in_one_line_and_generates(tiny_llama: Path) -> None:
+    out = run_example("examples/infer.py", str(tiny_llama), "--new-tokens", "3")
+    assert "tiny-llama: full on cpu" in out and "generated 3 tokens" in out
+
+
+def test_infer_example_tries_another_machine(tiny_llama: Path) -> None:
+    out = run_example("examples/infer.py", str(tiny_llama), "--simulate", "cuda:0=24GiB,cpu=64GiB")
+    assert "[simulated devices]" in out and "generated 8 tokens" in out
+
+
+def test_ci_simulated_devices_example_passes_under_the_plugin() -> None:
+    # The plugin comes from the installed entry point, as in a user's project.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/ci_simulated_devices"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
