@@ -22,7 +22,11 @@ def test_every_benchmark_is_listed_here() -> None:
 @pytest.mark.parametrize("script", BENCHMARKS)
 def test_benchmark_quick_run(script: str) -> None:
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, f"benchmarks/{script}", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "x" in result.stdout or "%" in result.stdout  # each prints ratios against its peer

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-pytest_plugins = ["pytester"]
-
 import memplan
 from memplan.gpu import SIMULATE_ENV
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.mark.memplan_devices("cuda:0=40GiB,cuda:1=40GiB,cpu=128GiB")

@@ -39,7 +39,9 @@ def _spec(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture(autouse=True)
-def _memplan_devices_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _memplan_devices_marker(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     spec = _spec(request)
     if spec is not None:
         probe(spec)  # a bad spec fails here, naming its entry, before the test runs

@@ -155,9 +155,9 @@ def test_prometheus_endpoint_serves_device_and_tier_metrics() -> None:
         server.shutdown()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
-    assert (
-        samples[("memplan_device_memory_used_bytes", (("device", "cuda:0"), ("source", "nvml")))] == pytest.approx(80 * GiB, abs=1)
-    )
+    assert samples[
+        ("memplan_device_memory_used_bytes", (("device", "cuda:0"), ("source", "nvml")))
+    ] == pytest.approx(80 * GiB, abs=1)
     assert samples[("memplan_pressure_state", (("device", "cuda:0"),))] == 1  # warning
     assert samples[("memplan_tier_used_bytes", (("tier", "host"),))] == 4000
     assert samples[("memplan_bytes_moved_total", (("route", "gpu->host"),))] == 4000
