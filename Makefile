@@ -16,8 +16,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/memplan probe
-	$(BIN)/memplan probe --simulate "cuda:0=24GiB@20GiB,cuda:1=24GiB,cpu=64GiB,disk=2TiB"
+	$(BIN)/memplan demo
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check memplan tests benchmarks examples
