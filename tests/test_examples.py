@@ -45,3 +45,12 @@ def test_ci_simulated_devices_example_passes_under_the_plugin() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 passed" in result.stdout
+
+
+def test_memplan_demo_gives_four_different_answers_and_agreeing_outputs() -> None:
+    out = run_example("-m", "memplan", "demo")
+    assert "a large GPU     -> full" in out
+    assert "a small GPU     -> int8" in out or "a small GPU     -> nf4" in out
+    assert "two small GPUs  -> sharded" in out
+    assert "a tiny budget   -> streamed" in out
+    assert "outputs of the full and the streamed load are identical: True" in out
