@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memplan._fileio import read_exactly
 from memplan.errors import CheckpointError
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
 
@@ -124,16 +125,4 @@ class TensorReader:
 
 
 def _read_range(fd: int, info: TensorInfo, view: memoryview, start: int, length: int) -> None:
-    done = 0
-    while done < length:
-        at = start + done
-        try:
-            got = os.preadv(fd, [view[at : start + length]], info.offset + at)
-        except OSError as exc:
-            raise CheckpointError(info.file, f"read failed: {exc.strerror}", info.name) from exc
-        if got == 0:
-            missing = info.nbytes - at
-            raise CheckpointError(
-                info.file, f"file ends {missing} bytes into this tensor (truncated?)", info.name
-            )
-        done += got
+    read_exactly(fd, view[start : start + length], info.offset + start, file=info.file, tensor=info.name)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from memplan._fileio import read_exactly
 from memplan.errors import CheckpointError, TierError
 from memplan.gpu.device import Device
 from memplan.planner.safetensors_header import read_header
@@ -51,6 +52,18 @@ def _pid_of_temp(name: str) -> int | None:
     # Temporary names are ".<pid>.<random>.<final name>.tmp".
     parts = name.split(".")
     return int(parts[1]) if len(parts) > 3 and parts[1].isdigit() else None
+
+
+def _read(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    import torch
+
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        read_exactly(fd, out.numpy().data, offset, file=path)
+    finally:
+        os.close(fd)
+    return out
 
 
 class DiskTier(Tier):
@@ -174,28 +187,12 @@ class DiskTier(Tier):
             header = read_header(path)
             meta = _wire.TensorMeta.from_metadata(self.name, key, header.metadata)
             (entry,) = header.tensors
-            payload = self._read(path, entry.offset, entry.nbytes)
+            payload = _read(path, entry.offset, entry.nbytes)
         except (CheckpointError, ValueError) as exc:
             raise TierError(self.name, key, f"spill file {path} is damaged: {exc}") from None
         except OSError as exc:
             raise TierError(self.name, key, f"cannot read {path}: {exc.strerror or exc}") from None
         return _wire.decode(self.name, key, meta, payload)
-
-    @staticmethod
-    def _read(path: Path, offset: int, nbytes: int) -> torch.Tensor:
-        import torch
-
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        view = out.numpy().data
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            filled = 0
-            while filled < nbytes:
-                n = f.readinto(view[filled:])
-                if not n:
-                    raise OSError(f"file ends {nbytes - filled} bytes early")
-                filled += n
-        return out
 
     def _discard(self, key: str, handle: Any) -> None:
         try:
