@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from memplan.errors import TierError, TierFull
 from memplan.gpu.device import Device
+from memplan.residency import _wire
 from memplan.residency._wire import validate_key
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class Tier(ABC):
             if key in self._held:
                 raise TierError(self.name, key, "already holds this key; drop it first")
             try:
+                _wire.dtype_name(self.name, key, tensor)  # every tier refuses what bytes cannot hold
                 handle, nbytes = self._store(key, tensor, self.capacity - self._used)
             except TierError:
                 self._counts["failures"] += 1

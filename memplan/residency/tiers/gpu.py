@@ -58,7 +58,6 @@ class GpuTier(Tier):
     def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
         nbytes = tensor.numel() * tensor.element_size()
         self._check_room(key, nbytes, room)
-        _wire.dtype_name(self.name, key, tensor)
         try:
             placed = self.allocator.place(_wire.raw_bytes(tensor), self.device, copy=True)
         except DeviceOutOfMemory as exc:

@@ -59,7 +59,6 @@ class HostTier(Tier):
             meta, payload = _wire.encode(self.name, key, tensor, self.codec)
             self._check_room(key, _wire.payload_size(payload), room)
             return (meta, payload), _wire.payload_size(payload)
-        _wire.dtype_name(self.name, key, tensor)
         raw = _wire.raw_bytes(tensor)
         self._check_room(key, size_class(raw.numel()), room)
         buffer = self.pool.acquire(raw.numel())

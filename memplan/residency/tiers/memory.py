@@ -42,7 +42,6 @@ class MemoryTier(Tier):
     def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
         nbytes = tensor.numel() * tensor.element_size()
         self._check_room(key, nbytes, room)
-        _wire.dtype_name(self.name, key, tensor)
         copied = _wire.raw_bytes(tensor).to("cpu", copy=True)
         return _wire.same_dtype_view(copied, tensor), nbytes
 
