@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from memplan._codec import encode
+from memplan._periodic import Periodic
 from memplan.gpu.device import Device
 from memplan.planner.estimate import Estimate
 from memplan.planner.strategies import Strategy, describe
@@ -70,23 +70,16 @@ class RssSampler:
         import psutil
 
         self._process = psutil.Process()
-        self._interval = interval
         self.peak = self._process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memplan-rss", daemon=True)
+        self._worker = Periodic("memplan-rss", interval, self._sample)
 
     def _sample(self) -> None:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
     def __enter__(self) -> RssSampler:
-        self._thread.start()
+        self._worker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._worker.stop()
         self._sample()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from memplan._periodic import Periodic
 from memplan.gpu._base import Probe, ProbeResult
 from memplan.gpu.allocator import Allocator
 from memplan.gpu.device import Device, DeviceMemory
@@ -171,8 +172,9 @@ class MemoryMonitor:
         self._callbacks: list[Callable[[StateChange], Any]] = []
         self._sample_listeners: list[Callable[[Sample], Any]] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Periodic(
+            "memplan-monitor", interval_s, self.sample_once, immediately=True, on_error=self._sample_failed
+        )
 
     def on_state_change(self, callback: Callable[[StateChange], Any]) -> None:
         self._callbacks.append(callback)
@@ -224,27 +226,18 @@ class MemoryMonitor:
                 log.exception("memplan monitor callback %r failed", callback)
 
     def start(self) -> MemoryMonitor:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="memplan-monitor", daemon=True)
-            self._thread.start()
+        self._worker.interval_s = self.interval_s
+        self._worker.start()
         return self
 
-    def _run(self) -> None:
-        while True:
-            try:
-                self.sample_once()
-            except Exception:  # a failing probe is already a problem in the sample; this is a bug
-                self.counters.source_problems += 1
-                log.exception("memplan monitor sample failed")
-            if self._stop.wait(self.interval_s):
-                return
+    def _sample_failed(self, exc: Exception) -> None:
+        # A failing probe is already a problem in the sample; reaching here is a bug.
+        self.counters.source_problems += 1
+        log.error("memplan monitor sample failed", exc_info=exc)
 
     def stop(self) -> None:
         """Stop sampling; returns within one interval, with the thread joined."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._worker.stop()
 
     def __enter__(self) -> MemoryMonitor:
         return self.start()

@@ -20,12 +20,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from memplan._periodic import Periodic
 from memplan.errors import MemplanError, PinViolation, TierError, TierFull
 from memplan.gpu.device import Device
 from memplan.residency._groups import Group, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
 from memplan.residency.policy import RetentionPolicy
-from memplan.residency.pressure import ACTIONS, LEVELS, PressureLevel, PressureResponse, level_for, rank
+from memplan.residency.pressure import ACTIONS, PressureLevel, PressureResponse, level_for, rank
 from memplan.residency.tiers.base import Tier
 
 __all__ = ["EntryInUse", "EntryInfo", "ManagerStats", "Move", "ResidencyManager"]
@@ -130,8 +131,7 @@ class ResidencyManager:
         self._lock = threading.RLock()
         self._counts: Counter[str] = Counter()
         self._routes: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Periodic("memplan-residency", interval_s, self.maintain)
 
     # -- lookup --------------------------------------------------------------------------
     def _tier_index(self, name: str) -> int:
@@ -498,25 +498,14 @@ class ResidencyManager:
 
     def start(self) -> ResidencyManager:
         """Run :meth:`maintain` every ``interval_s`` on a daemon thread."""
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="memplan-residency", daemon=True)
-            self._thread.start()
+        self._worker.interval_s = self.interval_s
+        self._worker.start()
         return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.maintain()
-            except Exception:  # the thread must outlive one bad pass
-                log.exception("residency maintenance failed")
 
     def close(self) -> None:
         """Stop the thread and free every entry's bytes, except persistent entries' copies on
         durable tiers, which a later manager over the same tiers finds again."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._worker.stop()
         with self._lock:
             for entry in list(self._entries.values()):
                 keep = entry.policy.persistent and self.tiers[entry.tier].durable
@@ -563,7 +552,7 @@ class ResidencyManager:
     def _demote_for_pressure(self, level: PressureLevel, pressured: list[int]) -> list[str]:
         demoted = []
         for entry in sorted(self._entries.values(), key=lambda e: (-e.tier, e.last_use)):
-            stays = rank(entry.policy.max_pressure) >= LEVELS.index(level) and level != "critical"
+            stays = rank(entry.policy.max_pressure) >= rank(level) and level != "critical"
             last = entry.tier + 1 >= len(self.tiers)
             if entry.tier not in pressured or stays or last or self._blocked(entry, entry.tier) is not None:
                 continue

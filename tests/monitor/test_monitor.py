@@ -86,7 +86,9 @@ def test_history_is_a_ring_buffer_and_stop_is_prompt() -> None:
     began = time.perf_counter()
     monitor.stop()
     assert (
-        time.perf_counter() - began < 0.5 and monitor._thread is not None and not monitor._thread.is_alive()
+        time.perf_counter() - began < 0.5
+        and monitor._worker.thread is not None
+        and not monitor._worker.thread.is_alive()
     )
 
 

@@ -1,0 +1,67 @@
+"""A daemon thread that runs one piece of work every interval until stopped.
+
+The monitor's sampler, the residency manager's idle cleanup and the loader's RSS sampler all
+need the same thing: start (again) on demand, survive a failing pass, and stop within one
+interval with the thread joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+__all__ = ["Periodic"]
+
+log = logging.getLogger(__name__)
+
+
+class Periodic:
+    """Runs ``work`` every ``interval_s`` on a thread named ``name``.
+
+    ``immediately`` runs the first pass at start rather than one interval later. An exception
+    in a pass goes to ``on_error`` (default: logged) and the next pass runs as planned.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        interval_s: float,
+        work: Callable[[], object],
+        *,
+        immediately: bool = False,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.work = work
+        self.immediately = immediately
+        self.on_error = on_error
+        self.thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self._stop.clear()
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        if not self.immediately and self._stop.wait(self.interval_s):
+            return
+        while True:
+            try:
+                self.work()
+            except Exception as exc:  # the thread must outlive one bad pass
+                if self.on_error is None:
+                    log.exception("%s: a pass failed", self.name)
+                else:
+                    self.on_error(exc)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        """Stop; returns within one interval (plus a pass in progress), thread joined."""
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join()
