@@ -23,7 +23,7 @@ def test_retention_policies_example_shows_each_policy_at_work() -> None:
     out = run_example("examples/retention_policies.py")
     assert "summarizer  gpu -> host" in out and "(room for embedder)" in out
     assert "embedder    gpu -> host" in out and "(medium pressure)" in out
-    assert "(idle 0.2s > 0.2s)" in out
+    assert "(idle past its 0.2s limit)" in out
     assert out.count("chat on gpu") >= 5  # pinned: never moved
 
 

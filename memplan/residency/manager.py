@@ -489,7 +489,7 @@ class ResidencyManager:
                     self._counts["idle_retries"] += 1
                     continue
                 try:
-                    self._demote(entry, {entry.name}, f"idle {now - entry.last_use:.1f}s > {limit}s")
+                    self._demote(entry, {entry.name}, f"idle past its {limit}s limit")
                     entry.last_use = now  # the next step down waits another max_idle_s
                     demoted.append(entry.name)
                 except TierError as exc:
