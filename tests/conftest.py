@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,28 @@ def hollow_70b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _private_corrections(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loads on this machine record measured peaks; keep them out of the user's cache."""
     monkeypatch.setenv("MEMPLAN_CORRECTIONS", str(tmp_path_factory.mktemp("cache") / "corrections.json"))
+
+
+def run_threads(worker: Callable[[int], object], count: int, timeout_s: float) -> list[BaseException]:
+    """Run ``worker(0)`` .. ``worker(count - 1)`` at once; assert none is still running after
+    ``timeout_s`` (a deadlock); return what they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "deadlock: a worker did not finish"
+    return errors
 
 
 def free_port() -> int:

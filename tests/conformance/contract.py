@@ -3,7 +3,6 @@ and says only how to build its tier with a given capacity."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from memplan import TierError, TierFull
 from memplan.residency import Tier
+from tests.conftest import run_threads
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -143,24 +143,15 @@ class TierContract:
         assert torch.equal(tier.get(key), torch.ones(3)) and tier.keys() == [key]
 
     def test_concurrent_use_is_safe(self, tier: Tier) -> None:
-        errors: list[BaseException] = []
-
         def worker(w: int) -> None:
-            try:
-                for i in range(15):
-                    key, tensor = f"w{w}-{i}", random_tensor(torch.float32, (64, 33), seed=w * 100 + i)
-                    tier.put(key, tensor)
-                    assert same_bits(tier.get(key), tensor)
-                    if i % 3:
-                        tier.drop(key)
-            except BaseException as exc:
-                errors.append(exc)
+            for i in range(15):
+                key, tensor = f"w{w}-{i}", random_tensor(torch.float32, (64, 33), seed=w * 100 + i)
+                tier.put(key, tensor)
+                assert same_bits(tier.get(key), tensor)
+                if i % 3:
+                    tier.drop(key)
 
-        threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not errors and not any(t.is_alive() for t in threads)
+        errors = run_threads(worker, 8, timeout_s=60)
+        assert not errors
         assert len(tier) == 8 * 5
         assert tier.used == sum(tier.size_of(k) for k in tier.keys())  # noqa: SIM118 - keys() is the API under test

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from memplan import (
 from memplan.gpu import parse_simulation
 from memplan.residency import LRU, Belady, Candidate, EntryInUse, get_eviction
 from memplan.residency.eviction import GDSF
+from tests.conftest import run_threads
 
 KiB = 1 << 10
 GPU = Device("cuda", 0)
@@ -240,29 +240,20 @@ def test_eight_threads_leasing_and_pressing_at_once_finish_without_double_frees(
     tensors = {f"m{i}": torch.randn(256) for i in range(12)}
     for name, t in tensors.items():
         rm.register(name, {"w": t.clone()})
-    errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
         import random
 
         rnd = random.Random(seed)
-        try:
-            for _ in range(150):
-                name = rnd.choice(list(tensors))
-                if rnd.random() < 0.1:
-                    rm.apply_pressure(rnd.choice([0.75, 0.85, 0.96]))
-                    continue
-                with rm.use(name) as got:
-                    assert torch.equal(got["w"], tensors[name])
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(150):
+            name = rnd.choice(list(tensors))
+            if rnd.random() < 0.1:
+                rm.apply_pressure(rnd.choice([0.75, 0.85, 0.96]))
+                continue
+            with rm.use(name) as got:
+                assert torch.equal(got["w"], tensors[name])
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "deadlock: a worker did not finish"
+    errors = run_threads(worker, 8, timeout_s=120)
     assert not errors, errors[0]
     for tier in rm.tiers:
         assert tier.used == rm.held_bytes(tier.name) <= tier.capacity
