@@ -109,9 +109,8 @@ class RemoteTier(Tier):
         super().__init__(device=Device("remote"), capacity=cap, bandwidth=bandwidth, name=name)
         options = dict(storage_options or {})
         self.url = redact_url(url)
-        self._secret_values = _secrets(options) + [
-            s for s in (urllib.parse.urlsplit(url).password, urllib.parse.urlsplit(url).username) if s
-        ]
+        parts = urllib.parse.urlsplit(url)
+        self._secret_values = _secrets(options) + [s for s in (parts.password, parts.username) if s]
         self.codec = _wire.Compression(compression)
         self.retries = max(1, retries)
         self.backoff_s = backoff_s
