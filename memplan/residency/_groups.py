@@ -4,6 +4,13 @@ A demoted module has its parameters and buffers replaced by ``meta`` tensors of 
 and dtype, so a forward on it fails loudly instead of computing with stale memory; on return
 they are replaced by the tier's tensors. Tied parameters stay tied: every slot that held one
 tensor gets the same new parameter.
+
+Each tensor has two tier keys. On an addressable tier the module runs from the stored tensor
+itself, so a write through a lease writes there: such tiers get a key private to the entry, and
+writes never cross entries. Tiers that decode a fresh copy on every ``get`` (disk, remote,
+compressed host) get a content key when deduplicating, so identical tensors of different entries
+are stored once there; the content is hashed again on its way down from an addressable tier, so
+a tensor changed in place gets a key of its new content.
 """
 
 from __future__ import annotations
@@ -33,15 +40,25 @@ class _Slot:
 
 @dataclass
 class TensorRecord:
-    """One distinct tensor of an entry: its tier key, checksum and where it plugs in."""
+    """One distinct tensor of an entry: its tier keys, checksum and where it plugs in."""
 
     path: str
-    key: str
-    digest: str
+    private_key: str  # this entry's own copy, on addressable tiers
+    key: str  # on the other tiers: the content key when deduplicating, else the private key
+    digest: str | None  # of the content when it came to rest; None without dedup
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
     slots: list[_Slot] = field(default_factory=list)
+
+    def key_on(self, addressable: bool) -> str:
+        return self.private_key if addressable else self.key
+
+    def rekey(self, tensor: torch.Tensor) -> None:
+        """Key the record by ``tensor``'s content (it may have been written in place)."""
+        if self.digest is not None:
+            self.digest = digest_of(tensor)
+            self.key = self.digest[:48]
 
 
 def digest_of(tensor: torch.Tensor) -> str:
@@ -75,14 +92,18 @@ class Group:
         found = _module_tensors(obj) if self.module is not None else self._mapping_tensors(entry, obj)
         self.records: list[TensorRecord] = []
         for path, tensor, slots in found.values():
-            digest = digest_of(tensor)
-            key = digest[:48] if dedup else hashlib.sha256(f"{entry}\0{path}".encode()).hexdigest()[:48]
+            private = hashlib.sha256(f"{entry}\0{path}".encode()).hexdigest()[:48]
+            digest = digest_of(tensor) if dedup else None  # hashing only pays where it dedups
+            key = digest[:48] if digest else private
             nbytes = tensor.numel() * tensor.element_size()
             self.records.append(
-                TensorRecord(path, key, digest, tensor.dtype, tuple(tensor.shape), nbytes, slots)
+                TensorRecord(path, private, key, digest, tensor.dtype, tuple(tensor.shape), nbytes, slots)
             )
         self._tensors: dict[str, torch.Tensor] = {}
-        self.originals = {r.key: t for r, (_, t, _) in zip(self.records, found.values(), strict=True)}
+        # Until the first tier holds them, the caller's tensors are the source, by either key.
+        self.originals: dict[str, torch.Tensor] = {}
+        for record, (_, tensor, _) in zip(self.records, found.values(), strict=True):
+            self.originals[record.private_key] = self.originals[record.key] = tensor
 
     @staticmethod
     def _mapping_tensors(entry: str, obj: Mapping[str, Any]) -> dict[int, tuple[str, Any, list[_Slot]]]:
@@ -97,30 +118,30 @@ class Group:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.records)
 
-    def sizes(self) -> dict[str, int]:
-        """Bytes of each distinct tier key (identical tensors share one key when deduplicated)."""
-        return {r.key: r.nbytes for r in self.records}
+    def sizes(self, addressable: bool) -> dict[str, int]:
+        """Bytes of each distinct key on a tier (identical tensors share one content key)."""
+        return {r.key_on(addressable): r.nbytes for r in self.records}
 
     def attach(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Plug the tier's tensors (by key) into the module or mapping."""
-        self._plug({r.key: tensors[r.key] for r in self.records})
+        """Plug an addressable tier's tensors (by private key) into the module or mapping."""
+        self._plug({r.path: tensors[r.private_key] for r in self.records})
 
     def release(self) -> None:
         """Unplug: meta tensors in the module, nothing in the mapping."""
         import torch
 
-        self._plug({r.key: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in self.records})
+        self._plug({r.path: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in self.records})
         self._tensors = {}
 
     def drop_originals(self) -> None:
         self.originals = {}
 
-    def _plug(self, by_key: dict[str, torch.Tensor]) -> None:
+    def _plug(self, by_path: dict[str, torch.Tensor]) -> None:
         import torch
 
         self._tensors = {}
         for record in self.records:
-            tensor = by_key[record.key]
+            tensor = by_path[record.path]
             for slot in record.slots:
                 self._tensors[record.path if slot.owner is not None else slot.attr] = tensor
             if self.module is None:

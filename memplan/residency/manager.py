@@ -2,9 +2,16 @@
 
 Tiers are given fastest first (e.g. gpu, host, disk, remote). Every entry lives on exactly one
 tier; a move copies its tensors down or up and then frees them where they were, so a failure
-halfway leaves the entry whole where it was. Identical tensors are stored once per tier
-(content-addressed keys with reference counts), and each tier's ``used`` always equals the
-bytes of the keys its entries hold there.
+halfway leaves the entry whole where it was. Identical tensors are stored once on the tiers
+that decode a fresh copy on every read (content-addressed keys with reference counts); on
+addressable tiers, where a lease's writes land in the stored tensor, each entry has its own.
+Each tier's ``used`` always equals the bytes of the keys its entries hold there, plus keys a
+failed drop left behind (``orphans``), which are retried.
+
+Two locks: ``_lock`` orders every change of placement (moves, registration, pins) and is held
+across their tier I/O; ``_state`` guards the table and is never held across I/O. An entry being
+moved is marked ``moving``: a lease waits for it to land, and a lease of an entry that needs no
+move takes only ``_state``, so it never waits behind another entry's slow disk or hung remote.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 from memplan._periodic import Periodic
 from memplan.errors import MemplanError, PinViolation, TierError, TierFull
 from memplan.gpu.device import Device
-from memplan.residency._groups import Group, digest_of
+from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
 from memplan.residency.policy import RetentionPolicy
 from memplan.residency.pressure import ACTIONS, PressureLevel, PressureResponse, level_for, rank
@@ -96,6 +103,7 @@ class _Entry:
     leases: int = 0
     uses: int = 0
     pinned: int | None = None
+    moving: bool = False
 
 
 class ResidencyManager:
@@ -128,7 +136,9 @@ class ResidencyManager:
         self.responses: deque[PressureResponse] = deque(maxlen=100)
         self._entries: dict[str, _Entry] = {}
         self._refs: list[Counter[str]] = [Counter() for _ in self.tiers]
+        self._orphans: list[set[str]] = [set() for _ in self.tiers]  # keys a failed drop left behind
         self._lock = threading.RLock()
+        self._state = threading.Condition(threading.RLock())
         self._counts: Counter[str] = Counter()
         self._routes: Counter[str] = Counter()
         self._worker = Periodic("memplan-residency", interval_s, self.maintain)
@@ -149,18 +159,19 @@ class ResidencyManager:
             raise MemplanError(f"no entry named {name!r} is registered") from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        with self._state:
+            return name in self._entries
 
     def names(self) -> list[str]:
-        with self._lock:
+        with self._state:
             return list(self._entries)
 
     def tier_of(self, name: str) -> Tier:
-        with self._lock:
+        with self._state:
             return self.tiers[self._entry(name).tier]
 
     def info(self, name: str) -> EntryInfo:
-        with self._lock:
+        with self._state:
             e = self._entry(name)
             pinned = self.tiers[e.pinned].name if e.pinned is not None else None
             return EntryInfo(
@@ -183,13 +194,15 @@ class ResidencyManager:
         Its tensors are copied to ``tier`` (default: the policy's pinned tier, else the fastest
         tier with free room; nothing is evicted for a newcomer) and the module's own
         tensors are replaced by the tier's, or by meta tensors if that tier is not addressable.
+        A model from :func:`memplan.load` hands its device budget over to the tiers.
         """
         policy = policy or RetentionPolicy()
         with self._lock:
-            if name in self._entries:
-                raise MemplanError(f"an entry named {name!r} is already registered")
-            for need in needs:
-                self._entry(need)
+            with self._state:
+                if name in self._entries:
+                    raise MemplanError(f"an entry named {name!r} is already registered")
+                for need in needs:
+                    self._entry(need)
             group = Group(name, obj, dedup=self.dedup)
             entry = _Entry(name, group, policy, tuple(needs), tier=-1, last_use=self.clock())
             target = tier or policy.pinned_tier
@@ -200,8 +213,10 @@ class ResidencyManager:
                 order = fits or [len(self.tiers) - 1]
             self._place_new(entry, order)
             entry.pinned = self._tier_index(policy.pinned_tier) if policy.pinned_tier else None
-            self._entries[name] = entry
+            with self._state:
+                self._entries[name] = entry
             group.drop_originals()
+            _release_load_budget(obj)
             return self.info(name)
 
     def _place_new(self, entry: _Entry, order: Sequence[int]) -> None:
@@ -220,36 +235,69 @@ class ResidencyManager:
     def unregister(self, name: str) -> None:
         """Forget ``name`` and free its bytes on every tier. Its module is left with meta tensors."""
         with self._lock:
-            entry = self._entry(name)
-            if entry.pinned is not None:
-                raise PinViolation(name, "unpin it before unregistering")
-            self._check_movable(entry, "unregister")
-            dependants = [e.name for e in self._entries.values() if name in e.needs]
-            if dependants:
-                raise EntryInUse(name, f"needed by {', '.join(dependants)}")
-            self._release_keys(entry, entry.tier)
-            entry.group.release()
-            del self._entries[name]
+            with self._state:
+                entry = self._entry(name)
+                if entry.pinned is not None:
+                    raise PinViolation(name, "unpin it before unregistering")
+                dependants = [e.name for e in self._entries.values() if name in e.needs]
+                if dependants:
+                    raise EntryInUse(name, f"needed by {', '.join(dependants)}")
+            with self._moving(entry, "unregister"):
+                self._release_keys(entry, entry.tier)
+                with self._state:
+                    entry.group.release()
+                    del self._entries[name]
             self.eviction.forgotten(name)
 
     # -- moving data ---------------------------------------------------------------------
-    def _copy_in(self, entry: _Entry, index: int, source: Any) -> int:
-        """Put the entry's keys on tier ``index`` (those it lacks) from ``source``; all or nothing."""
+    @contextlib.contextmanager
+    def _moving(self, entry: _Entry, what: str, *, leased_ok: bool = False) -> Iterator[None]:
+        """Mark ``entry`` as moving for the block: leases wait until it lands; a leased entry
+        (unless the lease is the caller's own) is refused, since leased means never moved."""
+        with self._state:
+            if entry.leases and not leased_ok:
+                raise EntryInUse(entry.name, f"leased; cannot {what} it")
+            entry.moving = True
+        try:
+            yield
+        finally:
+            with self._state:
+                entry.moving = False
+                self._state.notify_all()
+
+    def _source_tensor(self, record: TensorRecord, source: dict[str, Any] | int) -> Any:
+        if isinstance(source, dict):
+            return source[record.private_key]
+        tier = self.tiers[source]
+        return tier.get(record.key_on(tier.addressable))
+
+    def _copy_in(self, entry: _Entry, index: int, source: dict[str, Any] | int) -> int:
+        """Put the entry's keys on tier ``index`` (those it lacks) from ``source`` (the caller's
+        tensors, or the index of the tier it is on); all or nothing."""
         tier, refs = self.tiers[index], self._refs[index]
+        # Leaving a tier where leases write in place: key the content as it is now.
+        rekey = self.dedup and not tier.addressable and isinstance(source, int)
+        rekey = rekey and self.tiers[source].addressable  # type: ignore[index]
         written, counted, added = 0, [], []
         try:
-            for key in entry.group.sizes():
+            for record in entry.group.records:
+                tensor = self._source_tensor(record, source) if rekey else None
+                if tensor is not None:
+                    record.rekey(tensor)
+                key = record.key_on(tier.addressable)
                 if refs[key] == 0:
-                    tensor = source[key] if isinstance(source, dict) else source.get(key)
-                    written += tier.put(key, tensor)
+                    self._drop_orphan(index, key)
+                    written += tier.put(key, self._source_tensor(record, source) if tensor is None else tensor)
                     added.append(key)
-                refs[key] += 1
+                with self._state:
+                    refs[key] += 1
                 counted.append(key)
         except MemplanError:
-            for key in counted:
-                refs[key] -= 1
-                if refs[key] == 0:
-                    del refs[key]
+            with self._state:
+                for key in counted:
+                    refs[key] -= 1
+                    if refs[key] == 0:
+                        del refs[key]
             for key in added:
                 self._drop_quietly(index, key)
             self._counts["failures"] += 1
@@ -258,34 +306,54 @@ class ResidencyManager:
 
     def _release_keys(self, entry: _Entry, index: int) -> None:
         refs = self._refs[index]
-        for key in entry.group.sizes():
-            refs[key] -= 1
-            if refs[key] == 0:
-                del refs[key]
+        for key in entry.group.sizes(self.tiers[index].addressable):
+            with self._state:
+                refs[key] -= 1
+                gone = refs[key] == 0
+                if gone:
+                    del refs[key]
+            if gone:
                 self._drop_quietly(index, key)
 
     def _drop_quietly(self, index: int, key: str) -> None:
         try:
             self.tiers[index].drop(key)
-        except TierError as exc:  # the copy elsewhere is whole; a stray object only wastes room
+        except TierError as exc:  # the copy elsewhere is whole; the stray key is retried later
+            with self._state:
+                self._orphans[index].add(key)
             self._counts["failures"] += 1
             log.warning("could not free %s on tier %s: %s", key, self.tiers[index].name, exc)
+
+    def _drop_orphan(self, index: int, key: str) -> None:
+        """Free ``key`` left behind by a failed drop before it is written again (raises if it cannot)."""
+        if key in self._orphans[index]:
+            self.tiers[index].drop(key)
+            with self._state:
+                self._orphans[index].discard(key)
+
+    def _retry_orphans(self) -> None:
+        for index, orphans in enumerate(self._orphans):
+            for key in list(orphans):
+                with contextlib.suppress(TierError):
+                    self._drop_orphan(index, key)
 
     def _rebind(self, entry: _Entry) -> None:
         tier = self.tiers[entry.tier]
         if tier.addressable:
-            entry.group.attach({key: tier.get(key) for key in entry.group.sizes()})
+            entry.group.attach({key: tier.get(key) for key in entry.group.sizes(True)})
         else:
             entry.group.release()
 
     def _move(self, entry: _Entry, target: int, reason: str) -> None:
+        """Copy down or up, publish, then free the old copy (the caller marked it moving)."""
         source = entry.tier
         if source == target:
             return
-        written = self._copy_in(entry, target, self.tiers[source])
+        written = self._copy_in(entry, target, source)
+        with self._state:
+            entry.tier = target
+            self._rebind(entry)  # before the release, so no module still holds what is freed
         self._release_keys(entry, source)
-        entry.tier = target
-        self._rebind(entry)
         route = f"{self.tiers[source].name}->{self.tiers[target].name}"
         self._routes[route] += written
         self._counts["promotions" if target < source else "demotions"] += 1
@@ -296,7 +364,8 @@ class ResidencyManager:
     # -- room ----------------------------------------------------------------------------
     def _needed(self, entry: _Entry, index: int) -> int:
         tier, refs = self.tiers[index], self._refs[index]
-        return sum(tier.footprint(n) for key, n in entry.group.sizes().items() if refs[key] == 0)
+        sizes = entry.group.sizes(tier.addressable)
+        return sum(tier.footprint(n) for key, n in sizes.items() if refs[key] == 0)
 
     def _blocked(self, entry: _Entry, index: int) -> str | None:
         """Why ``entry`` cannot leave tier ``index`` now, or None."""
@@ -326,7 +395,7 @@ class ResidencyManager:
             tier.size_of(key)
             for e in self._entries.values()
             if e.tier == index and e.name not in protect and self._blocked(e, index) is None
-            for key in e.group.sizes()
+            for key in e.group.sizes(tier.addressable)
             if refs[key] == 1
         )
 
@@ -345,28 +414,34 @@ class ResidencyManager:
             chosen = self.eviction.order([self._candidate(e) for e in movable])[0]
             try:
                 self._demote(self._entries[chosen.name], protect | {chosen.name}, reason)
-            except TierError:
-                stuck.add(chosen.name)  # nowhere below has room for it; try the next one
+            except (TierError, EntryInUse):
+                stuck.add(chosen.name)  # nowhere below has room for it, or it was just leased
                 continue
             self._counts["evictions"] += 1
             self.eviction.evicted(chosen)
 
     def _demote(self, entry: _Entry, protect: set[str], reason: str) -> None:
         """One tier down, or further down where that one has no room."""
-        last: TierError | None = None
-        for target in range(entry.tier + 1, len(self.tiers)):
-            try:
-                self._room_for(entry, target, protect | {entry.name})
-                self._move(entry, target, reason)
-                return
-            except TierError as exc:
-                last = exc
-        raise last or TierError(self.tiers[entry.tier].name, entry.name, "already on the slowest tier")
+        with self._moving(entry, "demote"):
+            last: TierError | None = None
+            for target in range(entry.tier + 1, len(self.tiers)):
+                try:
+                    self._room_for(entry, target, protect | {entry.name})
+                    self._move(entry, target, reason)
+                    return
+                except TierError as exc:
+                    last = exc
+            raise last or TierError(self.tiers[entry.tier].name, entry.name, "already on the slowest tier")
 
     def _promote(self, entry: _Entry, protect: set[str]) -> None:
-        """Onto the fastest addressable tier that can make room without breaking pins or leases."""
+        """Onto the fastest addressable tier that can make room without breaking pins or leases.
+
+        When no tier has room the entry stays where it is (if it can be used there); a failure
+        other than room (its copy cannot be read) is raised as it is.
+        """
         if entry.pinned is not None:
             return
+        cause: TierError | None = None
         for target in range(0, entry.tier):
             if not self.tiers[target].addressable:
                 continue
@@ -374,10 +449,16 @@ class ResidencyManager:
                 self._room_for(entry, target, protect)
                 self._move(entry, target, "use")
                 return
-            except TierError:
+            except TierFull:
                 continue
+            except TierError as exc:
+                cause = cause or exc
         if not self.tiers[entry.tier].addressable:
-            raise TierFull(self.tiers[0].name, entry.name, entry.group.nbytes, self.tiers[0].available)
+            raise cause or TierFull(
+                self.tiers[0].name, entry.name, entry.group.nbytes, self.tiers[0].available
+            )
+        if cause is not None:
+            log.warning("%s stays on %s: %s", entry.name, self.tiers[entry.tier].name, cause)
 
     # -- leases, pins, explicit moves ------------------------------------------------------
     def _closure(self, entry: _Entry) -> list[_Entry]:
@@ -394,34 +475,72 @@ class ResidencyManager:
         visit(entry)
         return list(reversed(seen.values()))
 
+    def _settled(self, entry: _Entry) -> bool:
+        """A lease of ``entry`` moves nothing: it is leased already, pinned, or on the fastest
+        addressable tier."""
+        if entry.leases or entry.pinned is not None:
+            return True
+        first = next((i for i, t in enumerate(self.tiers) if t.addressable), None)
+        return entry.tier == first
+
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Any]:
         """Lease ``name`` (and what it needs) on the fastest tier with room; yields the module
-        or a mapping of its tensors. Leased entries are never evicted."""
-        with self._lock:
-            entry = self._entry(name)
-            group = self._closure(entry)
-            for e in group:
-                e.leases += 1
-            before = entry.tier
-            try:
-                for e in group:
-                    self._promote(e, {g.name for g in group})
-            except BaseException:
-                for e in group:
-                    e.leases -= 1
-                raise
-            self._counts["hits" if entry.tier == before else "misses"] += 1
-            for e in group:
-                self._touch(e)
-            handle = entry.group.handle()
+        or a mapping of its tensors. Leased entries are never moved, by anything."""
+        group, handle = self._lease_settled(name)
+        if group is None:
+            group, handle = self._lease_moving(name)
         try:
             yield handle
         finally:
-            with self._lock:
+            with self._state:
                 for e in group:
                     e.leases -= 1
                     e.last_use = self.clock()
+
+    def _lease_settled(self, name: str) -> tuple[list[_Entry] | None, Any]:
+        """Lease without taking the move lock when nothing has to move (the common case)."""
+        with self._state:
+            while True:
+                group = self._closure(self._entry(name))
+                if not any(e.moving for e in group):
+                    break
+                self._state.wait()  # it lands soon; then decide afresh
+            if not all(self._settled(e) for e in group):
+                return None, None
+            self._lease(group, hit=True)
+            return group, group[-1].group.handle()
+
+    def _lease_moving(self, name: str) -> tuple[list[_Entry], Any]:
+        with self._lock:
+            with self._state:
+                entry = self._entry(name)
+                group = self._closure(entry)
+                before = entry.tier
+                moving = [e for e in group if not self._settled(e)]
+                for e in group:
+                    e.leases += 1
+                for e in moving:
+                    e.moving = True  # no other lease may take it while it moves
+            try:
+                for e in moving:
+                    self._promote(e, {g.name for g in group})
+            finally:
+                with self._state:
+                    for e in group:
+                        e.leases -= 1
+                    for e in moving:
+                        e.moving = False
+                    self._state.notify_all()
+            with self._state:
+                self._lease(group, hit=entry.tier == before)
+                return group, entry.group.handle()
+
+    def _lease(self, group: list[_Entry], *, hit: bool) -> None:
+        self._counts["hits" if hit else "misses"] += 1
+        for e in group:
+            e.leases += 1
+            self._touch(e)
 
     def _touch(self, entry: _Entry) -> None:
         entry.uses += 1
@@ -431,55 +550,59 @@ class ResidencyManager:
     def pin(self, name: str, tier: str | None = None) -> None:
         """Keep ``name`` on ``tier`` (default: where it is now) until :meth:`unpin`."""
         with self._lock:
-            entry = self._entry(name)
+            with self._state:
+                entry = self._entry(name)
             target = self._tier_index(tier) if tier else entry.tier
             if entry.pinned is not None and entry.pinned != target:
                 raise PinViolation(name, f"already pinned to {self.tiers[entry.pinned].name}")
             if target != entry.tier:
-                try:
-                    self._room_for(entry, target, {name})
-                    self._move(entry, target, "pin")
-                except TierFull as exc:
-                    raise PinViolation(
-                        name,
-                        f"{self.tiers[target].name} has no room without moving "
-                        f"pinned or leased entries ({exc.reason})",
-                    ) from exc
-            entry.pinned = target
+                with self._moving(entry, "pin"):
+                    try:
+                        self._room_for(entry, target, {name})
+                        self._move(entry, target, "pin")
+                    except TierFull as exc:
+                        raise PinViolation(
+                            name,
+                            f"{self.tiers[target].name} has no room without moving "
+                            f"pinned or leased entries ({exc.reason})",
+                        ) from exc
+            with self._state:
+                entry.pinned = target
 
     def unpin(self, name: str) -> None:
-        with self._lock:
+        with self._state:
             self._entry(name).pinned = None
-
-    def _check_movable(self, entry: _Entry, what: str) -> None:
-        if entry.leases:
-            raise EntryInUse(entry.name, f"leased; cannot {what} it")
 
     def demote(self, name: str, tier: str | None = None, *, reason: str = "demote") -> None:
         """Move ``name`` down to ``tier`` (default: one tier down)."""
         with self._lock:
-            entry = self._entry(name)
-            if entry.pinned is not None:
-                raise PinViolation(name, f"pinned to {self.tiers[entry.pinned].name}")
-            self._check_movable(entry, "demote")
-            why = self._blocked(entry, entry.tier)
+            with self._state:
+                entry = self._entry(name)
+                if entry.pinned is not None:
+                    raise PinViolation(name, f"pinned to {self.tiers[entry.pinned].name}")
+                why = self._blocked(entry, entry.tier)
+            if entry.leases:
+                raise EntryInUse(name, "leased; cannot demote it")
             if why:
                 raise EntryInUse(name, why)
             if tier is None:
                 self._demote(entry, {name}, reason)
                 return
             target = self._tier_index(tier)
-            self._room_for(entry, target, {name})
-            self._move(entry, target, reason)
+            with self._moving(entry, "demote"):
+                self._room_for(entry, target, {name})
+                self._move(entry, target, reason)
 
     # -- idle cleanup --------------------------------------------------------------------
     def maintain(self) -> list[str]:
-        """One idle-cleanup pass: demote entries idle past their ``max_idle_s`` by one tier.
+        """One idle-cleanup pass: demote entries idle past their ``max_idle_s`` by one tier, and
+        retry freeing keys a failed drop left behind.
 
         Leased ones are skipped and retried on the next pass. Returns the entries demoted.
         """
         demoted = []
         with self._lock:
+            self._retry_orphans()
             now = self.clock()
             for entry in list(self._entries.values()):
                 limit = entry.policy.max_idle_s
@@ -492,6 +615,8 @@ class ResidencyManager:
                     self._demote(entry, {entry.name}, f"idle past its {limit}s limit")
                     entry.last_use = now  # the next step down waits another max_idle_s
                     demoted.append(entry.name)
+                except EntryInUse:
+                    self._counts["idle_retries"] += 1
                 except TierError as exc:
                     log.warning("idle demotion of %s failed: %s", entry.name, exc)
         return demoted
@@ -511,8 +636,10 @@ class ResidencyManager:
                 keep = entry.policy.persistent and self.tiers[entry.tier].durable
                 if not keep:
                     self._release_keys(entry, entry.tier)
-                entry.group.release()
-            self._entries.clear()
+                with self._state:
+                    entry.group.release()
+            with self._state:
+                self._entries.clear()
             for tier in self.tiers:
                 tier.close()
 
@@ -559,23 +686,36 @@ class ResidencyManager:
             try:
                 self._demote(entry, {entry.name}, f"{level} pressure")
                 demoted.append(entry.name)
+            except EntryInUse:
+                continue  # leased since it was picked
             except TierError as exc:
                 log.warning("could not demote %s under %s pressure: %s", entry.name, level, exc)
         return demoted
 
     # -- reading -------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Entries whose tensors no longer match their checksums at registration (should be [])."""
+        """Entries whose stored copies no longer match their checksums (should be []).
+
+        It checks the copies a tier keeps to itself (disk, remote, compressed host), against the
+        checksum taken when they came to rest there; on addressable tiers the stored tensor is
+        the live one a lease may write, so there is nothing fixed to compare. Needs ``dedup``
+        (without it nothing is hashed).
+        """
         bad = []
         with self._lock:
-            for entry in self._entries.values():
+            for entry in list(self._entries.values()):
                 tier = self.tiers[entry.tier]
-                if any(digest_of(tier.get(r.key)) != r.digest for r in entry.group.records):
+                if tier.addressable:
+                    continue
+                if any(
+                    r.digest is not None and digest_of(tier.get(r.key)) != r.digest
+                    for r in entry.group.records
+                ):
                     bad.append(entry.name)
         return bad
 
     def stats(self) -> ManagerStats:
-        with self._lock:
+        with self._state:
             saved = sum(
                 self.tiers[i].size_of(key) * (n - 1)
                 for i, refs in enumerate(self._refs)
@@ -590,10 +730,25 @@ class ResidencyManager:
             )  # fmt: skip
 
     def held_bytes(self, tier: str) -> int:
-        """Bytes the entries on ``tier`` hold there (shared keys once): always ``tier.used``."""
-        with self._lock:
+        """Bytes the entries on ``tier`` hold there (shared keys once), plus keys a failed drop
+        left there: always ``tier.used``."""
+        with self._state:
             index = self._tier_index(tier)
-            return sum(self.tiers[index].size_of(key) for key in self._refs[index])
+            held = set(self._refs[index]) | self._orphans[index]
+            return sum(self.tiers[index].size_of(key) for key in held)
+
+    def orphans(self, tier: str) -> list[str]:
+        """Keys a failed drop left on ``tier``; :meth:`maintain` retries freeing them."""
+        with self._state:
+            return sorted(self._orphans[self._tier_index(tier)])
+
+
+def _release_load_budget(obj: Any) -> None:
+    """A model from :func:`memplan.load` holds its device reservations for its lifetime; once
+    its tensors live on the manager's tiers, the tiers charge them, so the load's go."""
+    placement = getattr(obj, "memplan_placement", None)
+    if placement is not None:
+        placement.release()
 
 
 def _pressured(tier: Tier, device: Device | None) -> bool:

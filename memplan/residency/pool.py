@@ -120,6 +120,13 @@ class HostPool:
                 self._free[size].append(buffer)
                 self._cached_bytes += size
 
+    def forget(self, buffer: torch.Tensor) -> None:
+        """``buffer`` leaves the pool for good (someone else still holds it): not reused, not counted."""
+        size = buffer.numel()
+        with self._lock:
+            self._in_use[class_of(size)] -= 1
+            self._in_use_bytes -= size
+
     def trim(self) -> int:
         """Free every cached buffer; return the bytes given back."""
         with self._lock:

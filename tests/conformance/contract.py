@@ -91,6 +91,41 @@ class TierContract:
         source.zero_()
         assert torch.equal(tier.get("k"), torch.ones(16))
 
+    def test_a_returned_tensor_belongs_to_the_caller(self, tier: Tier) -> None:
+        """Dropping a key and putting others (which may reuse its room) never changes what a
+        caller already holds: pooled or cached memory is not recycled under a live tensor."""
+        tier.put("a", torch.ones(70_000))
+        held = tier.get("a")
+        view = held[10:20]
+        tier.drop("a")
+        for i in range(4):
+            tier.put(f"b{i}", torch.full((70_000,), 7.0))
+        assert torch.equal(held, torch.ones(70_000)) and torch.equal(view, torch.ones(10))
+
+    def test_a_returned_tensor_is_unchanged_by_puts_of_other_keys(self, tier: Tier) -> None:
+        tier.put("a", torch.arange(1000, dtype=torch.int32))
+        held = tier.get("a")
+        tier.put("b", torch.zeros(1000, dtype=torch.int32))
+        tier.drop("b")
+        tier.put("c", torch.full((1000,), -1, dtype=torch.int32))
+        assert torch.equal(held, torch.arange(1000, dtype=torch.int32))
+
+    def test_a_failed_drop_keeps_the_key_and_its_bytes(self, tier: Tier) -> None:
+        """Accounting follows what the tier really holds: a drop whose I/O fails leaves the key
+        there, charged, and a later drop can finish the job."""
+        nbytes = tier.put("k", torch.ones(64))
+
+        def fail(key: str, handle: Any) -> None:
+            raise TierError(tier.name, key, "injected delete failure")
+
+        real = tier._discard
+        tier._discard = fail  # type: ignore[method-assign]
+        with pytest.raises(TierError):
+            tier.drop("k")
+        assert "k" in tier and tier.used == nbytes
+        tier._discard = real  # type: ignore[method-assign]
+        assert tier.drop("k") == nbytes and tier.used == 0
+
     def test_capacity_is_enforced_and_a_refused_put_changes_nothing(self) -> None:
         tier = self.make(256 * KiB)
         tier.put("small", torch.zeros(1000, dtype=torch.uint8))

@@ -20,6 +20,7 @@ from memplan import (
 )
 from memplan.gpu import parse_simulation
 from memplan.residency import LRU, Belady, Candidate, EntryInUse, get_eviction
+from memplan.residency._groups import digest_of
 from memplan.residency.eviction import GDSF
 from tests.conftest import run_threads
 
@@ -178,18 +179,20 @@ def test_pressure_levels_escalate_and_each_response_is_recorded() -> None:
     assert len(rm.responses) == 100
 
 
-def test_identical_tensors_are_stored_once() -> None:
-    rm = ResidencyManager(stack(64 * KiB, 64 * KiB))
+def test_identical_tensors_are_stored_once_where_no_lease_can_write_them(tmp_path: Path) -> None:
+    gpu, disk = get_tier("memory", 64 * KiB, name="gpu", device=GPU), get_tier("disk", tmp_path)
+    rm = ResidencyManager([gpu, disk])
     shared = torch.randn(512)
     rm.register("a", {"w": shared.clone(), "b": torch.randn(8)})
     rm.register("b", {"w": shared.clone(), "b": torch.randn(8)})
-    gpu = rm.tiers[0]
-    assert gpu.used == 512 * 4 + 2 * 8 * 4 == rm.held_bytes("gpu")
-    assert rm.stats().dedup_saved_bytes == 512 * 4
+    # On an addressable tier a lease writes the stored tensor itself: each entry has its own.
+    assert gpu.used == 2 * (512 * 4 + 8 * 4) == rm.held_bytes("gpu")
     rm.demote("a")
-    assert gpu.used == rm.held_bytes("gpu") and rm.tiers[1].used == rm.held_bytes("host")
+    rm.demote("b")
+    assert gpu.used == 0 and disk.used == rm.held_bytes("disk") and len(disk) == 3
+    assert rm.stats().dedup_saved_bytes == disk.size_of(digest_of(shared)[:48])
     rm.unregister("b")
-    assert gpu.used == 0 and rm.verify() == []
+    assert len(disk) == 2 and rm.verify() == []
 
 
 def test_compression_and_pool_report_their_figures(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Thousands of random register / use / release / pin / unpin / pressure / tier-failure steps; after
-each one the manager's books must balance and every tensor must be intact."""
+"""Thousands of random register / use / write / release / pin / unpin / pressure / tier-failure
+steps; after each one the manager's books must balance, and every tensor a lease holds must read
+exactly what the model of it says (writes through a lease included, and never another entry's)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,19 @@ NAMES = [f"e{i}" for i in range(8)]
 
 
 class FailingTier(MemoryTier):
-    """A memory tier whose next ``fail_puts`` puts and ``fail_gets`` gets raise, as a flaky disk would."""
+    """A memory tier whose next ``fail_puts`` puts, ``fail_gets`` gets and ``fail_drops`` drops
+    raise, as a flaky disk would."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fail_puts = self.fail_gets = 0
+        self.fail_puts = self.fail_gets = self.fail_drops = 0
         self.armed = True
+
+    def _discard(self, key: str, handle: Any) -> None:
+        if self.armed and self.fail_drops:
+            self.fail_drops -= 1
+            raise TierError(self.name, key, "injected delete failure")
+        super()._discard(key, handle)
 
     def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
         if self.armed and self.fail_puts:
@@ -90,6 +98,14 @@ class ResidencyMachine(RuleBasedStateMachine):
             self.leases.append((name, cm, got))
 
     @precondition(lambda self: self.leases)
+    @rule(which=st.integers(0, 100), delta=st.sampled_from([1.0, -3.5, 0.25]))
+    def write_under_lease(self, which: int, delta: float) -> None:
+        name, _, got = self.leases[which % len(self.leases)]
+        for key, tensor in got.items():
+            tensor.add_(delta)
+            self.originals[name][key].add_(delta)
+
+    @precondition(lambda self: self.leases)
     @rule(which=st.integers(0, 100))
     def release(self, which: int) -> None:
         _, cm, _ = self.leases.pop(which % len(self.leases))
@@ -121,9 +137,10 @@ class ResidencyMachine(RuleBasedStateMachine):
     def pressure(self, ratio: float, device: Device | None) -> None:
         self.rm.apply_pressure(ratio, device)
 
-    @rule(tier=st.integers(0, 2), puts=st.integers(0, 3), gets=st.integers(0, 2))
-    def break_tier(self, tier: int, puts: int, gets: int) -> None:
-        self.tiers[tier].fail_puts, self.tiers[tier].fail_gets = puts, gets
+    @rule(tier=st.integers(0, 2), puts=st.integers(0, 3), gets=st.integers(0, 2), drops=st.integers(0, 2))
+    def break_tier(self, tier: int, puts: int, gets: int, drops: int) -> None:
+        broken = self.tiers[tier]
+        broken.fail_puts, broken.fail_gets, broken.fail_drops = puts, gets, drops
 
     @invariant()
     def books_balance_and_data_is_intact(self) -> None:
@@ -148,6 +165,9 @@ class ResidencyMachine(RuleBasedStateMachine):
                 leased.add(name)
                 todo += self.rm.info(name).needs
             assert {n for n in self.rm.names() if self.rm.info(n).leases} == leased
+            for name, _, got in self.leases:  # held tensors read what this entry's writes made them
+                for key, tensor in self.originals[name].items():
+                    assert torch.equal(got[key], tensor), f"{name}.{key} changed under its lease"
             assert self.rm.verify() == []
         finally:
             for tier in self.tiers:

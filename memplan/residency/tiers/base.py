@@ -7,8 +7,10 @@ locking, capacity, ``used``, missing keys and counters. Every tier passes
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -74,6 +76,7 @@ class Tier(ABC):
         self.bandwidth = bandwidth
         self._lock = threading.RLock()
         self._held: dict[str, _Held] = {}
+        self._busy: set[str] = set()  # keys with a put or drop under way
         self._used = 0
         self._counts = {"puts": 0, "gets": 0, "drops": 0, "written": 0, "read": 0, "failures": 0}
 
@@ -102,49 +105,80 @@ class Tier(ABC):
         self._used += nbytes
 
     # -- the contract --------------------------------------------------------------------
+    # The lock guards the table and counters only; a subclass's I/O runs outside it, with the
+    # key marked busy, so a slow disk or a hung remote never blocks other keys.
     def put(self, key: str, tensor: torch.Tensor) -> int:
         """Store a copy of ``tensor`` under a new ``key``; return the bytes it occupies here."""
         validate_key(self.name, key)
+        _wire.dtype_name(self.name, key, tensor)  # every tier refuses what bytes cannot hold
         with self._lock:
             if key in self._held:
                 raise TierError(self.name, key, "already holds this key; drop it first")
-            try:
-                _wire.dtype_name(self.name, key, tensor)  # every tier refuses what bytes cannot hold
-                handle, nbytes = self._store(key, tensor, self.capacity - self._used)
-            except TierError:
-                self._counts["failures"] += 1
-                raise
-            self._held[key] = _Held(handle, nbytes, tensor.numel() * tensor.element_size())
-            self._used += nbytes
-            self._counts["puts"] += 1
-            self._counts["written"] += nbytes
-            return nbytes
+            self._claim(key)
+            room = self.capacity - self._used
+        with self._failures_counted(key):
+            handle, nbytes = self._store(key, tensor, room)
+        with self._lock:
+            room = self.capacity - self._used  # other puts may have landed meanwhile
+            if nbytes <= room:
+                self._busy.discard(key)
+                self._held[key] = _Held(handle, nbytes, tensor.numel() * tensor.element_size())
+                self._used += nbytes
+                self._counts["puts"] += 1
+                self._counts["written"] += nbytes
+                return nbytes
+            self._counts["failures"] += 1
+        with self._failures_counted(key), contextlib.suppress(TierError):
+            self._discard(key, handle)
+        with self._lock:
+            self._busy.discard(key)
+        raise TierFull(self.name, key, nbytes, room)
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor under ``key``, which belongs to the caller: no later put or drop changes it."""
         with self._lock:
             held = self._entry(key)
-            try:
-                tensor = self._fetch(key, held.handle)
-            except TierError:
-                self._counts["failures"] += 1
-                raise
+        with self._failures_counted(None):
+            tensor = self._fetch(key, held.handle)
+        with self._lock:
             self._counts["gets"] += 1
             self._counts["read"] += held.nbytes
-            return tensor
+        return tensor
 
     def drop(self, key: str) -> int:
-        """Forget ``key`` and free its bytes; return how many."""
+        """Forget ``key`` and free its bytes; return how many.
+
+        When freeing fails (a read-only spill directory, an unreachable remote), the key stays
+        here and stays charged, as it really is, and the :class:`TierError` says why; a later
+        ``drop`` can finish the job.
+        """
         with self._lock:
             held = self._entry(key)
-            try:
-                self._discard(key, held.handle)
-            except TierError:
-                self._counts["failures"] += 1
-                raise
+            self._claim(key)
+        with self._failures_counted(key):
+            self._discard(key, held.handle)
+        with self._lock:
+            self._busy.discard(key)
             del self._held[key]
             self._used -= held.nbytes
             self._counts["drops"] += 1
             return held.nbytes
+
+    def _claim(self, key: str) -> None:
+        if key in self._busy:
+            raise TierError(self.name, key, "busy: another put or drop of this key is under way")
+        self._busy.add(key)
+
+    @contextlib.contextmanager
+    def _failures_counted(self, claimed: str | None) -> Iterator[None]:
+        """Run a subclass's I/O and count its TierErrors; if it raises, free the claim on ``claimed``."""
+        try:
+            yield
+        except BaseException as exc:
+            with self._lock:
+                self._busy.discard(claimed or "")
+                self._counts["failures"] += isinstance(exc, TierError)
+            raise
 
     def _entry(self, key: str) -> _Held:
         try:

@@ -21,6 +21,14 @@ __all__ = ["HostTier"]
 class _Pooled:
     buffer: torch.Tensor
     tensor: torch.Tensor  # a view of ``buffer`` with the stored dtype and shape
+    uses: int  # references to the buffer's storage the tier itself holds
+
+
+def _storage_uses(buffer: torch.Tensor) -> int | None:
+    import torch
+
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return int(count(buffer.untyped_storage()._cdata)) if count is not None else None
 
 
 def host_free_bytes() -> int:
@@ -33,7 +41,9 @@ class HostTier(Tier):
     """Host RAM within ``capacity`` (default: the host's free memory, cgroup-aware).
 
     Uncompressed, each tensor sits in a pooled buffer and ``get`` returns a view of it, so an
-    entry's module can run from here. With ``compression="zstd"`` tensors are kept compressed,
+    entry's module can run from here. A dropped buffer goes back to the pool only when nothing
+    outside the tier still refers to it: a tensor handed out belongs to its holder, and no later
+    put may write into it. With ``compression="zstd"`` tensors are kept compressed,
     cost less room and come back as fresh tensors (:attr:`stats` reports the ratio).
     """
 
@@ -64,7 +74,7 @@ class HostTier(Tier):
         buffer = self.pool.acquire(raw.numel())
         buffer[: raw.numel()].copy_(raw)
         view = buffer[: raw.numel()].view(tensor.dtype).reshape(tensor.shape)
-        return _Pooled(buffer, view), buffer.numel()
+        return _Pooled(buffer, view, _storage_uses(buffer) or 0), buffer.numel()
 
     def _fetch(self, key: str, handle: Any) -> torch.Tensor:
         if isinstance(handle, _Pooled):
@@ -74,7 +84,11 @@ class HostTier(Tier):
 
     def _discard(self, key: str, handle: Any) -> None:
         if isinstance(handle, _Pooled):
-            self.pool.release(handle.buffer)
+            uses = _storage_uses(handle.buffer)
+            if uses is not None and uses <= handle.uses:  # else a holder keeps it; it is theirs
+                self.pool.release(handle.buffer)
+            else:
+                self.pool.forget(handle.buffer)
 
     def footprint(self, nbytes: int) -> int:
         return size_class(nbytes) if self.addressable else nbytes
