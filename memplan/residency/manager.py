@@ -281,13 +281,14 @@ class ResidencyManager:
         written, counted, added = 0, [], []
         try:
             for record in entry.group.records:
-                tensor = self._source_tensor(record, source) if rekey else None
-                if tensor is not None:
-                    record.rekey(tensor)
+                fetched = self._source_tensor(record, source) if rekey else None
+                if fetched is not None:
+                    record.rekey(fetched)
                 key = record.key_on(tier.addressable)
                 if refs[key] == 0:
+                    tensor = fetched if fetched is not None else self._source_tensor(record, source)
                     self._drop_orphan(index, key)
-                    written += tier.put(key, self._source_tensor(record, source) if tensor is None else tensor)
+                    written += tier.put(key, tensor)
                     added.append(key)
                 with self._state:
                     refs[key] += 1
