@@ -1,9 +1,12 @@
 """``remote``: tensors as objects under any fsspec URL (``s3://bucket/prefix`` through s3fs).
 
-Each call is retried with exponential backoff on transient errors (connection, timeout, 5xx);
-after the last try it raises :class:`~memplan.RemoteTierError` and nothing in the tier changed,
-so the caller's data stays where it was. Credentials are never logged: messages name the URL
-without its user part and have every secret of ``storage_options`` masked.
+Each call has connect and read timeouts (``timeout_s``; a server that accepts and never answers
+fails the call instead of blocking it) and is retried with exponential backoff on transient
+errors (connection, timeout, 5xx); after the last try, and at once for any other error, it
+raises :class:`~memplan.RemoteTierError` and nothing in the tier changed, so the caller's data
+stays where it was. The retries sleep under no lock of the tier's. Credentials are never
+logged: messages name the URL without its user part and have every secret of
+``storage_options`` masked.
 """
 
 from __future__ import annotations
@@ -33,14 +36,27 @@ T = TypeVar("T")
 UNBOUNDED = 2**62
 
 
+def _split_credentials(url: str) -> tuple[str, str, str]:
+    """``scheme://user:password@rest`` as (``scheme://rest``, user, password).
+
+    Split by hand, at the last ``@``: a cloud secret may hold ``/`` or ``+``, which a URL parser
+    takes for the start of the path, and the secret would then leak into a bucket name.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url, "", ""
+    userinfo, _, host = rest.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return f"{scheme}://{host}", urllib.parse.unquote(user), urllib.parse.unquote(password)
+
+
 def redact_url(url: str) -> str:
     """``url`` without a ``user:password@`` part."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
+    bare, user, password = _split_credentials(url)
+    if not (user or password):
         return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    scheme, _, host = bare.partition("://")
+    return f"{scheme}://***@{host}"
 
 
 _SECRET_NAMES = ("key", "secret", "token", "password", "credential", "session")
@@ -86,6 +102,18 @@ def _permanent(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS
 
 
+def _with_timeouts(url: str, options: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Connect and read timeouts, so a server that accepts and never answers fails a call in
+    ``timeout_s`` instead of blocking it for good; the tier's own retries are the only ones."""
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", timeout_s)
+    config.setdefault("read_timeout", timeout_s)
+    config.setdefault("retries", {"max_attempts": 1})
+    return {**options, "config_kwargs": config}
+
+
 class RemoteTier(Tier):
     """Objects under ``url``; ``storage_options`` go to fsspec (e.g. ``endpoint_url``, ``key``)."""
 
@@ -102,20 +130,27 @@ class RemoteTier(Tier):
         compression: str = "none",
         retries: int = 4,
         backoff_s: float = 0.1,
+        timeout_s: float = 30.0,
         bandwidth: float = 100e6,
         name: str | None = None,
     ) -> None:
+        if not timeout_s > 0:
+            raise RemoteTierError(name or self.kind, None, f"timeout_s must be > 0, not {timeout_s}")
         cap = parse_size(capacity) if capacity is not None else UNBOUNDED
         super().__init__(device=Device("remote"), capacity=cap, bandwidth=bandwidth, name=name)
-        options = dict(storage_options or {})
         self.url = redact_url(url)
-        parts = urllib.parse.urlsplit(url)
-        self._secret_values = _secrets(options) + [s for s in (parts.password, parts.username) if s]
+        options = dict(storage_options or {})
+        bare, user, password = _split_credentials(url)
+        self._secret_values = _secrets(options) + [s for s in (password, user) if s]
+        if bare.startswith(("s3://", "s3a://")) and (user or password):
+            url = bare  # s3fs reads no credentials from a URL: they would become the bucket's name
+            options.setdefault("key", user)
+            options.setdefault("secret", password)
         self.codec = _wire.Compression(compression)
         self.retries = max(1, retries)
         self.backoff_s = backoff_s
         self._transient = _transient_errors()
-        self.fs, self.root = self._connect(url, options)
+        self.fs, self.root = self._connect(url, _with_timeouts(url, options, timeout_s))
         self._retry("create the prefix", None, lambda: self.fs.makedirs(self.root, exist_ok=True))
         self.recovered = self._recover()
 
@@ -130,6 +165,8 @@ class RemoteTier(Tier):
             raise MissingDependency(exc.name or "s3fs", "remote", f"the remote tier for {self.url}") from None
         except (ValueError, TypeError) as exc:
             raise RemoteTierError(self.name, None, f"cannot open {self.url}: {self._scrub(exc)}") from None
+        if isinstance(getattr(fs, "retries", None), int):
+            fs.retries = 1  # s3fs retries timeouts 5 times on its own; ours are the only retries
         return fs, str(root).rstrip("/")
 
     def _scrub(self, exc: BaseException) -> str:
@@ -143,8 +180,8 @@ class RemoteTier(Tier):
         for attempt in range(1, self.retries + 1):
             try:
                 return op()
-            except self._transient as exc:
-                if _permanent(exc):
+            except Exception as exc:
+                if _permanent(exc) or not isinstance(exc, self._transient):
                     raise RemoteTierError(
                         self.name, key, f"cannot {what} at {self.url}: {self._scrub(exc)}"
                     ) from None

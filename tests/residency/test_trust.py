@@ -1,0 +1,219 @@
+"""What a caller of the residency manager may rely on (README, "Guarantees"): a tensor handed out
+is never changed by anything but the caller's own writes, a leased entry never moves, a slow or
+hung tier blocks nobody else, and the books follow what the tiers really hold."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from memplan import (
+    Device,
+    MemplanError,
+    RemoteTierError,
+    ResidencyManager,
+    TierError,
+    TierFull,
+)
+from memplan.residency import EntryInUse, get_tier
+from memplan.residency.tiers.memory import MemoryTier
+
+KiB = 1 << 10
+GPU = Device("cuda", 0)
+
+
+def gpu_and_host(gpu: int = 64 * KiB) -> list[Any]:
+    return [get_tier("memory", gpu, name="gpu", device=GPU), get_tier("host", "64MiB")]
+
+
+def test_a_second_use_of_a_leased_entry_moves_nothing() -> None:
+    """The first lease's tensors live on host; a second use, once the gpu has room, must not
+    promote the entry (and recycle the host buffers under the first lease)."""
+    rm = ResidencyManager(gpu_and_host(gpu=8 * KiB))
+    rm.register("big", {"w": torch.zeros(2 * KiB)})  # fills the gpu
+    rm.register("a", {"w": torch.ones(1000)}, tier="host")
+    with contextlib.ExitStack() as first_lease:
+        with rm.use("big"):
+            first = first_lease.enter_context(rm.use("a"))  # the gpu is full of a leased entry
+        assert rm.tier_of("a").name == "host"
+        held = first["w"]
+        rm.demote("big")  # the gpu has room now, while "a" is still leased
+        with rm.use("a"):
+            assert rm.tier_of("a").name == "host"
+        rm.register("c", {"w": torch.full((1000,), 7.0)}, tier="host")
+        assert torch.equal(held, torch.ones(1000))
+
+
+def test_pinning_a_leased_entry_elsewhere_is_refused_and_its_module_keeps_working(tmp_path: Path) -> None:
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), get_tier("disk", tmp_path)])
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    expected = layer(x)
+    rm.register("layer", layer)
+    with rm.use("layer") as module:
+        with pytest.raises(EntryInUse):
+            rm.pin("layer", "disk")
+        assert torch.equal(module(x), expected)
+        assert rm.tier_of("layer").name == "gpu"
+
+
+def test_writes_through_a_lease_never_reach_another_entry(tmp_path: Path) -> None:
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), get_tier("disk", tmp_path)])
+    same = torch.arange(64, dtype=torch.float32)
+    rm.register("a", {"w": same.clone()})
+    rm.register("b", {"w": same.clone()})
+    with rm.use("a") as a:
+        a["w"].add_(1)
+    with rm.use("b") as b:
+        assert torch.equal(b["w"], same)
+    rm.demote("a", "disk")
+    rm.register("c", {"w": same.clone()}, tier="disk")  # the original content, stored by content
+    with rm.use("c") as c:
+        assert torch.equal(c["w"], same)
+    with rm.use("a") as a:
+        assert torch.equal(a["w"], same + 1)
+    assert rm.verify() == []
+
+
+class SlowTier(MemoryTier):
+    """A tier whose writes wait for ``go``: a slow disk or a remote that does not answer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go = threading.Event()
+        self.writing = threading.Event()
+
+    def _store(self, key: str, tensor: torch.Tensor, room: int) -> tuple[Any, int]:
+        self.writing.set()
+        assert self.go.wait(30)
+        return super()._store(key, tensor, room)
+
+
+def test_a_lease_of_a_resident_entry_never_waits_behind_another_entrys_io() -> None:
+    slow = SlowTier(name="remote", device=Device("remote"))
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), slow])
+    rm.register("resident", {"w": torch.ones(8)})
+    rm.register("leaving", {"w": torch.zeros(8)})
+    mover = threading.Thread(target=rm.demote, args=("leaving",))
+    mover.start()
+    try:
+        assert slow.writing.wait(10)
+        started = time.monotonic()
+        with rm.use("resident") as m:
+            assert torch.equal(m["w"], torch.ones(8))
+        assert rm.info("resident").tier == "gpu" and rm.stats().leased == 0
+        assert time.monotonic() - started < 1.0
+        assert rm.info("leaving").tier == "gpu"  # still moving: nothing published yet
+    finally:
+        slow.go.set()
+        mover.join(10)
+    assert rm.info("leaving").tier == "remote"
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A loopback server that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_hung_s3_endpoint_fails_in_seconds_with_a_typed_error(silent_server: str) -> None:
+    options = {"key": "AKIAHUNG", "secret": "hung-secret", "client_kwargs": {"endpoint_url": silent_server}}
+    started = time.monotonic()
+    with pytest.raises(RemoteTierError):
+        get_tier("remote", "s3://bucket/prefix", storage_options=options, timeout_s=0.5, retries=1)
+    assert time.monotonic() - started < 10
+
+
+def test_credentials_in_an_s3_url_are_used_and_never_shown(s3: dict[str, Any]) -> None:
+    key, secret = s3["key"], s3["secret"]
+    options = {k: v for k, v in s3.items() if k not in ("key", "secret")}
+    tier = get_tier("remote", f"s3://{key}:{secret}@residency/creds", storage_options=options)
+    tier.put("k", torch.ones(3))
+    assert torch.equal(tier.get("k"), torch.ones(3))
+    assert secret not in repr(tier) and secret not in tier.url
+    with pytest.raises(RemoteTierError) as caught:  # a bad bucket name: typed, and scrubbed
+        get_tier("remote", "s3://AKIAKEY:Super/Secret+x@not a bucket/p", storage_options=options, retries=1)
+    assert "Super/Secret" not in str(caught.value) and "AKIAKEY" not in str(caught.value)
+
+
+def test_a_failed_delete_leaves_an_orphan_that_is_counted_and_freed_later(tmp_path: Path) -> None:
+    disk = get_tier("disk", tmp_path)
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), disk])
+    rm.register("a", {"w": torch.ones(100)})
+    rm.demote("a")
+    real = disk._discard
+
+    def read_only(key: str, handle: Any) -> None:
+        raise TierError(disk.name, key, "cannot delete spill file: Read-only file system")
+
+    disk._discard = read_only  # type: ignore[method-assign]
+    with rm.use("a"):
+        pass
+    assert rm.info("a").tier == "gpu" and len(rm.orphans("disk")) == 1
+    assert disk.used == rm.held_bytes("disk") > 0
+    with pytest.raises(TierError):  # the stray key cannot be freed yet, so it cannot be rewritten
+        rm.demote("a")
+    disk._discard = real  # type: ignore[method-assign]
+    rm.demote("a")  # the orphan is freed first, then written again
+    assert rm.orphans("disk") == [] and disk.used == rm.held_bytes("disk")
+    with rm.use("a") as a:
+        assert torch.equal(a["w"], torch.ones(100))
+    rm.maintain()
+    assert rm.orphans("disk") == [] and disk.used == 0
+
+
+def test_promotion_from_an_unreadable_copy_names_the_real_cause(tmp_path: Path) -> None:
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), get_tier("disk", tmp_path)])
+    rm.register("a", {"w": torch.ones(1000)})
+    rm.demote("a")
+    (spill,) = tmp_path.glob("*.safetensors")
+    data = bytearray(spill.read_bytes())
+    data[-10] ^= 0xFF
+    spill.write_bytes(bytes(data))
+    with pytest.raises(TierError) as caught, rm.use("a"):
+        pass
+    assert not isinstance(caught.value, TierFull) and "corrupt" in str(caught.value)
+    assert rm.info("a").tier == "disk" and rm.info("a").leases == 0
+
+
+def test_without_dedup_nothing_is_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_hashing(tensor: torch.Tensor) -> str:
+        raise AssertionError("hashed with dedup off")
+
+    monkeypatch.setattr("memplan.residency._groups.digest_of", no_hashing)
+    rm = ResidencyManager(gpu_and_host(), dedup=False)
+    rm.register("a", torch.nn.Linear(4, 4))
+    rm.demote("a")
+    with rm.use("a"):
+        pass
+    with pytest.raises(MemplanError):
+        rm.register("a", {})
