@@ -61,7 +61,9 @@ class Tier(ABC):
     """Holds tensors by key. ``put`` copies in, ``get`` hands back, ``drop`` frees.
 
     ``addressable`` tiers hand back the stored tensor itself from ``get``, so a module's
-    parameters can point at it; the others decode a fresh tensor on every ``get``.
+    parameters can point at it (and a write through it is a write to the stored copy); the
+    others decode a fresh tensor on every ``get``. Either way a tensor handed out belongs to its
+    holder: no later ``put``, ``drop`` or reuse of memory by the tier changes it.
     """
 
     kind: ClassVar[str]
