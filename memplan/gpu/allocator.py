@@ -46,23 +46,34 @@ class DeviceUsage:
 
 
 class Reservation:
-    """Bytes held on a device until :meth:`release` (idempotent) or the ``with`` block ends."""
+    """Bytes held on a device until :meth:`release` (idempotent) or the ``with`` block ends.
+
+    Made holding nothing; :meth:`acquire` (or :meth:`Allocator.reserve`) charges it. The budget and
+    the reservation's flag change together, so whoever keeps a reservation from before its charge
+    can give back exactly what it holds, wherever a Ctrl-C landed.
+    """
 
     def __init__(self, allocator: Allocator, device: Device, nbytes: int, label: str) -> None:
+        if nbytes < 0:
+            raise InvalidSize(nbytes, f"cannot reserve a negative size on {device}")
         self.allocator = allocator
         self.device = device
         self.nbytes = nbytes
         self.label = label
-        self._released = False
+        self._held = False
+
+    def acquire(self) -> Reservation:
+        """Charge the bytes, or raise :class:`DeviceOutOfMemory` and hold nothing. Idempotent."""
+        self.allocator._charge(self)
+        return self
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.allocator._uncharge(self.device, self.nbytes)
+        self.allocator._uncharge(self)
 
     @property
     def released(self) -> bool:
-        return self._released
+        """Whether it holds nothing (released, or never charged)."""
+        return not self._held
 
     def __enter__(self) -> Reservation:
         return self
@@ -147,28 +158,45 @@ class Allocator:
             budget = self._budget(device)
             budget.peak = budget.used
 
-    def _charge_locked(self, device: Device, nbytes: int) -> None:
+    def _charge_locked(self, device: Device, nbytes: int, reservation: Reservation | None = None) -> None:
+        """Charge ``nbytes`` (to ``reservation``, when given), or raise and charge nothing."""
         budget = self._budget(device)
-        if budget.used + nbytes > budget.capacity:
+        used = budget.used + nbytes
+        if used > budget.capacity:
             budget.failures += 1
             raise DeviceOutOfMemory(device, nbytes, budget.capacity - budget.used)
-        budget.used += nbytes
-        budget.peak = max(budget.peak, budget.used)
-        budget.reservations += 1
+        peak = max(budget.peak, used)
+        # No call from here to the end: Python runs a signal handler (Ctrl-C) only at a call or a
+        # loop, so the counters and the reservation's flag change all together or not at all.
+        budget.used, budget.peak, budget.reservations = used, peak, budget.reservations + 1
+        if reservation is not None:
+            reservation._held = True
 
-    def _uncharge(self, device: Device, nbytes: int) -> None:
+    def _charge(self, reservation: Reservation) -> None:
         with self._lock:
-            budget = self._budgets[device]
-            budget.used -= nbytes
-            budget.reservations -= 1
+            if not reservation._held:
+                self._charge_locked(reservation.device, reservation.nbytes, reservation)
+
+    def _uncharge(self, reservation: Reservation) -> None:
+        with self._lock:
+            if reservation._held:
+                self._uncharge_locked(reservation.device, reservation.nbytes, reservation)
+
+    def _uncharge_locked(self, device: Device, nbytes: int, reservation: Reservation | None = None) -> None:
+        budget = self._budgets[device]
+        # No call here either: the flag changes with the counters (see _charge_locked).
+        budget.used, budget.reservations = budget.used - nbytes, budget.reservations - 1
+        if reservation is not None:
+            reservation._held = False
 
     def reserve(self, device: Device, nbytes: int, *, label: str = "") -> Reservation:
         """Hold ``nbytes`` on ``device``, or raise :class:`DeviceOutOfMemory` and hold nothing."""
-        if nbytes < 0:
-            raise InvalidSize(nbytes, f"cannot reserve a negative size on {device}")
-        with self._lock:
-            self._charge_locked(device, nbytes)
-        return Reservation(self, device, nbytes, label)
+        reservation = Reservation(self, device, nbytes, label)
+        try:
+            return reservation.acquire()
+        except BaseException:
+            reservation.release()  # a Ctrl-C after the charge, before the caller has the reservation
+            raise
 
     def place(self, tensor: torch.Tensor, device: Device, *, copy: bool = False) -> torch.Tensor:
         """``tensor`` on ``device``, charged to its budget for as long as the result lives.
@@ -208,7 +236,7 @@ class Allocator:
                 self._placed[key] = (owner, count - 1)
                 return
             self._placed.pop(key, None)
-        self._uncharge(device, nbytes)
+            self._uncharge_locked(device, nbytes)
 
     def device_of(self, tensor: Any) -> Device | None:
         """The device ``tensor`` was placed on through this allocator, if any."""

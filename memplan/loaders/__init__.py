@@ -3,7 +3,8 @@
 Imports torch only when a load runs.
 """
 
+from memplan.loaders._hooks import remove_hooks
 from memplan.loaders.load import load
 from memplan.loaders.report import Fallback, LoadReport
 
-__all__ = ["Fallback", "LoadReport", "load"]
+__all__ = ["Fallback", "LoadReport", "load", "remove_hooks"]

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from memplan.errors import CheckpointError
 from memplan.gpu.device import Device
 from memplan.loaders._placement import Placement
-from memplan.loaders._quantize import is_quantized_layer, quantize_weight, quantized_nbytes
+from memplan.loaders._quantize import is_quantized_layer, quantize_weight, quantized_size
 from memplan.loaders._reader import TensorReader
+from memplan.planner.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Binding", "Materializer", "bindings", "in_module", "set_tensor"]
+__all__ = ["Binding", "Materializer", "bindings", "in_module", "set_tensor", "unused_tensors"]
 
 _LACKS = "the model needs it, the checkpoint lacks it"
+_NO_PLACE = (
+    "the checkpoint has it, the model has no place for it (does config.json describe this checkpoint?)"
+)
 
 
 @dataclass
@@ -32,13 +39,17 @@ class Binding:
     is_buffer: bool
 
 
+def _variants(name: str, base_prefix: str) -> list[str]:
+    """The names a checkpoint may give the model's tensor ``name``: with or without the base-model prefix."""
+    if not base_prefix:
+        return [name]
+    return [name, name.removeprefix(f"{base_prefix}."), f"{base_prefix}.{name}"]
+
+
 def _checkpoint_name(names: list[str], available: Callable[[str], bool], base_prefix: str) -> str | None:
     """The first of a tensor's model names the checkpoint has, allowing for a base-model prefix."""
     for name in names:
-        variants = [name]
-        if base_prefix:
-            variants += [name.removeprefix(f"{base_prefix}."), f"{base_prefix}.{name}"]
-        for variant in variants:
+        for variant in _variants(name, base_prefix):
             if available(variant):
                 return variant
     return None
@@ -85,6 +96,28 @@ def bindings(model: nn.Module, reader: TensorReader) -> list[Binding]:
     return sorted(found, key=lambda b: (str(tensors[b.name].file), tensors[b.name].offset))
 
 
+def unused_tensors(model: nn.Module, checkpoint: Checkpoint, bound: list[Binding]) -> tuple[str, ...]:
+    """Checkpoint tensors ``model`` has no place for, less those its class says to ignore
+    (transformers' ``_keys_to_ignore_on_load_unexpected``), with a warning naming them.
+
+    One inside the decoder layers is a :class:`CheckpointError`: config.json and the checkpoint
+    describe different models, and loading what the config asks for would drop weights silently.
+    """
+    base = str(getattr(model, "base_model_prefix", "") or "")
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    known = {b.name for b in bound} | {v for name, _ in named for v in _variants(name, base)}
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused = sorted(n for n in checkpoint.tensors if n not in known and not any(p.search(n) for p in ignored))
+    for name in unused:
+        info = checkpoint.tensors[name]
+        if info.layer is not None:
+            raise CheckpointError(info.file, _NO_PLACE, name)
+    if unused:
+        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        warnings.warn(f"{checkpoint.name}: the model has no place for {shown}; not loaded", stacklevel=4)
+    return tuple(unused)
+
+
 def set_tensor(binding: Binding, tensor: torch.Tensor) -> None:
     """Put ``tensor`` in every place ``binding`` names (a parameter, unless it is a buffer)."""
     from torch import nn
@@ -124,8 +157,10 @@ class Materializer:
         host = self.host_tensor(binding)
         module, attr = binding.owners[0]
         if attr == "weight" and is_quantized_layer(module):
-            param = quantize_weight(module, host, self.placement.torch_device(device))
-            self.placement.charge(device, quantized_nbytes(param), binding.name)
+            size = quantized_size(module, self.reader.info(binding.name))
+            param = self.placement.place(
+                device, size, binding.name, lambda where: quantize_weight(module, host, where)
+            )
             set_tensor(binding, param)
             return
         set_tensor(binding, self.placement.put(host, device, binding.name))

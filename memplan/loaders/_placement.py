@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from memplan.gpu.allocator import Allocator, Reservation, mapped_oom
 from memplan.gpu.device import Device
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Placement"]
+
+T = TypeVar("T")
 
 
 class Placement:
@@ -33,22 +36,27 @@ class Placement:
         """Hold ``nbytes`` on ``device`` for the model's lifetime; the host is free if unbudgeted."""
         if not self.allocator.tracks(device) and not device.is_accelerator:
             return None
-        reservation = self.allocator.reserve(device, nbytes, label=label)
+        reservation = Reservation(self.allocator, device, nbytes, label)
+        # Kept before it is charged, so release() gives it back wherever a Ctrl-C lands.
         with self._lock:
             self._held.append(reservation)
-        return reservation
+        return reservation.acquire()
 
-    def put(self, tensor: torch.Tensor, device: Device, label: str) -> torch.Tensor:
-        """``tensor`` on ``device`` (charged), converted there; the source is left to the caller."""
-        nbytes = tensor.numel() * tensor.element_size()
+    def place(self, device: Device, nbytes: int, label: str, make: Callable[[str], T]) -> T:
+        """``make(torch device)`` under a charge of ``nbytes`` on ``device``, made before it runs (so
+        what will not fit fails before it copies), with a real OOM mapped; nothing held if it fails."""
         reservation = self.charge(device, nbytes, label)
         try:
             with mapped_oom(device, nbytes):
-                return tensor.to(self.torch_device(device))
+                return make(self.torch_device(device))
         except BaseException:
             if reservation is not None:
                 reservation.release()
             raise
+
+    def put(self, tensor: torch.Tensor, device: Device, label: str) -> torch.Tensor:
+        """``tensor`` on ``device`` (charged), converted there; the source is left to the caller."""
+        return self.place(device, tensor.numel() * tensor.element_size(), label, tensor.to)
 
     @property
     def held(self) -> dict[Device, int]:

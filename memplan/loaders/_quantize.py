@@ -11,13 +11,22 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import MemplanError
+from memplan.planner.checkpoint import TensorInfo
+from memplan.planner.estimate import quantized_bytes
 from memplan.planner.strategies import Quantized
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["INT8_THRESHOLD", "is_quantized_layer", "quantize_weight", "quantized_nbytes", "replace_linears"]
+__all__ = [
+    "INT8_THRESHOLD",
+    "is_quantized_layer",
+    "quantize_weight",
+    "quantized_nbytes",
+    "quantized_size",
+    "replace_linears",
+]
 
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold; transformers' default too
 
@@ -81,6 +90,14 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) 
             quant_storage=old.quant_storage,
         )  # fmt: skip
     return param.to(torch_device)  # type: ignore[no-any-return]
+
+
+def quantized_size(module: nn.Module, weight: TensorInfo) -> int:
+    """Bytes :func:`quantize_weight` gives ``module`` for ``weight``: the planner's figure (they agree
+    to the byte), known before quantising so the charge can come first."""
+    method = "int8" if isinstance(module, _bnb().nn.Linear8bitLt) else "nf4"
+    double_quant = bool(getattr(module.weight, "compress_statistics", False))
+    return quantized_bytes(weight, method, weight.dtype, double_quant)
 
 
 def quantized_nbytes(param: torch.Tensor) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import CheckpointError, MemplanError
@@ -14,7 +16,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ModelFactory", "build_skeleton", "empty_parameters"]
+__all__ = ["ModelFactory", "build_skeleton", "check_config", "empty_parameters"]
+
+_BUILD_LOCK = threading.Lock()
 
 ModelFactory = Callable[..., "nn.Module"]
 
@@ -45,15 +49,15 @@ def empty_parameters() -> Iterator[None]:
 
 def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
     """transformers' config object for transformers' classes (or none given), else config.json as a dict."""
-    config_file = checkpoint.path / "config.json" if checkpoint.path.is_dir() else None
-    if config_file is None or not config_file.is_file():
+    config_file = _config_file(checkpoint)
+    if not config_file.is_file():
         return None
     if not _has_transformers() or (factory is not None and not _is_transformers_class(factory)):
         return json.loads(config_file.read_text())
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(checkpoint.path)
+        return AutoConfig.from_pretrained(config_file.parent)
     except (ValueError, KeyError, OSError) as exc:
         raise CheckpointError(config_file, f"transformers cannot read this config: {exc}") from exc
 
@@ -92,8 +96,36 @@ def _construct(factory: ModelFactory, config: Any, dtype: torch.dtype) -> nn.Mod
         torch.set_default_dtype(previous)
 
 
+def _config_file(checkpoint: Checkpoint) -> Path:
+    """config.json in the model's folder, or beside its one weights file."""
+    folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    return folder / "config.json"
+
+
+def check_config(checkpoint: Checkpoint) -> None:
+    """Refuse a config.json asking for decoder layers the checkpoint does not have, before a skeleton
+    of them is built (``num_hidden_layers=10**12`` would build forever). Layers the config lacks
+    show up later as tensors the model has no place for."""
+    wanted = checkpoint.architecture.num_layers
+    if wanted is None:
+        return
+    present = sum(1 for layer in checkpoint.layers if layer.index < wanted)
+    if present < wanted:
+        raise CheckpointError(
+            _config_file(checkpoint),
+            f"config.json asks for {wanted} layers, the checkpoint has {present} of them",
+        )
+
+
 def build_skeleton(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.dtype) -> nn.Module:
     """Build ``model_cls`` (or transformers' class for the config) with meta parameters, in eval mode."""
+    # One build at a time: transformers' lazy imports are not thread-safe (8 threads loading in a
+    # fresh process raised ImportError), and empty_parameters patches nn.Module for everyone.
+    with _BUILD_LOCK:
+        return _build(checkpoint, model_cls, dtype)
+
+
+def _build(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.dtype) -> nn.Module:
     config = _config(checkpoint, model_cls)
     factory = model_cls
     if factory is None:

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memplan.gpu.device import Device
-from memplan.loaders._materialize import Binding, Materializer, bindings, in_module, move_real_buffers
+from memplan.loaders._hooks import Hooks
+from memplan.loaders._materialize import (
+    Binding,
+    Materializer,
+    bindings,
+    in_module,
+    move_real_buffers,
+    unused_tensors,
+)
 from memplan.loaders._placement import Placement
 from memplan.loaders._quantize import replace_linears
 from memplan.loaders._reader import TensorReader, torch_dtype
@@ -18,6 +26,7 @@ from memplan.planner.estimate import is_quantizable
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = ["Loaded", "carry_out"]
@@ -26,7 +35,7 @@ __all__ = ["Loaded", "carry_out"]
 @dataclass
 class Loaded:
     model: nn.Module
-    streamer: ModuleStreamer | None = None
+    unused_tensors: tuple[str, ...]  # checkpoint tensors the model has no place for
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -81,24 +90,22 @@ def _streamer(
     return ModuleStreamer(modules, materializer, materializer.placement, device, depth=depth, source=source)
 
 
-def _one_device(model: nn.Module, strategy: Full | Quantized, materializer: Materializer) -> Loaded:
-    if isinstance(strategy, Quantized):
-        names = {t.module for t in materializer.reader.checkpoint.tensors.values() if is_quantizable(t)}
-        replace_linears(model, names, strategy, materializer.dtype)
-        model.eval()  # the new layers were built in training mode, which changes bnb's int8 path
-    materializer.load_all(bindings(model, materializer.reader), lambda _: strategy.device)
+def _one_device(
+    model: nn.Module, strategy: Full | Quantized, materializer: Materializer, everything: list[Binding]
+) -> None:
+    materializer.load_all(everything, lambda _: strategy.device)
     move_real_buffers(model, materializer.placement, lambda _: strategy.device)
-    return Loaded(model)
 
 
-def _sharded(model: nn.Module, strategy: Sharded, materializer: Materializer) -> Loaded:
+def _sharded(
+    model: nn.Module, strategy: Sharded, materializer: Materializer, everything: list[Binding], hooks: Hooks
+) -> None:
     placement = materializer.placement
     run_on = _prefix_lookup(strategy.device_map, strategy.execution_device)
     offloaded = [m for m, d in strategy.device_map if strategy.offloaded and not d.is_accelerator]
-    streamed, resident = _split(bindings(model, materializer.reader), offloaded)
-    streamer = None
+    streamed, resident = _split(everything, offloaded)
     if offloaded:  # they visit the execution device one at a time, the next one prefetched
-        streamer = _streamer(
+        hooks.streamer = _streamer(
             model, offloaded, streamed, materializer, strategy.execution_device, depth=1, source="host"
         )
         moved = dict.fromkeys(offloaded, strategy.execution_device)
@@ -107,23 +114,34 @@ def _sharded(model: nn.Module, strategy: Sharded, materializer: Materializer) ->
     move_real_buffers(model, placement, run_on)
     for module_name, _ in strategy.device_map:
         device = placement.torch_device(run_on(module_name))
-        _submodule(model, module_name).register_forward_pre_hook(_move_inputs_to(device), with_kwargs=True)
-    return Loaded(model, streamer)
+        module = _submodule(model, module_name)
+        hooks.handles.append(module.register_forward_pre_hook(_move_inputs_to(device), with_kwargs=True))
 
 
-def _streamed(model: nn.Module, strategy: Streamed, materializer: Materializer) -> Loaded:
+def _streamed(
+    model: nn.Module, strategy: Streamed, materializer: Materializer, everything: list[Binding], hooks: Hooks
+) -> None:
     layers = materializer.reader.checkpoint.layers
     prefixes = [layer.prefix for layer in layers[strategy.resident_layers :]]
-    streamed, resident = _split(bindings(model, materializer.reader), prefixes)
-    streamer = None
+    streamed, resident = _split(everything, prefixes)
     if prefixes:
-        streamer = _streamer(
+        hooks.streamer = _streamer(
             model, prefixes, streamed, materializer, strategy.compute_device,
             depth=min(strategy.prefetch_depth, max(1, len(prefixes) - 1)), source=strategy.source,
         )  # fmt: skip
     materializer.load_all(resident, lambda _: strategy.compute_device)
     move_real_buffers(model, materializer.placement, lambda _: strategy.compute_device)
-    return Loaded(model, streamer)
+
+
+def _bindings(
+    model: nn.Module, strategy: Strategy, reader: TensorReader, dtype: torch.dtype
+) -> list[Binding]:
+    """Every tensor the model takes from the checkpoint, bnb layers swapped in first if quantized."""
+    if isinstance(strategy, Quantized):
+        names = {t.module for t in reader.checkpoint.tensors.values() if is_quantizable(t)}
+        replace_linears(model, names, strategy, dtype)
+        model.eval()  # the new layers were built in training mode, which changes bnb's int8 path
+    return bindings(model, reader)
 
 
 def carry_out(
@@ -131,21 +149,27 @@ def carry_out(
     reader: TensorReader,
     placement: Placement,
     model_cls: ModelFactory | None,
+    hooks: Hooks,
 ) -> Loaded:
-    """Build the model for ``strategy`` from ``reader``'s checkpoint; on failure strip what was built."""
+    """Build the model for ``strategy`` from ``reader``'s checkpoint, registering its hooks in
+    ``hooks``; on failure strip what was built (the caller removes the hooks)."""
     checkpoint: Checkpoint = reader.checkpoint
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
     model = build_skeleton(checkpoint, model_cls, dtype)
     materializer = Materializer(reader, placement, dtype)
     try:
+        everything = _bindings(model, strategy, reader, dtype)
+        unused = unused_tensors(model, checkpoint, everything)
         if isinstance(strategy, Full | Quantized):
-            return _one_device(model, strategy, materializer)
-        if isinstance(strategy, Sharded):
-            return _sharded(model, strategy, materializer)
-        return _streamed(model, strategy, materializer)
+            _one_device(model, strategy, materializer, everything)
+        elif isinstance(strategy, Sharded):
+            _sharded(model, strategy, materializer, everything, hooks)
+        else:
+            _streamed(model, strategy, materializer, everything, hooks)
     except BaseException:
         _strip(model)
         raise
+    return Loaded(model, unused)
 
 
 def _strip(model: nn.Module) -> None:

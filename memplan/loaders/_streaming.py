@@ -114,12 +114,13 @@ class ModuleStreamer:
         self._stream = torch.cuda.Stream(device=where) if self._cuda else None  # type: ignore[no-untyped-call]
         if source == "host":
             self._load_host_copies(placement)
+        # always_call: a forward that raises still gives its slot back (see _pre_hook for Ctrl-C).
         self._handles = [
             h
             for item in self._items
             for h in (
                 item.module.register_forward_pre_hook(self._pre_hook),
-                item.module.register_forward_hook(self._post_hook),
+                item.module.register_forward_hook(self._post_hook, always_call=True),
             )
         ]
 
@@ -196,17 +197,16 @@ class ModuleStreamer:
         self._inflight[index] = (slot, self._pool.submit(self._fill, index, slot))
 
     def _take(self, index: int) -> int:
-        while True:
-            with self._lock:
-                if index in self._inflight or self._free:
-                    self._schedule(index)
-                    slot, future = self._inflight.pop(index)
-                    break
-                # used out of order: the oldest prefetch gives its slot up
-                slot, future = self._inflight.pop(next(iter(self._inflight)))
-            future.result()
-            with self._lock:
+        """The slot ``index`` is (being) filled into, bound to it; waits for the fill."""
+        with self._lock:
+            if index not in self._inflight and not self._free:
+                # Used out of order: the oldest prefetch gives its slot up. Fills run one at a
+                # time on one thread, so the fill queued into that slot starts after this one.
+                slot, _ = self._inflight.pop(next(iter(self._inflight)))
                 self._free.append(slot)
+            self._schedule(index)
+            slot, future = self._inflight.pop(index)
+            self._bound[index] = slot  # from here on, whatever interrupts us, a later forward reclaims it
         start = time.perf_counter()
         future.result()
         with self._lock:
@@ -214,25 +214,35 @@ class ModuleStreamer:
         return slot
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        with self._lock:
+            stale = list(self._bound)
+        # Streamed modules do not nest, so anything bound now was left by a forward that raised a
+        # BaseException (Ctrl-C): torch runs always_call hooks for an Exception only.
+        for left in stale:
+            self._unbind(left)
         index = self._index[id(module)]
         slot = self._take(index)
         item = self._items[index]
         for b, view in zip(item.bindings, self._views(item, slot), strict=True):
             set_tensor(b, view)
         with self._lock:
-            self._bound[index] = slot
             for step in range(1, self.depth + 1):
                 self._schedule((index + step) % len(self._items))
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._unbind(self._index[id(module)])
+
+    def _unbind(self, index: int) -> None:
+        """Give module ``index``'s weights back their placeholders and its slot to the free list."""
         import torch
 
-        index = self._index[id(module)]
         item = self._items[index]
         for b, placeholder in zip(item.bindings, item.meta, strict=True):
             set_tensor(b, placeholder)
         with self._lock:
-            slot = self._bound.pop(index)
+            slot = self._bound.pop(index, None)
+            if slot is None:
+                return
             if self._cuda:
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(torch.cuda.current_stream(self._slots[slot].device))

@@ -7,18 +7,20 @@ import logging
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from memplan.errors import DeviceOutOfMemory, DoesNotFit
+from memplan.errors import DeviceOutOfMemory, DoesNotFit, PlanMismatch
 from memplan.gpu.allocator import Allocator
 from memplan.gpu.device import Device, Inventory
 from memplan.gpu.probe import probe
+from memplan.loaders._hooks import Hooks
 from memplan.loaders._malloc import fix_mmap_threshold
 from memplan.loaders._placement import Placement
 from memplan.loaders._reader import TensorReader
-from memplan.loaders._skeleton import ModelFactory
+from memplan.loaders._skeleton import ModelFactory, check_config
 from memplan.loaders._strategies import Loaded, carry_out
 from memplan.loaders.report import Fallback, LoadReport, RssSampler
 from memplan.planner.checkpoint import Checkpoint, inspect
@@ -56,68 +58,108 @@ def load(
     The result carries ``model.memplan_report`` (:class:`LoadReport`).
     """
     checkpoint = inspect(path)
+    check_config(checkpoint)
+    if plan is not None:
+        _check_plan(plan, checkpoint, workload, policy)
     fix_mmap_threshold()
     inventory = allocator.inventory if allocator else plan.inventory if plan else probe()
     allocator = allocator or Allocator(inventory)
     keep = corrections is None and not inventory.simulated
     corrections = corrections if corrections is not None else Corrections.load()
     current = plan or make_plan(checkpoint, inventory, workload, policy, corrections=corrections)
-    fallbacks: list[Fallback] = []
     start = time.perf_counter()
+    built = _first_that_loads(checkpoint, current, allocator, model_cls, progress, corrections)
+    try:
+        report: LoadReport = built.model.memplan_report  # type: ignore[assignment]
+        built.model.memplan_report = replace(report, seconds=time.perf_counter() - start)  # type: ignore[assignment]
+        if keep:
+            corrections.save()
+    except BaseException:
+        built.unload()  # the caller will never have the model: give its budget back now
+        raise
+    return built.model
+
+
+def _first_that_loads(
+    checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
+    progress: bool, corrections: Corrections,
+) -> _Built:  # fmt: skip
+    """The plan's strategy loaded, or on running out of memory the next one that does."""
+    fallbacks: list[Fallback] = []
     while True:
         try:
-            model = _attempt(checkpoint, current, allocator, model_cls, progress, corrections, fallbacks)
-            report: LoadReport = model.memplan_report  # type: ignore[assignment]
-            model.memplan_report = replace(report, seconds=time.perf_counter() - start)  # type: ignore[assignment]
-            break
+            return _attempt(checkpoint, current, allocator, model_cls, progress, corrections, fallbacks)
         except DeviceOutOfMemory as exc:
             current = _fall_back(checkpoint, current, allocator, corrections, exc, fallbacks)
-    if keep:
-        corrections.save()
-    return model
+
+
+class _Built(NamedTuple):
+    model: nn.Module
+    unload: Callable[[], object]  # the model's finaliser: gives its budget back, once
+
+
+def _check_plan(plan: Plan, checkpoint: Checkpoint, workload: Workload | None, policy: Policy | None) -> None:
+    """Refuse a plan made for another checkpoint, or asked to serve another workload or policy."""
+    if plan.fingerprint != checkpoint.fingerprint:
+        raise PlanMismatch(
+            checkpoint.path,
+            f"the plan is for {plan.model} (fingerprint {plan.fingerprint}), this checkpoint's "
+            f"fingerprint is {checkpoint.fingerprint}: plan it with memplan.plan(memplan.inspect(...))",
+        )
+    for what, given, planned in (("workload", workload, plan.workload), ("policy", policy, plan.policy)):
+        if given is not None and given != planned:
+            raise PlanMismatch(
+                checkpoint.path, f"the plan was made for another {what}; pass the plan, or the {what}"
+            )
 
 
 def _attempt(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
     progress: bool, corrections: Corrections, fallbacks: list[Fallback],
-) -> nn.Module:  # fmt: skip
+) -> _Built:  # fmt: skip
     strategy, estimate = current.strategy, current.estimate
     assert strategy is not None and estimate is not None  # plan() raises when nothing was chosen
-    placement = Placement(allocator)
-    before = {d: allocator.usage(d).used for d in allocator.devices()}
-    for device in allocator.devices():
-        allocator.reset_peak(device)
-    _reset_cuda_peaks(allocator)
-    try:
+    placement, hooks = Placement(allocator), Hooks()
+    try:  # everything up to the finaliser's registration: every exit gives the budget back
+        before = {d: allocator.usage(d).used for d in allocator.devices()}
+        for device in allocator.devices():
+            allocator.reset_peak(device)
+        _reset_cuda_peaks(allocator)
         with (
             _progress_bar(checkpoint, progress) as bar,
             RssSampler() as rss,
             TensorReader(checkpoint, on_bytes=bar.update) as reader,
         ):
-            loaded = carry_out(strategy, reader, placement, model_cls)
+            loaded = carry_out(strategy, reader, placement, model_cls, hooks)
+        peaks = _peaks(allocator, before, rss.peak)
+        report = LoadReport(
+            checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, reader.bytes_read,
+            tuple(sorted(peaks.items())), allocator.simulated, unused_tensors=loaded.unused_tensors,
+        )  # fmt: skip
+        if not allocator.simulated:
+            _record(corrections, checkpoint, current, peaks)
+        return _finish(loaded, placement, hooks, report)
     except BaseException:
-        placement.release()
+        _unload(placement, hooks)
         gc.collect()
         raise
-    peaks = _peaks(allocator, before, rss.peak)
-    report = LoadReport(
-        checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0,
-        reader.bytes_read, tuple(sorted(peaks.items())), allocator.simulated,
-    )  # fmt: skip
-    if not allocator.simulated:
-        _record(corrections, checkpoint, current, peaks)
-    return _finish(loaded, placement, report)
 
 
-def _finish(loaded: Loaded, placement: Placement, report: LoadReport) -> nn.Module:
+def _finish(loaded: Loaded, placement: Placement, hooks: Hooks, report: LoadReport) -> _Built:
     model = loaded.model
+    # The model's bytes stay charged, and its hooks on, for as long as the model lives.
+    unload = weakref.finalize(model, _unload, placement, hooks)
     model.memplan_report = report  # type: ignore[assignment]
-    model.memplan_streamer = loaded.streamer  # type: ignore[assignment]
-    # The model's bytes stay charged for as long as the model lives.
-    weakref.finalize(model, placement.release)
-    if loaded.streamer is not None:
-        weakref.finalize(model, loaded.streamer.close)
-    return model
+    model.memplan_hooks = hooks  # type: ignore[assignment]
+    model.memplan_streamer = hooks.streamer  # type: ignore[assignment]
+    # A residency manager that takes the model over releases this: its tiers charge the bytes then.
+    model.memplan_placement = placement  # type: ignore[assignment]
+    return _Built(model, unload)
+
+
+def _unload(placement: Placement, hooks: Hooks) -> None:
+    hooks.remove()
+    placement.release()
 
 
 def _fall_back(
@@ -127,7 +169,8 @@ def _fall_back(
     failed = current.chosen
     assert failed is not None and failed.strategy is not None
     fallbacks.append(Fallback(failed.strategy, str(exc)))
-    log.warning("%s ran out of memory (%s); trying the next strategy", describe(failed.strategy), exc)
+    # The text, not the exception: a kept log record must not keep the failed attempt's frames alive.
+    log.warning("%s ran out of memory (%s); trying the next strategy", describe(failed.strategy), str(exc))
     order = tuple(c for c in current.policy.order if c != failed.candidate)
     if not order:
         raise exc

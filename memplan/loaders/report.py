@@ -28,6 +28,7 @@ class LoadReport:
 
     ``peaks`` are measured during the load: the allocator's high-water mark on accelerators
     (``torch.cuda.max_memory_allocated`` on real CUDA), sampled process RSS on the host.
+    ``unused_tensors`` are checkpoint tensors the model has no place for (a warning said so).
     """
 
     model: str
@@ -39,6 +40,7 @@ class LoadReport:
     peaks: tuple[tuple[Device, int], ...]
     simulated: bool
     notes: tuple[str, ...] = field(default=())
+    unused_tensors: tuple[str, ...] = field(default=())  # in the checkpoint, with no place in the model
 
     def peak(self, device: Device) -> int:
         return dict(self.peaks).get(device, 0)
@@ -60,6 +62,8 @@ class LoadReport:
             )
         lines += [f"  fell back from {describe(f.strategy)}: {f.reason}" for f in self.fallbacks]
         lines += [f"  note: {note}" for note in self.notes]
+        if self.unused_tensors:
+            lines.append(f"  not loaded (no place in the model): {', '.join(self.unused_tensors)}")
         return "\n".join(lines)
 
 

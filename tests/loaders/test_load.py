@@ -47,11 +47,6 @@ def tight_spec(path: Path, strategy: memplan.Strategy) -> str:
     return ",".join([*gpus, "cpu=8GiB"])
 
 
-@pytest.fixture(scope="module")
-def want(tiny_llama: Path) -> torch.Tensor:
-    return transformers_logits(tiny_llama)
-
-
 def test_full_load_gives_transformers_logits_bit_for_bit(tiny_llama: Path, want: torch.Tensor) -> None:
     model = memplan.load(
         tiny_llama, plan=plan_only(tiny_llama, "full", "cuda:0=1GiB,cpu=8GiB"), progress=False

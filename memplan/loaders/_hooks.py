@@ -1,0 +1,40 @@
+"""The forward hooks a load puts on its model, kept so that they can all be taken off again."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+
+    from memplan.loaders._streaming import ModuleStreamer
+
+__all__ = ["Hooks", "remove_hooks"]
+
+
+class Hooks:
+    """The handles of one load's hooks, and the streamer that owns the rest."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+        self.streamer: ModuleStreamer | None = None
+
+    def remove(self) -> None:
+        """Take every hook off and stop the streamer's prefetch thread. Idempotent."""
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()
+        if self.streamer is not None:
+            self.streamer.close()
+
+
+def remove_hooks(model: nn.Module) -> None:
+    """Take off every hook :func:`memplan.load` put on ``model`` and stop its prefetch thread.
+
+    Like accelerate's ``remove_hook_from_module``: a sharded model keeps its weights where they
+    are; streamed layers keep the placeholders they hold between forwards, so they no longer run.
+    """
+    hooks = getattr(model, "memplan_hooks", None)
+    if isinstance(hooks, Hooks):
+        hooks.remove()
