@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from memplan.errors import DoesNotFit, MemplanError
 from memplan.gpu import Inventory, probe
-from memplan.planner import Corrections, Plan, Policy, Workload, inspect, plan
+from memplan.monitor import parse_address
+from memplan.planner import Corrections, Plan, Policy, Workload, compute_dtype, dtype_name, inspect, plan
 from memplan.units import format_size
 
 __all__ = ["main", "render_inventory"]
@@ -130,6 +133,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -137,12 +147,46 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that refuses what ``parse`` refuses, with its message, and keeps the text."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except MemplanError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
+
+
+def _png(text: str) -> str:
+    """Checked before sampling starts: a typo must not cost the whole run's timeline."""
+    folder = Path(text).expanduser().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line that says where to look, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("model", help="model directory (safetensors, sharded or not) or one .safetensors file")
     cmd.add_argument("--context", type=_positive, default=4096, help="tokens per sequence (default 4096)")
     cmd.add_argument("--batch", type=_positive, default=1, help="sequences at once (default 1)")
-    cmd.add_argument("--kv-dtype", help="KV cache dtype (default: the compute dtype)")
-    cmd.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
+    cmd.add_argument(
+        "--kv-dtype", type=_checked(dtype_name), help="KV cache dtype, e.g. fp8 (default: the compute dtype)"
+    )
+    cmd.add_argument(
+        "--dtype",
+        type=_checked(compute_dtype),
+        help="compute dtype: bf16, fp16 or fp32 (default: the checkpoint's)",
+    )
     cmd.add_argument("--allow-quantization", action="store_true", help="consider bitsandbytes int8 and nf4")
     cmd.add_argument("--headroom", type=_fraction, default=0.10, help="fraction of free memory to leave")
     cmd.add_argument(
@@ -175,11 +219,16 @@ def _add_monitor(commands: Any) -> None:
     from memplan.monitor.commands import cmd_doctor, cmd_monitor
 
     cmd = commands.add_parser("monitor", help="sample memory per device; plot it or serve it to Prometheus")
-    cmd.add_argument("--interval", type=float, default=0.5, help="seconds between samples (default 0.5)")
-    cmd.add_argument("--duration", type=float, help="stop after this many seconds (default: at Ctrl-C)")
+    cmd.add_argument("--interval", type=_seconds, default=0.5, help="seconds between samples (default 0.5)")
+    cmd.add_argument("--duration", type=_seconds, help="stop after this many seconds (default: at Ctrl-C)")
     cmd.add_argument("--history", type=_positive, default=100, help="samples kept (default 100)")
-    cmd.add_argument("--plot", metavar="PNG", help="write a memory timeline to this PNG at the end")
-    cmd.add_argument("--prometheus", metavar="HOST:PORT", help="serve metrics, e.g. 127.0.0.1:9400")
+    cmd.add_argument(
+        "--plot", metavar="PNG", type=_png, help="write a memory timeline to this PNG at the end"
+    )
+    cmd.add_argument(
+        "--prometheus", metavar="HOST:PORT", type=_checked(parse_address),
+        help="serve metrics, e.g. 127.0.0.1:9400",
+    )  # fmt: skip
     _common(cmd)
     cmd.set_defaults(run=cmd_monitor)
     doctor = commands.add_parser("doctor", help="check this machine's setup (and a model's plan) with advice")
@@ -189,7 +238,7 @@ def _add_monitor(commands: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memplan", description=__doc__)
+    parser = _Parser(prog="memplan", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     probe_cmd = commands.add_parser("probe", help="measure host, CUDA, MPS and disk memory")
     _common(probe_cmd)
@@ -207,8 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except MemplanError as exc:
-        print(f"memplan: error: {exc}", file=sys.stderr)
+    # The boundary: memplan's errors, and the OS refusing a file or a port the user named, are one
+    # line that says what went wrong, never a traceback.
+    except (MemplanError, OSError) as exc:
+        print(f"memplan: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

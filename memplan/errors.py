@@ -16,11 +16,14 @@ __all__ = [
     "CheckpointError",
     "DeviceOutOfMemory",
     "DoesNotFit",
+    "InvalidAddress",
     "InvalidDevice",
     "InvalidSize",
     "MemplanError",
     "MissingDependency",
     "PinViolation",
+    "PlanFormatError",
+    "PlanMismatch",
     "RemoteTierError",
     "SimulationSpecError",
     "TierError",
@@ -150,3 +153,30 @@ class MissingDependency(MemplanError):
 
 class RemoteTierError(TierError):
     """The remote tier gave up after its retries; the data stayed where it was."""
+
+
+class PlanFormatError(MemplanError):
+    """Plan JSON that is malformed, of an unknown version, or not a plan memplan wrote."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"not a memplan plan: {reason}")
+
+
+class InvalidAddress(MemplanError):
+    """A ``HOST:PORT`` that cannot be served on: malformed, or refused by the OS (in use, privileged)."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"cannot serve at {text!r}: {reason}")
+
+
+class PlanMismatch(MemplanError):
+    """A plan that does not belong to this load: made for another checkpoint, or asked to carry out
+    another workload or policy than it was made for. ``path`` is the checkpoint being loaded."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

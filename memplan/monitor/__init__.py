@@ -5,7 +5,7 @@ from memplan.monitor.doctor import Environment, Finding, diagnose, model_finding
 from memplan.monitor.gcstats import GCPause, GCStats
 from memplan.monitor.leaks import LeakDetector, LeakReport
 from memplan.monitor.plot import plot_timeline
-from memplan.monitor.prometheus import MemplanCollector, serve
+from memplan.monitor.prometheus import MemplanCollector, parse_address, serve
 from memplan.monitor.sampler import (
     AllocatorProbe,
     DeviceReading,
@@ -33,6 +33,7 @@ __all__ = [
     "default_sources",
     "diagnose",
     "model_findings",
+    "parse_address",
     "plot_timeline",
     "serve",
 ]

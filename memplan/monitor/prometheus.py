@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from memplan.errors import MissingDependency
+from memplan.errors import InvalidAddress, MissingDependency
 
-__all__ = ["MemplanCollector", "serve"]
+__all__ = ["MemplanCollector", "parse_address", "serve"]
 
 _STATE_VALUE = {"normal": 0, "warning": 1, "critical": 2, "emergency": 3}
 
@@ -76,10 +76,26 @@ class MemplanCollector:
         yield from (tier_used, tier_cap, evictions, moved)
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (or ``":PORT"`` for 127.0.0.1) as (host, port); :class:`InvalidAddress` if not."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        raise InvalidAddress(address, "expected HOST:PORT, e.g. 127.0.0.1:9400")
+    if not 1 <= int(port) <= 65535:
+        raise InvalidAddress(address, f"port {port} is outside 1-65535")
+    return host or "127.0.0.1", int(port)
+
+
 def serve(address: str, *, monitor: Any = None, manager: Any = None, loads: Sequence[Any] = ()) -> Any:
-    """Serve the metrics over HTTP at ``host:port``; returns (server, thread)."""
+    """Serve the metrics over HTTP at ``host:port``; returns (server, thread).
+
+    Raises :class:`InvalidAddress` for a malformed address or one the OS will not listen on.
+    """
+    host, port = parse_address(address)
     client = _client()
-    host, _, port = address.rpartition(":")
     registry = client.CollectorRegistry()
     registry.register(MemplanCollector(monitor, manager, loads))
-    return client.start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    try:
+        return client.start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # the OS's message names neither the host nor the port
+        raise InvalidAddress(address, f"cannot listen there: {exc.strerror or exc}") from exc

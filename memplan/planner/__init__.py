@@ -5,7 +5,15 @@ No tensor data is read and torch is never imported here.
 
 from memplan.planner.checkpoint import Architecture, Checkpoint, LayerInfo, TensorInfo, inspect
 from memplan.planner.corrections import Corrections, default_corrections_path
-from memplan.planner.estimate import DeviceEstimate, Estimate, Overheads, Workload, estimate
+from memplan.planner.estimate import (
+    DeviceEstimate,
+    Estimate,
+    Overheads,
+    Workload,
+    compute_dtype,
+    dtype_name,
+    estimate,
+)
 from memplan.planner.plan import CANDIDATES, Decision, Plan, Policy, plan
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed, describe
 
@@ -28,8 +36,10 @@ __all__ = [
     "Streamed",
     "TensorInfo",
     "Workload",
+    "compute_dtype",
     "default_corrections_path",
     "describe",
+    "dtype_name",
     "estimate",
     "inspect",
     "plan",

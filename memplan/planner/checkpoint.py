@@ -5,9 +5,9 @@ Only the 8-byte length and JSON header of each shard are read, never tensor data
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping
@@ -27,7 +27,7 @@ SINGLE_NAME = "model.safetensors"
 _LAYER = re.compile(r"^((?:.*\.)?(?:layers|h|blocks|block|layer)\.(\d+))\.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tensor or layer: 100k+ objects, no dict each
 class TensorInfo:
     """A tensor's header facts, where it lives, and which decoder layer it belongs to."""
 
@@ -39,19 +39,16 @@ class TensorInfo:
     nbytes: int
     layer: int | None
 
-    @functools.cached_property  # asked for per tensor by every candidate's estimate
+    @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def module(self) -> str:
         return self.name.rsplit(".", 1)[0] if "." in self.name else ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tensor or layer: 100k+ objects, no dict each
 class LayerInfo:
     """One decoder layer: its module prefix (``model.layers.3``), tensors and bytes."""
 
@@ -81,41 +78,75 @@ class Architecture:
     torch_dtype: str | None = None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Architecture:
+    def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> Architecture:
+        """The facts of ``config``; a number out of range is a :class:`CheckpointError` on ``source``."""
         # Multimodal configs keep the language model's facts under text_config.
         text = config.get("text_config")
         cfg: Mapping[str, Any] = (
             text if isinstance(text, dict) and "num_hidden_layers" not in config else config
         )
-        heads = _int(cfg, "num_attention_heads", "n_head")
-        hidden = _int(cfg, "hidden_size", "n_embd")
-        head_dim = _int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
+        read = _ConfigReader(cfg, source)
+        heads = read.count("num_attention_heads", "n_head")
+        hidden = read.count("hidden_size", "n_embd")
+        head_dim = read.count("head_dim") or (hidden // heads if hidden and heads else None)
+        if head_dim == 0:
+            raise CheckpointError(source, f"num_attention_heads {heads} is more than hidden_size {hidden}")
         return cls(
             model_type=_str(cfg, "model_type") or _str(config, "model_type"),
-            architectures=tuple(config.get("architectures") or ()),
-            num_layers=_int(cfg, "num_hidden_layers", "n_layer"),
+            architectures=_names(config, source),
+            num_layers=read.count("num_hidden_layers", "n_layer"),
             hidden_size=hidden,
             num_heads=heads,
-            num_kv_heads=_int(cfg, "num_key_value_heads") or heads,
+            num_kv_heads=read.count("num_key_value_heads") or heads,
             head_dim=head_dim,
-            vocab_size=_int(cfg, "vocab_size"),
-            intermediate_size=_int(cfg, "intermediate_size", "n_inner"),
+            vocab_size=read.count("vocab_size"),
+            intermediate_size=read.count("intermediate_size", "n_inner"),
             tie_word_embeddings=bool(
                 config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
             ),
-            num_experts=_int(cfg, "num_local_experts", "num_experts", "n_routed_experts"),
-            experts_per_token=_int(cfg, "num_experts_per_tok", "moe_topk"),
-            moe_intermediate_size=_int(cfg, "moe_intermediate_size"),
+            # Dense models may say 0 experts; the estimate treats 0 as "no experts".
+            num_experts=read.count("num_local_experts", "num_experts", "n_routed_experts", minimum=0),
+            experts_per_token=read.count("num_experts_per_tok", "moe_topk", minimum=0),
+            moe_intermediate_size=read.count("moe_intermediate_size", minimum=0),
             torch_dtype=_str(cfg, "torch_dtype", "dtype") or _str(config, "torch_dtype", "dtype"),
         )
 
 
-def _int(cfg: Mapping[str, Any], *keys: str) -> int | None:
-    for key in keys:
-        value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
+# No real model has a dimension or count beyond int32; a larger one is a corrupt or hostile config
+# (10**12 layers made a load build its skeleton forever).
+MAX_CONFIG_INT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class _ConfigReader:
+    """Reads config numbers as strictly as header numbers: integers in range, or absent (null)."""
+
+    cfg: Mapping[str, Any]
+    source: str
+
+    def count(self, *keys: str, minimum: int = 1) -> int | None:
+        """The first of ``keys`` the config sets (null means not set)."""
+        for key in keys:
+            value = self.cfg.get(key)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not minimum <= value <= MAX_CONFIG_INT
+            ):
+                raise CheckpointError(
+                    self.source, f"{key} must be an integer from {minimum} to {MAX_CONFIG_INT}, got {value!r}"
+                )
             return value
-    return None
+        return None
+
+
+def _names(config: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    names = config.get("architectures") or ()
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(source, f"architectures must be a list of class names, got {names!r}")
+    return tuple(names)
 
 
 def _str(cfg: Mapping[str, Any], *keys: str) -> str | None:
@@ -281,8 +312,14 @@ def _layers(infos: dict[str, TensorInfo], container: str | None) -> tuple[LayerI
         if info.layer is not None:
             grouped[info.layer].append(info)
     layers = []
-    for index in sorted(grouped):
+    for position, index in enumerate(sorted(grouped)):
         members = grouped[index]
+        if index != position:
+            # Layer i is layers[i] everywhere downstream; a model with a hole in its stack does not run.
+            raise CheckpointError(
+                members[0].file, f"decoder layer {position} is missing (layers go up to {max(grouped)})",
+                tensor=members[0].name,
+            )  # fmt: skip
         prefix = f"{container}.{index}"
         layers.append(
             LayerInfo(index, prefix, tuple(t.name for t in members), sum(t.nbytes for t in members))
@@ -302,7 +339,7 @@ def _architecture(directory: Path) -> Architecture:
     config_path = directory / "config.json"
     if not config_path.is_file():
         return Architecture()
-    return Architecture.from_config(_load_json(config_path, "config.json"))
+    return Architecture.from_config(_load_json(config_path, "config.json"), str(config_path))
 
 
 def inspect(path: str | Path) -> Checkpoint:

@@ -25,7 +25,9 @@ __all__ = [
     "Estimate",
     "Overheads",
     "Workload",
+    "compute_dtype",
     "dtype_bytes",
+    "dtype_name",
     "estimate",
     "normalize_dtype",
     "strategy_key",
@@ -55,6 +57,25 @@ def normalize_dtype(name: str) -> str:
     raise MemplanError(f"unknown floating dtype {name!r}; use bf16, fp16, fp32 or fp8")
 
 
+def dtype_name(dtype: object) -> str:
+    """The canonical name of a dtype given by name or as a ``torch.dtype``: ``torch.float16`` is ``"F16"``.
+
+    A torch.dtype prints as ``torch.float16``, which :func:`normalize_dtype` reads, so torch is
+    never imported here.
+    """
+    return normalize_dtype(dtype if isinstance(dtype, str) else str(dtype))
+
+
+def compute_dtype(dtype: object) -> str:
+    """:func:`dtype_name`, for a dtype torch can compute in: fp8 stores weights and KV caches only."""
+    name = dtype_name(dtype)
+    if name.startswith("F8"):
+        raise MemplanError(
+            f"cannot compute in dtype {dtype!s}; use bf16, fp16 or fp32 (fp8 is for weights and KV caches)"
+        )
+    return name
+
+
 def dtype_bytes(name: str) -> int:
     return _BYTES[normalize_dtype(name)]
 
@@ -64,7 +85,8 @@ class Workload:
     """What the model will run: ``batch`` sequences of ``context`` tokens.
 
     ``prefill_chunk`` caps the tokens of one forward (chunked prefill); None means the whole
-    context in one forward, the worst case. ``kv_dtype`` None means the model's compute dtype.
+    context in one forward, the worst case. ``kv_dtype`` None means the model's compute dtype; it
+    takes a name such as ``"fp8"`` or a ``torch.dtype``, and keeps its canonical name (``"F8_E4M3"``).
     """
 
     batch: int = 1
@@ -78,8 +100,8 @@ class Workload:
                 raise MemplanError(f"workload {label} must be a positive integer, got {value!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise MemplanError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
-        if self.kv_dtype is not None:
-            normalize_dtype(self.kv_dtype)
+        if self.kv_dtype is not None:  # a name or a torch.dtype; kept as its canonical name
+            object.__setattr__(self, "kv_dtype", dtype_name(self.kv_dtype))
 
     @property
     def tokens_per_forward(self) -> int:
@@ -215,21 +237,57 @@ class WeightFormat:
         return quantized_bytes(tensor, self.method, self.dtype, self.double_quant)
 
 
+@dataclass(frozen=True)
+class _TensorKinds:
+    """Each tensor's module and kind (``modules[i]``, ``kinds[i]``), and one tensor of each kind.
+
+    A tensor's size in any format depends only on its dtype, shape and whether bnb quantizes it,
+    and decoder layers repeat a handful of those: each format sizes one tensor per kind, not
+    every tensor (100k layers plan in well under a second). Two flat lists, not pairs: fewer
+    objects for the garbage collector to walk.
+    """
+
+    modules: list[str]
+    kinds: list[int]
+    examples: list[TensorInfo]
+
+
+def _tensor_kinds(checkpoint: Checkpoint) -> _TensorKinds:
+    def compute() -> _TensorKinds:
+        index: dict[tuple[str, tuple[int, ...], bool], int] = {}
+        found = _TensorKinds([], [], [])
+        for tensor in checkpoint.tensors.values():
+            key = (tensor.dtype, tensor.shape, is_quantizable(tensor))
+            if key not in index:
+                index[key] = len(found.examples)
+                found.examples.append(tensor)
+            found.modules.append(checkpoint.module_of(tensor))
+            found.kinds.append(index[key])
+        return found
+
+    return checkpoint.memo("tensor_kinds", compute)
+
+
 def module_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> dict[str, int]:
     """Bytes per module the device map places: each decoder layer, and each other module."""
 
     def compute() -> dict[str, int]:
+        found = _tensor_kinds(checkpoint)
+        kind_bytes = [fmt.bytes_of(tensor) for tensor in found.examples]
         sizes: dict[str, int] = defaultdict(int)
-        for tensor in checkpoint.tensors.values():
-            sizes[checkpoint.module_of(tensor)] += fmt.bytes_of(tensor)
+        for module, kind in zip(found.modules, found.kinds, strict=True):
+            sizes[module] += kind_bytes[kind]
         return dict(sizes)
 
     return checkpoint.memo(("module_bytes", fmt), compute)
 
 
 def layer_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> list[int]:
-    sizes = module_weight_bytes(checkpoint, fmt)
-    return [sizes[layer.prefix] for layer in checkpoint.layers]
+    def compute() -> list[int]:
+        sizes = module_weight_bytes(checkpoint, fmt)
+        return [sizes[layer.prefix] for layer in checkpoint.layers]
+
+    return checkpoint.memo(("layer_bytes", fmt), compute)
 
 
 def non_layer_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> int:
@@ -269,7 +327,7 @@ def activation_bytes(arch: Architecture, workload: Workload, dtype: str) -> int:
 
 def _staging(checkpoint: Checkpoint) -> int:
     """Host bytes of the largest tensor: loads read one tensor at a time before placing it."""
-    return max((t.nbytes for t in checkpoint.tensors.values()), default=0)
+    return max((t.nbytes for t in _tensor_kinds(checkpoint).examples), default=0)
 
 
 def _one_device(
@@ -291,7 +349,9 @@ def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
     """Each Linear weight lands in ``dtype`` and is quantised; nf4 also passes through float32
     while quantising, and its forward dequantises one weight at a time back to ``dtype``."""
     largest = max(
-        (t for t in checkpoint.tensors.values() if is_quantizable(t)), key=lambda t: t.numel, default=None
+        (t for t in _tensor_kinds(checkpoint).examples if is_quantizable(t)),
+        key=lambda t: t.numel,
+        default=None,
     )
     if largest is None:
         return 0
@@ -306,18 +366,19 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
     kv_layer = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype)
     layer_prefixes = {layer.prefix for layer in checkpoint.layers}
     act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)
+    offloaded = strategy.offloaded  # scans the whole map: once, not once per module
     largest_offloaded = 0
-    for module, device in strategy.device_map:
-        nbytes = sizes.get(module, 0)
-        kv = kv_layer if module in layer_prefixes else 0
-        if device.is_accelerator or not strategy.offloaded:
-            ledger.add(device, weights=nbytes, kv_cache=kv)
+    for device, modules in strategy.runs:  # one ledger entry per run of modules, not per module
+        nbytes = [sizes.get(module, 0) for module in modules]
+        kv = kv_layer * sum(1 for module in modules if module in layer_prefixes)
+        ledger.add(device, weights=sum(nbytes))
+        if device.is_accelerator or not offloaded:
+            ledger.add(device, kv_cache=kv)
         else:  # offloaded: weights wait in host RAM, run (and keep their KV) on the execution device
-            ledger.add(device, weights=nbytes)
             ledger.add(strategy.execution_device, kv_cache=kv)
-            largest_offloaded = max(largest_offloaded, nbytes)
+            largest_offloaded = max(largest_offloaded, *nbytes)
     for device in strategy.devices:
-        if device.is_accelerator or not strategy.offloaded:
+        if device.is_accelerator or not offloaded:
             ledger.add(device, activations=act)
     # offloaded modules visit the execution device one at a time, with the next one prefetched
     ledger.add(strategy.execution_device, buffers=2 * largest_offloaded)

@@ -6,13 +6,15 @@ it was taken or not, and how much memory it would need. Pure: no I/O, no tensors
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from memplan._codec import decode, encode
-from memplan.errors import DoesNotFit, MemplanError
+from memplan.errors import DoesNotFit, MemplanError, PlanFormatError
 from memplan.gpu.device import Device, Inventory
 from memplan.planner.checkpoint import Checkpoint
 from memplan.planner.corrections import Corrections
@@ -22,6 +24,7 @@ from memplan.planner.estimate import (
     WeightFormat,
     Workload,
     activation_bytes,
+    compute_dtype,
     estimate,
     kv_bytes_per_layer,
     layer_weight_bytes,
@@ -32,7 +35,9 @@ from memplan.planner.estimate import (
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed, describe
 from memplan.units import format_size
 
-__all__ = ["CANDIDATES", "Decision", "Plan", "Policy", "plan"]
+__all__ = ["CANDIDATES", "PLAN_FORMAT_VERSION", "Decision", "Plan", "Policy", "plan"]
+
+PLAN_FORMAT_VERSION = 1  # what to_json writes and the only version from_json reads
 
 CANDIDATES: tuple[str, ...] = (
     "full",
@@ -53,7 +58,9 @@ class Policy:
     """How to choose. ``order`` lists candidates from ``CANDIDATES``; the first that fits wins.
 
     With ``thresholds`` set, the choice follows the seed's ratio rules (needed / available) instead
-    of comparing estimated peaks with each device's budget.
+    of comparing estimated peaks with each device's budget. ``dtype`` (the compute dtype; None means
+    the checkpoint's) takes a name such as ``"bf16"`` or a ``torch.dtype``, and keeps its canonical
+    name (``"BF16"``).
     """
 
     name: str = "default"
@@ -74,6 +81,8 @@ class Policy:
             raise MemplanError(f"headroom must be in [0, 1), got {self.headroom}")
         if self.prefetch_depth < 1:
             raise MemplanError(f"prefetch_depth must be at least 1, got {self.prefetch_depth}")
+        if self.dtype is not None:  # a name or a torch.dtype; kept as its canonical name
+            object.__setattr__(self, "dtype", compute_dtype(self.dtype))
 
     @classmethod
     def seed_thresholds(cls, **overrides: Any) -> Policy:
@@ -156,7 +165,8 @@ def _device_budget(ctx: _Context, device: Device, reserve: int) -> int:
 
 def _ordered_modules(ckpt: Checkpoint, sizes: dict[str, int]) -> list[str]:
     layer_prefixes = [layer.prefix for layer in ckpt.layers]
-    others = [m for m in sizes if m not in set(layer_prefixes)]
+    in_layers = set(layer_prefixes)  # built once: a set per module made planning quadratic in layers
+    others = [m for m in sizes if m not in in_layers]
     return [m for m in others if _is_leading(m)] + layer_prefixes + [m for m in others if not _is_leading(m)]
 
 
@@ -166,28 +176,35 @@ def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded
     sizes = module_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv_layer = kv_bytes_per_layer(ckpt.architecture, ctx.workload, ctx.dtype)
     layer_prefixes = {layer.prefix for layer in ckpt.layers}
-
-    def cost(module: str, device: Device) -> int:
-        if not device.is_accelerator:
-            return sizes[module]
-        kv = kv_layer if module in layer_prefixes else 0
-        return int((sizes[module] + kv) * (1 + overheads.allocator_slack))
-
     # Offloaded layers run on the first accelerator with their KV cache there: keep room for it.
     reserve = kv_layer * len(layer_prefixes) + max(sizes.values(), default=0) if spill else 0
-    budgets = {d: _device_budget(ctx, d, reserve if i == 0 else 0) for i, d in enumerate(devices)}
+    budgets = [_device_budget(ctx, d, reserve if i == 0 else 0) for i, d in enumerate(devices)]
     slots = list(devices)
     if spill is not None:
-        budgets[spill] = ctx.usable(spill) - overheads.fixed(spill)
+        budgets.append(ctx.usable(spill) - overheads.fixed(spill))
         slots.append(spill)
-    slot, device_map = 0, []
-    for module in _ordered_modules(ckpt, sizes):
-        # What finds no room lands on the last device, so the estimate shows how much is missing.
-        while slot + 1 < len(slots) and budgets[slots[slot]] < cost(module, slots[slot]):
-            slot += 1
-        budgets[slots[slot]] -= cost(module, slots[slot])
-        device_map.append((module, slots[slot]))
-    return Sharded(tuple(device_map), ctx.dtype, devices[0])
+    order = _ordered_modules(ckpt, sizes)
+    # Each module's cost on a host slot and on an accelerator (its KV cache, the allocator's slack),
+    # priced in bulk: 100k layers are 100k modules.
+    on_host = [sizes[m] for m in order]
+    slack = 1 + overheads.allocator_slack
+    on_accelerator = [int((sizes[m] + (kv_layer if m in layer_prefixes else 0)) * slack) for m in order]
+    counts = _fill_counts([on_accelerator if d.is_accelerator else on_host for d in slots], budgets)
+    placed = itertools.chain.from_iterable(itertools.repeat(d, n) for d, n in zip(slots, counts, strict=True))
+    return Sharded(tuple(zip(order, placed, strict=True)), ctx.dtype, devices[0])
+
+
+def _fill_counts(costs: list[list[int]], budgets: list[int]) -> list[int]:
+    """How many modules, in order, each slot takes: as many as fit its budget, then the next slot
+    takes over. What fits nowhere lands on the last slot, so the estimate shows what is missing."""
+    counts, start = [], 0
+    for slot_costs, budget in zip(costs[:-1], budgets[:-1], strict=True):
+        # Costs are never negative, so the running totals are sorted and bisect finds the cut.
+        taken = bisect.bisect_right(list(itertools.accumulate(slot_costs[start:])), budget)
+        counts.append(taken)
+        start += taken
+    counts.append(len(costs[-1]) - start)
+    return counts
 
 
 def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
@@ -202,15 +219,12 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1
     base = _device_budget(ctx, device, 0) - int((others + kv) * slack)
     origin: Literal["host", "disk"] = "host" if source == "host" else "disk"
+    # What the first k layers hold once resident; sorted, as sizes are never negative.
+    held = list(itertools.accumulate(int(size * slack) for size in sizes))
     for depth in range(ctx.policy.prefetch_depth, 0, -1):
         room = base - int((depth + 1) * largest * slack)
-        if room < 0:
-            continue
-        resident = 0
-        while resident < len(sizes) and int(sizes[resident] * slack) <= room:
-            room -= int(sizes[resident] * slack)
-            resident += 1
-        return Streamed(device, origin, resident, depth, ctx.dtype)
+        if room >= 0:
+            return Streamed(device, origin, bisect.bisect_right(held, room), depth, ctx.dtype)
     # The leanest stream does not fit either; its estimate shows by how much.
     return Streamed(device, origin, 0, 1, ctx.dtype)
 
@@ -330,13 +344,40 @@ class Plan:
         return self.chosen.estimate if self.chosen else None
 
     def to_json(self, *, indent: int | None = 2) -> str:
-        return json.dumps({"version": 1, **encode(self)}, indent=indent)
+        return json.dumps({"version": PLAN_FORMAT_VERSION, **encode(self)}, indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        data = json.loads(text)
-        data.pop("version", None)
-        plan: Plan = decode(cls, data)
+        """The plan :meth:`to_json` wrote; anything else is a :class:`PlanFormatError`."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise PlanFormatError(f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise PlanFormatError(f"expected a JSON object, got {type(data).__name__}")
+        version = data.pop("version", None)
+        if type(version) is not int or version != PLAN_FORMAT_VERSION:  # True and 1.0 are not 1
+            raise PlanFormatError(
+                f"version {version!r} is not {PLAN_FORMAT_VERSION}, the one this memplan reads"
+            )
+        try:
+            plan: Plan = decode(cls, data)
+        # The codec reports a wrong shape as whichever error the constructor or lookup raised, and
+        # the configs' own checks raise MemplanError: all of them mean "not a plan we wrote".
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            IndexError,
+            RecursionError,
+            MemplanError,
+        ) as exc:
+            raise PlanFormatError(f"{type(exc).__name__}: {exc}") from None
+        if plan.chosen_index is not None and not 0 <= plan.chosen_index < len(plan.decisions):
+            raise PlanFormatError(
+                f"chosen_index {plan.chosen_index} is not one of its {len(plan.decisions)} decisions"
+            )
         return plan
 
     def explain(self) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -43,9 +47,21 @@ class Sharded:
     execution_device: Device
     kind: Literal["sharded"] = "sharded"
 
-    @property
+    @functools.cached_property  # a scan of the whole map, asked for per estimate and per description
+    def runs(self) -> tuple[tuple[Device, tuple[str, ...]], ...]:
+        """Consecutive modules on one device, in map order.
+
+        Maps place long runs of layers on each device; walking runs instead of modules keeps
+        100k-layer maps fast (grouping compares the shared Device objects by identity, in C).
+        """
+        return tuple(
+            (device, tuple(module for module, _ in run))
+            for device, run in itertools.groupby(self.device_map, key=operator.itemgetter(1))
+        )
+
+    @functools.cached_property
     def devices(self) -> tuple[Device, ...]:
-        return tuple(sorted({device for _, device in self.device_map}))
+        return tuple(sorted({device for device, _ in self.runs}))
 
     @property
     def offloaded(self) -> bool:
@@ -83,8 +99,10 @@ def describe(strategy: Strategy) -> str:
         dq = ", double quant" if strategy.method == "nf4" and strategy.double_quant else ""
         return f"{strategy.method} on {strategy.device} (compute {strategy.dtype}{dq})"
     if isinstance(strategy, Sharded):
-        counts = {d: sum(1 for _, dev in strategy.device_map if dev == d) for d in strategy.devices}
-        spread = ", ".join(f"{d} ({n} modules)" for d, n in counts.items())
+        counts: Counter[Device] = Counter()
+        for device, modules in strategy.runs:
+            counts[device] += len(modules)
+        spread = ", ".join(f"{d} ({counts[d]} modules)" for d in strategy.devices)
         return f"{'offloaded' if strategy.offloaded else 'sharded'} over {spread}"
     return (
         f"streamed from {strategy.source} through {strategy.compute_device}: "
