@@ -217,3 +217,22 @@ def test_without_dedup_nothing_is_hashed(monkeypatch: pytest.MonkeyPatch) -> Non
         pass
     with pytest.raises(MemplanError):
         rm.register("a", {})
+
+
+def test_a_loaded_model_handed_to_a_manager_is_charged_once(tiny_llama: Path) -> None:
+    import memplan
+    from memplan import Allocator, Policy, Workload
+
+    chosen = memplan.plan(
+        memplan.inspect(tiny_llama), memplan.probe("cuda:0=1GiB,cpu=8GiB"), Workload(context=64),
+        Policy(order=("full",)),
+    )  # fmt: skip
+    allocator = Allocator(chosen.inventory)
+    model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
+    loaded = allocator.usage(GPU).used
+    assert loaded >= memplan.inspect(tiny_llama).nbytes
+    rm = ResidencyManager([get_tier("gpu", allocator=allocator), get_tier("host", "1GiB")])
+    rm.register("llama", model)
+    assert allocator.usage(GPU).used == rm.tiers[0].used <= loaded  # the tier's charge, not both
+    rm.demote("llama")
+    assert allocator.usage(GPU).used == 0
