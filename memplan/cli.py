@@ -57,7 +57,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _plan_from(args: argparse.Namespace) -> Plan:
-    checkpoint = inspect(args.model)
+    checkpoint = inspect(args.model, revision=args.revision)
     inventory = probe(args.simulate)
     workload = Workload(batch=args.batch, context=args.context, kv_dtype=args.kv_dtype)
     base = Policy.seed_thresholds() if args.policy == "thresholds" else Policy()
@@ -89,7 +89,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
         chosen = _plan_from(args)
     except DoesNotFit as exc:
         return _nothing_fits(args, exc)
-    model = load(args.model, plan=chosen, progress=not args.json)
+    model = load(args.model, revision=args.revision, plan=chosen, progress=not args.json)
     forward = _forward_check(model, args.tokens)
     report: LoadReport = model.memplan_report  # type: ignore[assignment]
     if args.json:
@@ -176,7 +176,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("model", help="model directory (safetensors, sharded or not) or one .safetensors file")
+    cmd.add_argument(
+        "model",
+        help="model folder (safetensors or .bin, sharded or not), one weights file, or a Hugging Face "
+        "repo id (org/name, from the local cache first)",
+    )
+    cmd.add_argument("--revision", help="branch, tag or commit of a repo id (default: main)")
     cmd.add_argument("--context", type=_positive, default=4096, help="tokens per sequence (default 4096)")
     cmd.add_argument("--batch", type=_positive, default=1, help="sequences at once (default 1)")
     cmd.add_argument(

@@ -41,6 +41,7 @@ log = logging.getLogger("memplan.load")
 def load(
     path: str | Path,
     *,
+    revision: str | None = None,
     plan: Plan | None = None,
     model_cls: ModelFactory | None = None,
     workload: Workload | None = None,
@@ -51,13 +52,17 @@ def load(
 ) -> nn.Module:
     """Load the model at ``path`` the way the plan says, and return it in eval mode.
 
+    ``path`` is a model folder (safetensors or ``.bin``), one weights file with its configs
+    beside it, or a Hugging Face repo id (the local cache first; ``revision`` picks a branch,
+    tag or commit).
+
     Without ``plan``, probes the machine (``MEMPLAN_SIMULATE`` is honoured) and plans with
     ``workload`` and ``policy``. ``allocator`` is the budget to charge (share one with a residency
     manager); by default a fresh one over the probed inventory. When a strategy runs out of memory
     the load frees what it placed, re-plans on what is really free and takes the next strategy.
     The result carries ``model.memplan_report`` (:class:`LoadReport`).
     """
-    checkpoint = inspect(path)
+    checkpoint = inspect(path, revision=revision)
     check_config(checkpoint)
     if plan is not None:
         _check_plan(plan, checkpoint, workload, policy)

@@ -224,7 +224,7 @@ def model_findings(model: str | os.PathLike[str], simulate: str | None = None) -
     from memplan.planner import inspect, plan
 
     try:
-        checkpoint = inspect(Path(model))
+        checkpoint = inspect(model)
         chosen = plan(checkpoint, probe(simulate))
     except DoesNotFit as exc:
         return [Finding("plan", "fail", str(exc), "use a machine with more memory, or a smaller model")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from memplan.errors import CheckpointError
+from memplan.planner.bin_header import BIN_NOTE, read_bin_header
 from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
+from memplan.planner.sources import resolve
 
 __all__ = ["Architecture", "Checkpoint", "LayerInfo", "TensorInfo", "inspect"]
 
@@ -24,6 +27,8 @@ T = TypeVar("T")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 _LAYER = re.compile(r"^((?:.*\.)?(?:layers|h|blocks|block|layer)\.(\d+))\.")
 
 
@@ -167,6 +172,7 @@ class Checkpoint:
     architecture: Architecture
     layers: tuple[LayerInfo, ...]
     fingerprint: str
+    notes: tuple[str, ...] = ()  # what a plan should say about how this was read
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
@@ -221,49 +227,68 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _index_shards(directory: Path, index_path: Path) -> dict[str, Path]:
-    """tensor name -> shard path, from the index; every shard must be a file inside ``directory``."""
+    """tensor name -> shard path, from the index; every shard must be a file of ``directory``."""
     weight_map = _load_json(index_path, "the index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(str(index_path), "index has no weight_map of tensor names to files")
-    root = directory.resolve()
-    checked: dict[str, Path] = {}  # a shard holds hundreds of tensors: resolve each file once
+    checked: dict[str, Path] = {}  # a shard holds hundreds of tensors: check each file once
     shards: dict[str, Path] = {}
     for tensor, file in weight_map.items():
         if not isinstance(file, str) or not file:
             raise CheckpointError(str(index_path), "weight_map must name a file", tensor=tensor)
         if file not in checked:
-            checked[file] = _checked_shard(directory, root, index_path, file, tensor)
+            checked[file] = _checked_shard(directory, index_path, file, tensor)
         shards[tensor] = checked[file]
     return shards
 
 
-def _checked_shard(directory: Path, root: Path, index_path: Path, file: str, tensor: str) -> Path:
-    shard = (directory / file).resolve()
-    if Path(file).is_absolute() or root not in shard.parents:
+def _checked_shard(directory: Path, index_path: Path, file: str, tensor: str) -> Path:
+    """``directory / file``, where ``file`` must be a plain name. The file itself may be a link
+    whose target lies elsewhere: the Hugging Face cache links snapshot files into ``blobs/``."""
+    if file in (".", "..") or "/" in file or "\\" in file or Path(file).is_absolute():
         raise CheckpointError(
             str(index_path), f"shard {file!r} is outside the model directory", tensor=tensor
         )
+    shard = directory / file
     if not shard.is_file():
-        raise CheckpointError(str(directory / file), "shard named by the index does not exist", tensor=tensor)
-    return directory / file
+        missing = (
+            f"links to {os.readlink(shard)}, which is missing" if shard.is_symlink() else "does not exist"
+        )
+        raise CheckpointError(str(shard), f"shard named by the index {missing}", tensor=tensor)
+    return shard
+
+
+# Weight formats in the order transformers prefers them: (index, single file, other files).
+_FORMATS = (
+    (INDEX_NAME, SINGLE_NAME, "*.safetensors"),
+    (BIN_INDEX_NAME, BIN_SINGLE_NAME, "pytorch_model*.bin"),
+)
 
 
 def _discover(path: Path) -> tuple[Path, list[Path], dict[str, Path] | None]:
-    """(model directory, shard files, tensor->shard map from an index or None)."""
+    """(model directory, weight files, tensor->file map from an index or None)."""
     if not path.exists():
-        raise CheckpointError(str(path), "does not exist")
+        why = f"links to {os.readlink(path)}, which is missing" if path.is_symlink() else "does not exist"
+        raise CheckpointError(str(path), why)
     if path.is_file():
         return path.parent, [path], None
-    index = path / INDEX_NAME
-    if index.is_file():
-        weight_map = _index_shards(path, index)
-        return path, sorted(set(weight_map.values())), weight_map
-    if (path / SINGLE_NAME).is_file():
-        return path, [path / SINGLE_NAME], None
-    found = sorted(path.glob("*.safetensors"))
-    if not found:
-        raise CheckpointError(str(path), f"no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
-    return path, found, None
+    for index_name, single_name, pattern in _FORMATS:
+        if (path / index_name).is_file():
+            weight_map = _index_shards(path, path / index_name)
+            return path, sorted(set(weight_map.values())), weight_map
+        if (path / single_name).is_file():
+            return path, [path / single_name], None
+        found = sorted(path.glob(pattern))
+        if found:
+            return path, found, None
+    raise CheckpointError(
+        str(path),
+        f"no {INDEX_NAME}, {SINGLE_NAME}, *.safetensors, {BIN_INDEX_NAME} or {BIN_SINGLE_NAME} file here",
+    )
+
+
+def _header(file: Path) -> ShardHeader:
+    return read_bin_header(file) if file.suffix == ".bin" else read_header(file)
 
 
 def _collect(
@@ -342,14 +367,16 @@ def _architecture(directory: Path) -> Architecture:
     return Architecture.from_config(_load_json(config_path, "config.json"), str(config_path))
 
 
-def inspect(path: str | Path) -> Checkpoint:
-    """Read a checkpoint's shape: a model directory (sharded or not) or one ``.safetensors`` file.
+def inspect(path: str | os.PathLike[str], *, revision: str | None = None) -> Checkpoint:
+    """Read a checkpoint's shape: a model directory (safetensors or ``.bin``, sharded or not),
+    one weights file with its configs beside it, or a Hugging Face repo id (``org/name``,
+    from the local cache first; see :func:`~memplan.planner.sources.resolve`).
 
     Raises :class:`~memplan.CheckpointError` naming the file (and tensor) at fault.
     """
-    path = Path(path)
+    path = resolve(path, revision=revision)
     directory, files, weight_map = _discover(path)
-    entries = _collect([read_header(f) for f in files], weight_map)
+    entries = _collect([_header(f) for f in files], weight_map)
     architecture = _architecture(directory)
     container = _decoder_container(list(entries), architecture.num_layers)
     infos: dict[str, TensorInfo] = {}
@@ -359,4 +386,5 @@ def inspect(path: str | Path) -> Checkpoint:
     layers = _layers(infos, container)
     if architecture.num_layers is None and layers:
         architecture = replace(architecture, num_layers=len(layers))
-    return Checkpoint(path, tuple(files), infos, architecture, layers, _fingerprint(entries))
+    notes = (BIN_NOTE,) if any(f.suffix == ".bin" for f in files) else ()
+    return Checkpoint(path, tuple(files), infos, architecture, layers, _fingerprint(entries), notes)

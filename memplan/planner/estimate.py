@@ -431,9 +431,9 @@ def estimate(
         devices = [
             _corrected(d, corrections.factor(checkpoint.fingerprint, key, d.device.kind)) for d in devices
         ]
-    notes: tuple[str, ...] = ()
+    notes = checkpoint.notes
     if checkpoint.architecture.head_dim is None:
-        notes = ("no usable config.json: KV cache and activations are not estimated",)
+        notes += ("no usable config.json: KV cache and activations are not estimated",)
     return Estimate(strategy, tuple(devices), notes)
 
 

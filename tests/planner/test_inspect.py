@@ -120,11 +120,21 @@ def test_bad_index_entries(
     assert reason in info.value.reason and info.value.tensor == tensor
 
 
-def test_index_pointing_at_a_symlink_outside(tiny_llama: Path, tmp_path: Path) -> None:
-    outside = tmp_path / "outside.safetensors"
-    shutil.copy(next(tiny_llama.glob("model-00001*")), outside)
-    copy = broken_copy(tiny_llama, tmp_path / "m", {"model.norm.weight": "link.safetensors"})
-    (copy / "link.safetensors").symlink_to(outside)
+def test_a_shard_linked_from_outside_the_folder_is_read(tiny_llama: Path, tmp_path: Path) -> None:
+    """The Hugging Face cache links snapshot files into blobs/: what must stay inside the folder
+    is the name in the index, not the link's target."""
+    copy = shutil.copytree(tiny_llama, tmp_path / "m")
+    shard = copy / "model-00002-of-00003.safetensors"
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    shard.rename(blob)
+    shard.symlink_to(blob)
+    assert memplan.inspect(copy).nbytes == memplan.inspect(tiny_llama).nbytes
+
+
+@pytest.mark.parametrize("name", ["../m/model-00001-of-00003.safetensors", "sub/x.safetensors", ".."])
+def test_index_names_with_a_path_are_refused(tiny_llama: Path, tmp_path: Path, name: str) -> None:
+    copy = broken_copy(tiny_llama, tmp_path / "m", {"model.norm.weight": name})
     with pytest.raises(CheckpointError, match="outside the model directory"):
         memplan.inspect(copy)
 

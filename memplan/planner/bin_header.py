@@ -1,0 +1,74 @@
+"""Shapes of a PyTorch ``.bin`` checkpoint, read without running its pickle.
+
+``torch.load(weights_only=True, mmap=True)`` restores only tensors and plain containers (it
+refuses any other class, so nothing in the file runs) and maps the storages instead of reading
+them, so only the pickle is read. This is the one place planning imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memplan.errors import CheckpointError
+from memplan.planner.safetensors_header import ShardHeader, TensorEntry
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BIN_NOTE", "load_bin", "read_bin_header"]
+
+BIN_NOTE = "weights are a PyTorch .bin: their shapes were read with torch.load(weights_only=True)"
+
+_SAFETENSORS_NAMES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+    "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` by name, memory-mapped; anything but a flat mapping of names to
+    tensors is a :class:`CheckpointError` naming the file (and the entry at fault)."""
+    import pickle
+
+    import torch
+
+    try:
+        loaded: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise CheckpointError(path, f"torch.load(weights_only=True) refuses it: {exc}") from None
+        loaded = _load_unmapped(path)  # the pre-1.6 format cannot be mapped
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, AttributeError) as exc:
+        raise CheckpointError(path, f"torch.load(weights_only=True) refuses it: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(path, f"holds a {type(loaded).__name__}, not a mapping of tensor names")
+    for name, value in loaded.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                path, f"entry {name!r} is a {type(value).__name__}, not a tensor", str(name)
+            )
+    return loaded
+
+
+def _load_unmapped(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch wraps its refusals in several types
+        raise CheckpointError(path, f"torch.load(weights_only=True) refuses it: {exc}") from None
+
+
+def read_bin_header(path: Path) -> ShardHeader:
+    """The tensors of a ``.bin`` file as header entries (offsets are not file positions here)."""
+    entries = []
+    for name, tensor in load_bin(path).items():
+        dtype = _SAFETENSORS_NAMES.get(str(tensor.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise CheckpointError(path, f"dtype {tensor.dtype} has no safetensors equivalent", name)
+        entries.append(
+            TensorEntry(name, dtype, tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
+        )
+    return ShardHeader(path, 0, path.stat().st_size, {}, tuple(entries))
