@@ -28,6 +28,7 @@ __all__ = [
     "SimulationSpecError",
     "TierError",
     "TierFull",
+    "UnsupportedQuantization",
 ]
 
 
@@ -180,3 +181,14 @@ class PlanMismatch(MemplanError):
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class UnsupportedQuantization(CheckpointError):
+    """A checkpoint saved quantized with a method memplan cannot load (``method``: gptq, awq, ...)."""
+
+    def __init__(self, file: str | os.PathLike[str], method: str) -> None:
+        self.method = method
+        super().__init__(
+            file,
+            f"quantized with {method}, which memplan cannot load; load it with transformers' from_pretrained",
+        )

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 from memplan.errors import CheckpointError
 from memplan.gpu.device import Device
 from memplan.loaders._placement import Placement
-from memplan.loaders._quantize import is_quantized_layer, quantize_weight, quantized_size
+from memplan.loaders._quantize import is_quantized_layer, prequantized_weight, quantize_weight, quantized_size
 from memplan.loaders._reader import TensorReader
 from memplan.planner.checkpoint import Checkpoint
+from memplan.planner.quantization import QUANT_STATE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +97,9 @@ def bindings(model: nn.Module, reader: TensorReader) -> list[Binding]:
     return sorted(found, key=lambda b: (str(tensors[b.name].file), tensors[b.name].offset))
 
 
-def unused_tensors(model: nn.Module, checkpoint: Checkpoint, bound: list[Binding]) -> tuple[str, ...]:
+def unused_tensors(
+    model: nn.Module, checkpoint: Checkpoint, bound: list[Binding], also_used: Iterable[str] = ()
+) -> tuple[str, ...]:
     """Checkpoint tensors ``model`` has no place for, less those its class says to ignore
     (transformers' ``_keys_to_ignore_on_load_unexpected``), with a warning naming them.
 
@@ -105,7 +108,7 @@ def unused_tensors(model: nn.Module, checkpoint: Checkpoint, bound: list[Binding
     """
     base = str(getattr(model, "base_model_prefix", "") or "")
     named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    known = {b.name for b in bound} | {v for name, _ in named for v in _variants(name, base)}
+    known = {b.name for b in bound} | {v for name, _ in named for v in _variants(name, base)} | set(also_used)
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
     unused = sorted(n for n in checkpoint.tensors if n not in known and not any(p.search(n) for p in ignored))
     for name in unused:
@@ -135,10 +138,13 @@ class Materializer:
     """Reads each binding's tensor, checks it, casts it to ``dtype`` and places it (quantising
     bitsandbytes layers' weights on the way)."""
 
-    def __init__(self, reader: TensorReader, placement: Placement, dtype: torch.dtype) -> None:
+    def __init__(
+        self, reader: TensorReader, placement: Placement, dtype: torch.dtype, *, prequantized: bool = False
+    ) -> None:
         self.reader = reader
         self.placement = placement
         self.dtype = dtype
+        self.prequantized = prequantized  # bnb layers take their stored weights, not quantize them
 
     def host_tensor(self, binding: Binding) -> torch.Tensor:
         """The binding's data on the host, checked against the model's shape, in the compute dtype."""
@@ -154,8 +160,16 @@ class Materializer:
         return tensor
 
     def load(self, binding: Binding, device: Device) -> None:
-        host = self.host_tensor(binding)
         module, attr = binding.owners[0]
+        if attr == "weight" and self.prequantized and is_quantized_layer(module):
+            stored = self._stored_quantized(binding.name)
+            size = sum(t.numel() * t.element_size() for t in stored.values())
+            param = self.placement.place(
+                device, size, binding.name, lambda where: prequantized_weight(module, stored, where)
+            )
+            set_tensor(binding, param)
+            return
+        host = self.host_tensor(binding)
         if attr == "weight" and is_quantized_layer(module):
             size = quantized_size(module, self.reader.info(binding.name))
             param = self.placement.place(
@@ -164,6 +178,14 @@ class Materializer:
             set_tensor(binding, param)
             return
         set_tensor(binding, self.placement.put(host, device, binding.name))
+
+    def _stored_quantized(self, weight: str) -> dict[str, torch.Tensor]:
+        """A pre-quantized layer's weight and states as stored, keyed relative to the layer."""
+        layer = weight.removesuffix(".weight")
+        names = [weight] + [
+            layer + s for s in QUANT_STATE_SUFFIXES if layer + s in self.reader.checkpoint.tensors
+        ]
+        return {name.removeprefix(f"{layer}."): self.reader.read(name) for name in names}
 
     def load_all(self, items: Iterable[Binding], device_for: Callable[[str], Device]) -> None:
         for binding in items:

@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 __all__ = [
     "INT8_THRESHOLD",
     "is_quantized_layer",
+    "prequantized_weight",
     "quantize_weight",
     "quantized_nbytes",
     "quantized_size",
+    "record_quantization",
     "replace_linears",
 ]
 
@@ -39,13 +41,15 @@ def _bnb() -> Any:
     return bitsandbytes
 
 
-def _replacement(linear: nn.Linear, strategy: Quantized, compute_dtype: torch.dtype) -> nn.Module:
+def _replacement(
+    linear: nn.Linear, strategy: Quantized, compute_dtype: torch.dtype, threshold: float
+) -> nn.Module:
     bnb = _bnb()
     has_bias = linear.bias is not None
     if strategy.method == "int8":
         return bnb.nn.Linear8bitLt(  # type: ignore[no-any-return]
             linear.in_features, linear.out_features, has_bias,
-            has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta",
+            has_fp16_weights=False, threshold=threshold, device="meta",
         )  # fmt: skip
     return bnb.nn.Linear4bit(  # type: ignore[no-any-return]
         linear.in_features, linear.out_features, has_bias,
@@ -55,7 +59,11 @@ def _replacement(linear: nn.Linear, strategy: Quantized, compute_dtype: torch.dt
 
 
 def replace_linears(
-    model: nn.Module, modules: set[str], strategy: Quantized, compute_dtype: torch.dtype
+    model: nn.Module,
+    modules: set[str],
+    strategy: Quantized,
+    compute_dtype: torch.dtype,
+    threshold: float = INT8_THRESHOLD,
 ) -> int:
     """Swap the ``nn.Linear`` modules named in ``modules`` for bitsandbytes ones; returns how many."""
     from torch import nn
@@ -65,7 +73,7 @@ def replace_linears(
         if name in modules and type(module) is nn.Linear:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, _replacement(module, strategy, compute_dtype))
+            setattr(parent, child, _replacement(module, strategy, compute_dtype, threshold))
             swapped += 1
     return swapped
 
@@ -90,6 +98,50 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) 
             quant_storage=old.quant_storage,
         )  # fmt: skip
     return param.to(torch_device)  # type: ignore[no-any-return]
+
+
+def prequantized_weight(
+    module: nn.Module, stored: dict[str, torch.Tensor], torch_device: str
+) -> nn.Parameter:
+    """The layer's parameter from what a bitsandbytes checkpoint stored (``weight`` and its
+    states by their names relative to the layer), as transformers' bnb deserialisers build it."""
+    bnb = _bnb()
+    weight = stored["weight"]
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        kwargs = dict(module.weight.__dict__)
+        kwargs["SCB"] = stored["SCB"]
+        return bnb.nn.Int8Params(weight, requires_grad=False, **kwargs).to(torch_device)  # type: ignore[no-any-return]
+    states = {name: tensor for name, tensor in stored.items() if name != "weight"}
+    return bnb.nn.Params4bit.from_prequantized(  # type: ignore[no-any-return]
+        data=weight, quantized_stats=states, requires_grad=False, device=torch_device, module=module
+    )
+
+
+def record_quantization(model: nn.Module, strategy: Quantized, compute_dtype: torch.dtype) -> None:
+    """Write the ``quantization_config`` transformers would have set, so that ``save_pretrained``
+    writes a checkpoint ``from_pretrained`` reloads as these very bnb layers (without it the int8
+    weights and ``SCB`` reload as plain weights: silently wrong). Linears left in high precision
+    are listed as skipped, so a reload converts exactly the same layers."""
+    config = getattr(model, "config", None)
+    if config is None or strategy.prequantized:  # a pre-quantized config already says it
+        return
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+    from transformers.pytorch_utils import Conv1D
+
+    skipped = [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | Conv1D) and not is_quantized_layer(m)
+    ]  # fmt: skip
+    if strategy.method == "int8":
+        config.quantization_config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=skipped
+        )
+        return
+    config.quantization_config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=strategy.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skipped,
+    )  # fmt: skip
 
 
 def quantized_size(module: nn.Module, weight: TensorInfo) -> int:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memplan.errors import CheckpointError, MemplanError
+from memplan.errors import CheckpointError, MemplanError, UnsupportedQuantization
 from memplan.planner.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
@@ -106,6 +106,9 @@ def check_config(checkpoint: Checkpoint) -> None:
     """Refuse a config.json asking for decoder layers the checkpoint does not have, before a skeleton
     of them is built (``num_hidden_layers=10**12`` would build forever). Layers the config lacks
     show up later as tensors the model has no place for."""
+    stored = checkpoint.architecture.quantization
+    if stored is not None and not stored.loadable:
+        raise UnsupportedQuantization(_config_file(checkpoint), stored.method)
     wanted = checkpoint.architecture.num_layers
     if wanted is None:
         return

@@ -17,12 +17,13 @@ from memplan.loaders._materialize import (
     unused_tensors,
 )
 from memplan.loaders._placement import Placement
-from memplan.loaders._quantize import replace_linears
+from memplan.loaders._quantize import record_quantization, replace_linears
 from memplan.loaders._reader import TensorReader, torch_dtype
 from memplan.loaders._skeleton import ModelFactory, build_skeleton
 from memplan.loaders._streaming import ModuleStreamer
 from memplan.planner.checkpoint import Checkpoint
 from memplan.planner.estimate import is_quantizable
+from memplan.planner.quantization import is_quant_state
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
 
 if TYPE_CHECKING:
@@ -138,10 +139,24 @@ def _bindings(
 ) -> list[Binding]:
     """Every tensor the model takes from the checkpoint, bnb layers swapped in first if quantized."""
     if isinstance(strategy, Quantized):
-        names = {t.module for t in reader.checkpoint.tensors.values() if is_quantizable(t)}
-        replace_linears(model, names, strategy, dtype)
+        stored = reader.checkpoint.architecture.quantization
+        if strategy.prequantized and stored is not None:
+            replace_linears(model, _stored_layers(reader.checkpoint), strategy, dtype, stored.threshold)
+        else:
+            names = {t.module for t in reader.checkpoint.tensors.values() if is_quantizable(t)}
+            replace_linears(model, names, strategy, dtype)
         model.eval()  # the new layers were built in training mode, which changes bnb's int8 path
     return bindings(model, reader)
+
+
+def _stored_layers(checkpoint: Checkpoint) -> set[str]:
+    """The layers a bitsandbytes checkpoint stores quantized: those with states beside their weight."""
+    return {
+        name.removesuffix(suffix).removesuffix(".weight")
+        for name in checkpoint.tensors
+        for suffix in (".SCB", ".weight.absmax")
+        if name.endswith(suffix)
+    }
 
 
 def carry_out(
@@ -156,12 +171,16 @@ def carry_out(
     checkpoint: Checkpoint = reader.checkpoint
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
     model = build_skeleton(checkpoint, model_cls, dtype)
-    materializer = Materializer(reader, placement, dtype)
+    prequantized = isinstance(strategy, Quantized) and strategy.prequantized
+    materializer = Materializer(reader, placement, dtype, prequantized=prequantized)
     try:
         everything = _bindings(model, strategy, reader, dtype)
-        unused = unused_tensors(model, checkpoint, everything)
+        states = [n for n in checkpoint.tensors if is_quant_state(n)] if prequantized else []
+        unused = unused_tensors(model, checkpoint, everything, also_used=states)
         if isinstance(strategy, Full | Quantized):
             _one_device(model, strategy, materializer, everything)
+            if isinstance(strategy, Quantized):
+                record_quantization(model, strategy, dtype)
         elif isinstance(strategy, Sharded):
             _sharded(model, strategy, materializer, everything, hooks)
         else:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from memplan.errors import CheckpointError
 from memplan.planner.bin_header import BIN_NOTE, read_bin_header
+from memplan.planner.quantization import PreQuantized, read_quantization
 from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
 from memplan.planner.sources import resolve
 
@@ -77,6 +78,7 @@ class Architecture:
     vocab_size: int | None = None
     intermediate_size: int | None = None
     tie_word_embeddings: bool = False
+    quantization: PreQuantized | None = None  # the checkpoint was saved already quantized
     num_experts: int | None = None
     experts_per_token: int | None = None
     moe_intermediate_size: int | None = None
@@ -114,6 +116,7 @@ class Architecture:
             experts_per_token=read.count("num_experts_per_tok", "moe_topk", minimum=0),
             moe_intermediate_size=read.count("moe_intermediate_size", minimum=0),
             torch_dtype=_str(cfg, "torch_dtype", "dtype") or _str(config, "torch_dtype", "dtype"),
+            quantization=read_quantization(config, source),
         )
 
 
@@ -386,5 +389,7 @@ def inspect(path: str | os.PathLike[str], *, revision: str | None = None) -> Che
     layers = _layers(infos, container)
     if architecture.num_layers is None and layers:
         architecture = replace(architecture, num_layers=len(layers))
-    notes = (BIN_NOTE,) if any(f.suffix == ".bin" for f in files) else ()
+    notes: tuple[str, ...] = (BIN_NOTE,) if any(f.suffix == ".bin" for f in files) else ()
+    if architecture.quantization is not None:
+        notes += (architecture.quantization.note(),)
     return Checkpoint(path, tuple(files), infos, architecture, layers, _fingerprint(entries), notes)

@@ -18,6 +18,7 @@ from memplan.errors import MemplanError
 from memplan.gpu.device import Device
 from memplan.planner.checkpoint import Architecture, Checkpoint, TensorInfo
 from memplan.planner.corrections import Corrections
+from memplan.planner.quantization import is_quant_state
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
 
 __all__ = [
@@ -196,8 +197,9 @@ def is_quantizable(tensor: TensorInfo) -> bool:
 
 
 def tensor_bytes(tensor: TensorInfo, dtype: str) -> int:
-    """Bytes of ``tensor`` once cast to ``dtype``; integer tensors keep their own type."""
-    if tensor.dtype not in _BYTES:
+    """Bytes of ``tensor`` once cast to ``dtype``; integer tensors and the quantization states
+    stored beside pre-quantized weights keep their own type."""
+    if tensor.dtype not in _BYTES or is_quant_state(tensor.name):
         return tensor.nbytes
     return tensor.numel * dtype_bytes(dtype)
 
@@ -227,7 +229,7 @@ class WeightFormat:
 
     @classmethod
     def of(cls, strategy: Strategy) -> WeightFormat:
-        if isinstance(strategy, Quantized):
+        if isinstance(strategy, Quantized) and not strategy.prequantized:
             return cls(strategy.dtype, strategy.method, strategy.double_quant)
         return cls(strategy.dtype)
 
@@ -340,7 +342,7 @@ def _one_device(
         device, weights=sum(module_weight_bytes(checkpoint, WeightFormat.of(strategy)).values()), kv_cache=kv
     )
     ledger.add(device, activations=act)
-    if isinstance(strategy, Quantized):
+    if isinstance(strategy, Quantized) and not strategy.prequantized:
         ledger.add(device, buffers=_quantize_transient(checkpoint, strategy))
     ledger.add(Device("cpu"), buffers=_staging(checkpoint))
 

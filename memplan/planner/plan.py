@@ -32,6 +32,7 @@ from memplan.planner.estimate import (
     non_layer_weight_bytes,
     normalize_dtype,
 )
+from memplan.planner.quantization import PreQuantized
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed, describe
 from memplan.units import format_size
 
@@ -231,6 +232,9 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
 
 def _build(ctx: _Context, candidate: str) -> Strategy | str:
     """The strategy ``candidate`` means on this inventory, or why it does not apply."""
+    stored = ctx.checkpoint.architecture.quantization
+    if stored is not None and stored.loadable:
+        return _build_prequantized(ctx, candidate, stored)
     accelerators, best = ctx.accelerators(), ctx.best_accelerator()
     if candidate == "full":
         return Full(best or Device("cpu"), ctx.dtype)
@@ -258,6 +262,19 @@ def _build(ctx: _Context, candidate: str) -> Strategy | str:
             return "needs an accelerator to stream host memory to"
         return _streamed(ctx, "host", best)
     return _streamed(ctx, "disk", best or Device("cpu"))
+
+
+def _build_prequantized(ctx: _Context, candidate: str, stored: PreQuantized) -> Strategy | str:
+    """A bitsandbytes checkpoint loads as stored, whole, on one device: "full" means that."""
+    best = ctx.best_accelerator()
+    if candidate in ("int8", "nf4"):
+        return f"the checkpoint is already quantized (bitsandbytes {stored.method})"
+    if candidate != "full":
+        return f"a pre-quantized bitsandbytes checkpoint loads whole on one device, not {candidate}"
+    if best is not None and best.kind == "mps":
+        return "bitsandbytes does not run on MPS"
+    method: Literal["int8", "nf4"] = "int8" if stored.method == "int8" else "nf4"
+    return Quantized(method, best or Device("cpu"), ctx.dtype, stored.double_quant, prequantized=True)
 
 
 # --- judging each candidate ---------------------------------------------------------------

@@ -31,6 +31,7 @@ class Quantized:
     device: Device
     dtype: str
     double_quant: bool = True
+    prequantized: bool = False  # the checkpoint holds these bnb weights already: loaded as stored
     kind: Literal["quantized"] = "quantized"
 
 
@@ -97,7 +98,8 @@ def describe(strategy: Strategy) -> str:
         return f"full on {strategy.device} ({strategy.dtype})"
     if isinstance(strategy, Quantized):
         dq = ", double quant" if strategy.method == "nf4" and strategy.double_quant else ""
-        return f"{strategy.method} on {strategy.device} (compute {strategy.dtype}{dq})"
+        stored = "pre-quantized " if strategy.prequantized else ""
+        return f"{stored}{strategy.method} on {strategy.device} (compute {strategy.dtype}{dq})"
     if isinstance(strategy, Sharded):
         counts: Counter[Device] = Counter()
         for device, modules in strategy.runs:

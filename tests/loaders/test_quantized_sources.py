@@ -1,0 +1,106 @@
+"""Checkpoints saved already quantized, and memplan models saved again: each round trip gives
+the logits transformers gives for the same folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import memplan
+from memplan import Policy, Workload
+from memplan.errors import UnsupportedQuantization
+
+IDS = torch.tensor([[1, 17, 33, 4, 250, 9, 77]])
+SPEC = "cuda:0=1GiB,cpu=8GiB"
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits  # type: ignore[no-any-return]
+
+
+def transformers_logits(path: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return logits(AutoModelForCausalLM.from_pretrained(path).eval())
+
+
+def bnb_config(kind: str) -> object:
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=kind == "nf4-dq",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["int8", "nf4", "nf4-dq"])
+def saved_quantized(request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A model quantized by transformers+bnb and saved with save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("prequantized") / request.param
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, quantization_config=bnb_config(request.param), dtype=torch.bfloat16
+    )
+    model.save_pretrained(folder)
+    return request.param, folder
+
+
+def test_a_prequantized_checkpoint_is_planned_at_its_stored_size(saved_quantized: tuple[str, Path]) -> None:
+    kind, folder = saved_quantized
+    checkpoint = memplan.inspect(folder)
+    stored = checkpoint.architecture.quantization
+    assert stored is not None and stored.method == kind.removesuffix("-dq") and stored.loadable
+    chosen = memplan.plan(checkpoint, memplan.probe(SPEC), Workload(context=64))  # no --allow-quantization
+    strategy = chosen.strategy
+    assert isinstance(strategy, memplan.Quantized) and strategy.prequantized
+    assert strategy.method == stored.method
+    assert chosen.estimate is not None
+    weights = chosen.estimate.on(memplan.Device("cuda", 0)).weights
+    assert weights == checkpoint.nbytes  # what is stored is what is placed
+    assert "pre-quantized" in chosen.explain() and "never re-quantized" in chosen.explain()
+
+
+def test_a_prequantized_checkpoint_loads_like_transformers(saved_quantized: tuple[str, Path]) -> None:
+    _, folder = saved_quantized
+    model = memplan.load(folder, progress=False)
+    assert model.memplan_report.strategy.prequantized  # type: ignore[union-attr]
+    assert torch.equal(logits(model), transformers_logits(folder))
+
+
+def test_another_quantization_method_is_planned_and_refused_by_name(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "gptq")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    checkpoint = memplan.inspect(folder)
+    chosen = memplan.plan(checkpoint, memplan.probe(SPEC), Workload(context=64))
+    assert "gptq" in chosen.explain() and "cannot load" in chosen.explain()
+    with pytest.raises(UnsupportedQuantization) as caught:
+        memplan.load(folder, progress=False)
+    assert caught.value.method == "gptq"
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_a_quantized_memplan_model_saves_a_checkpoint_transformers_reloads(
+    tiny_llama: Path, tmp_path: Path, method: str
+) -> None:
+    chosen = memplan.plan(
+        memplan.inspect(tiny_llama), memplan.probe(SPEC), Workload(context=64),
+        Policy(order=(method,), allow_quantization=True),
+    )  # fmt: skip
+    model = memplan.load(tiny_llama, plan=chosen, progress=False)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "bitsandbytes"
+    assert torch.equal(transformers_logits(tmp_path / "saved"), logits(model))
+    again = memplan.load(tmp_path / "saved", progress=False)
+    assert torch.equal(logits(again), logits(model))
