@@ -278,13 +278,15 @@ class ResidencyManager:
         # Leaving a tier where leases write in place: key the content as it is now.
         rekey = self.dedup and not tier.addressable and isinstance(source, int)
         rekey = rekey and self.tiers[source].addressable  # type: ignore[index]
-        written, counted, added = 0, [], []
+        written, counted, added = 0, set(), []
         try:
             for record in entry.group.records:
                 fetched = self._source_tensor(record, source) if rekey else None
                 if fetched is not None:
                     record.rekey(fetched)
                 key = record.key_on(tier.addressable)
+                if key in counted:  # identical tensors of this entry share one key and one reference
+                    continue
                 if refs[key] == 0:
                     tensor = fetched if fetched is not None else self._source_tensor(record, source)
                     self._drop_orphan(index, key)
@@ -292,7 +294,7 @@ class ResidencyManager:
                     added.append(key)
                 with self._state:
                     refs[key] += 1
-                counted.append(key)
+                counted.add(key)
         except MemplanError:
             with self._state:
                 for key in counted:
@@ -441,6 +443,12 @@ class ResidencyManager:
         other than room (its copy cannot be read) is raised as it is.
         """
         if entry.pinned is not None:
+            if not self.tiers[entry.tier].addressable:
+                raise PinViolation(
+                    entry.name,
+                    f"pinned to {self.tiers[entry.tier].name}, where it cannot be used; "
+                    "unpin it or pin it to a tier it can run on",
+                )
             return
         cause: TierError | None = None
         for target in range(0, entry.tier):
@@ -477,12 +485,14 @@ class ResidencyManager:
         return list(reversed(seen.values()))
 
     def _settled(self, entry: _Entry) -> bool:
-        """A lease of ``entry`` moves nothing: it is leased already, pinned, or on the fastest
-        addressable tier."""
-        if entry.leases or entry.pinned is not None:
+        """A lease of ``entry`` moves nothing: it is leased already, or it can run where it is
+        and is pinned there or on the fastest tier it could run on."""
+        if entry.leases:
             return True
-        first = next((i for i, t in enumerate(self.tiers) if t.addressable), None)
-        return entry.tier == first
+        if not self.tiers[entry.tier].addressable:
+            return False
+        first = next(i for i, t in enumerate(self.tiers) if t.addressable)
+        return entry.pinned is not None or entry.tier == first
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Any]:
@@ -631,6 +641,10 @@ class ResidencyManager:
     def close(self) -> None:
         """Stop the thread and free every entry's bytes, except persistent entries' copies on
         durable tiers, which a later manager over the same tiers finds again."""
+        with self._state:
+            leased = [e.name for e in self._entries.values() if e.leases]
+        if leased:
+            raise EntryInUse(", ".join(leased), "leased; release every lease before closing the manager")
         self._worker.stop()
         with self._lock:
             for entry in list(self._entries.values()):

@@ -94,13 +94,18 @@ class TierContract:
     def test_a_returned_tensor_belongs_to_the_caller(self, tier: Tier) -> None:
         """Dropping a key and putting others (which may reuse its room) never changes what a
         caller already holds: pooled or cached memory is not recycled under a live tensor."""
-        tier.put("a", torch.ones(70_000))
-        held = tier.get("a")
-        view = held[10:20]
-        tier.drop("a")
-        for i in range(4):
-            tier.put(f"b{i}", torch.full((70_000,), 7.0))
-        assert torch.equal(held, torch.ones(70_000)) and torch.equal(view, torch.ones(10))
+        for n in (1000, 70_000):  # pooled size classes both
+            tier.put("a", torch.ones(n))
+            held = tier.get("a")  # held as it is, with no view of it taken
+            tier.put("v", torch.ones(n))
+            view = tier.get("v")[10:20]  # only a view of it held
+            tier.drop("a")
+            tier.drop("v")
+            for i in range(4):
+                tier.put(f"b{i}", torch.full((n,), 7.0))
+            assert torch.equal(held, torch.ones(n)) and torch.equal(view, torch.ones(10))
+            for i in range(4):
+                tier.drop(f"b{i}")
 
     def test_a_returned_tensor_is_unchanged_by_puts_of_other_keys(self, tier: Tier) -> None:
         tier.put("a", torch.arange(1000, dtype=torch.int32))

@@ -25,7 +25,11 @@ from tests.conftest import S3_KEY, S3_SECRET, free_port
 
 
 class Flaky:
-    """Wraps an fsspec filesystem: the next ``failures`` calls of the named methods raise."""
+    """Wraps an fsspec filesystem: the next ``failures`` calls of the named methods raise.
+
+    It presents itself as synchronous, so the tier calls the wrapped methods, not their async twins."""
+
+    async_impl = False
 
     def __init__(self, fs: Any, failures: int, error: BaseException) -> None:
         self._fs, self.failures, self.error, self.calls = fs, failures, error, 0

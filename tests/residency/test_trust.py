@@ -18,6 +18,7 @@ import torch
 from memplan import (
     Device,
     MemplanError,
+    PinViolation,
     RemoteTierError,
     ResidencyManager,
     TierError,
@@ -153,6 +154,70 @@ def test_a_hung_s3_endpoint_fails_in_seconds_with_a_typed_error(silent_server: s
     assert time.monotonic() - started < 10
 
 
+class SwitchableProxy:
+    """A loopback TCP proxy to ``upstream`` that, once ``hang`` is set, accepts new connections
+    and never answers them (nor forwards them)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.hang = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.stop = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn = self.server.accept()[0]
+            except OSError:
+                continue
+            self.held.append(conn)
+            if not self.hang.is_set():
+                out = socket.create_connection(self.upstream)
+                self.held.append(out)
+                for a, b in ((conn, out), (out, conn)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def close(self) -> None:
+        self.stop.set()
+        for conn in self.held:
+            conn.close()
+        self.server.close()
+
+
+def test_a_put_to_an_endpoint_that_stops_answering_fails_in_seconds(
+    s3: dict[str, Any], s3_endpoint: str
+) -> None:
+    proxy = SwitchableProxy(s3_endpoint)
+    try:
+        options = {**s3, "client_kwargs": {**s3["client_kwargs"], "endpoint_url": proxy.url}}
+        tier = get_tier("remote", "s3://residency/hang", storage_options=options, timeout_s=0.5, retries=1)
+        tier.put("before", torch.ones(4))
+        proxy.hang.set()
+        started = time.monotonic()
+        with pytest.raises(RemoteTierError):
+            tier.put("after", torch.ones(1024))
+        with pytest.raises(RemoteTierError):
+            tier.get("before")
+        assert time.monotonic() - started < 15
+        assert "after" not in tier and tier.used == tier.size_of("before")
+    finally:
+        proxy.close()
+
+
 def test_credentials_in_an_s3_url_are_used_and_never_shown(s3: dict[str, Any]) -> None:
     key, secret = s3["key"], s3["secret"]
     options = {k: v for k, v in s3.items() if k not in ("key", "secret")}
@@ -236,3 +301,46 @@ def test_a_loaded_model_handed_to_a_manager_is_charged_once(tiny_llama: Path) ->
     assert allocator.usage(GPU).used == rm.tiers[0].used <= loaded  # the tier's charge, not both
     rm.demote("llama")
     assert allocator.usage(GPU).used == 0
+
+
+def test_a_tensor_held_from_a_lease_survives_its_entry_moving_away(tmp_path: Path) -> None:
+    rm = ResidencyManager([get_tier("host", "64MiB"), get_tier("disk", tmp_path)])
+    rm.register("a", {"w": torch.ones(1000)})
+    with rm.use("a") as a:
+        held = a["w"]
+    rm.demote("a", "disk")
+    rm.register("b", {"w": torch.full((1000,), 7.0)})
+    assert torch.equal(held, torch.ones(1000))
+
+
+def test_closing_the_manager_under_a_lease_is_refused() -> None:
+    rm = ResidencyManager(gpu_and_host())
+    layer = torch.nn.Linear(4, 4)
+    rm.register("m", layer)
+    with rm.use("m") as module:
+        with pytest.raises(EntryInUse):
+            rm.close()
+        assert module(torch.ones(1, 4)).shape == (1, 4)
+    rm.close()
+
+
+def test_identical_tensors_within_one_entry_are_freed_with_it(tmp_path: Path) -> None:
+    disk = get_tier("disk", tmp_path)
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), disk])
+    rm.register("x", {"a": torch.zeros(100), "b": torch.zeros(100)})
+    for _ in range(3):
+        rm.demote("x", "disk")
+        with rm.use("x"):
+            pass
+    rm.demote("x", "disk")
+    rm.unregister("x")
+    assert disk.used == 0 and len(disk) == 0
+
+
+def test_using_an_entry_pinned_where_it_cannot_run_is_an_error(tmp_path: Path) -> None:
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), get_tier("disk", tmp_path)])
+    rm.register("d", {"w": torch.ones(4)})
+    rm.pin("d", "disk")
+    with pytest.raises(PinViolation, match="disk"), rm.use("d"):
+        pass
+    assert rm.info("d").leases == 0

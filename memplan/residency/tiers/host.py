@@ -78,7 +78,8 @@ class HostTier(Tier):
 
     def _fetch(self, key: str, handle: Any) -> torch.Tensor:
         if isinstance(handle, _Pooled):
-            return handle.tensor
+            # A view of its own, so that holding it counts as a use of the buffer (see _discard).
+            return handle.tensor.view(handle.tensor.shape)
         meta, payload = handle
         return _wire.decode(self.name, key, meta, payload)
 

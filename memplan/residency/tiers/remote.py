@@ -147,11 +147,12 @@ class RemoteTier(Tier):
             options.setdefault("key", user)
             options.setdefault("secret", password)
         self.codec = _wire.Compression(compression)
+        self.timeout_s = timeout_s
         self.retries = max(1, retries)
         self.backoff_s = backoff_s
         self._transient = _transient_errors()
         self.fs, self.root = self._connect(url, _with_timeouts(url, options, timeout_s))
-        self._retry("create the prefix", None, lambda: self.fs.makedirs(self.root, exist_ok=True))
+        self._retry("create the prefix", None, lambda: self._call("makedirs", 0, self.root, exist_ok=True))
         self.recovered = self._recover()
 
     def _connect(self, url: str, options: dict[str, Any]) -> tuple[Any, str]:
@@ -194,11 +195,24 @@ class RemoteTier(Tier):
             self.name, key, f"cannot {what} at {self.url} after {self.retries} tries: {last}"
         )
 
+    def _call(self, method: str, nbytes: int, *args: Any, **kwargs: Any) -> Any:
+        """``fs.method(*args)`` within a deadline: the client's read timeout does not bound every
+        stage of a request (a PUT to a server that accepts and never answers hung for minutes),
+        so async filesystems (s3fs) run the call with a deadline of their own, which raises
+        ``TimeoutError`` (retried like any timeout). It allows ``nbytes`` at 1 MB/s on top of
+        four timeouts, so a large transfer on a slow link is not cut short."""
+        if not getattr(self.fs, "async_impl", False):
+            return getattr(self.fs, method)(*args, **kwargs)
+        from fsspec.asyn import sync
+
+        deadline = 4 * self.timeout_s + nbytes / 1e6
+        return sync(self.fs.loop, getattr(self.fs, f"_{method}"), *args, timeout=deadline, **kwargs)
+
     def _object(self, key: str) -> str:
         return f"{self.root}/{name_for_key(key)}"
 
     def _recover(self) -> int:
-        listing = self._retry("list", None, lambda: self.fs.find(self.root, detail=True))
+        listing = self._retry("list", None, lambda: self._call("find", 0, self.root, detail=True))
         adopted = 0
         for path, info in listing.items():
             key = key_from_name(str(path).rsplit("/", 1)[-1])
@@ -215,17 +229,18 @@ class RemoteTier(Tier):
         body = payload if isinstance(payload, bytes) else payload.numpy().tobytes()
         blob = _wire.blob_header(key, meta, len(body)) + body
         self._check_room(key, len(blob), room)
-        self._retry("write", key, lambda: self.fs.pipe_file(self._object(key), blob))
+        self._retry("write", key, lambda: self._call("pipe_file", len(blob), self._object(key), blob))
         return None, len(blob)
 
     def _fetch(self, key: str, handle: Any) -> torch.Tensor:
-        blob = self._retry("read", key, lambda: self.fs.cat_file(self._object(key)))
+        size = self.size_of(key)
+        blob = self._retry("read", key, lambda: self._call("cat_file", size, self._object(key)))
         meta, payload = _wire.parse_blob(self.name, key, bytes(blob))
         return _wire.decode(self.name, key, meta, payload)
 
     def _discard(self, key: str, handle: Any) -> None:
         def remove() -> None:
             with contextlib.suppress(FileNotFoundError):  # already gone: dropped either way
-                self.fs.rm_file(self._object(key))
+                self._call("rm_file", 0, self._object(key))
 
         self._retry("delete", key, remove)
