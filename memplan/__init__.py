@@ -6,6 +6,7 @@ import it when they are used.
 
 from memplan.errors import (
     CheckpointError,
+    ContextTooLong,
     DeviceOutOfMemory,
     DoesNotFit,
     InvalidDevice,
@@ -47,6 +48,7 @@ __all__ = [
     "Allocator",
     "Checkpoint",
     "CheckpointError",
+    "ContextTooLong",
     "Corrections",
     "Device",
     "DeviceMemory",

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from memplan.errors import DoesNotFit, MemplanError
+from memplan.errors import DoesNotFit, ForwardCheckFailed, MemplanError
 from memplan.gpu import Inventory, probe
 from memplan.monitor import parse_address
 from memplan.planner import Corrections, Plan, Policy, Workload, compute_dtype, dtype_name, inspect, plan
@@ -90,31 +90,89 @@ def _cmd_load(args: argparse.Namespace) -> int:
     except DoesNotFit as exc:
         return _nothing_fits(args, exc)
     model = load(args.model, revision=args.revision, plan=chosen, progress=not args.json)
-    forward = _forward_check(model, args.tokens)
+    forward = _forward_check(model, min(args.tokens, chosen.workload.tokens))
     report: LoadReport = model.memplan_report  # type: ignore[assignment]
     if args.json:
         print(json.dumps({"report": report.to_dict(), "forward": forward}, indent=2))
     else:
         print(report.explain())
-        print(f"  forward on {args.tokens} tokens: {forward['seconds']:.3f} s, output {forward['shape']}")
+        print(f"  {_forward_line(forward)}")
     return EXIT_OK
 
 
+def _forward_line(forward: dict[str, Any]) -> str:
+    if "skipped" in forward:
+        return f"forward skipped: {forward['skipped']}"
+    return f"forward on {forward['inputs']}: {forward['seconds']:.3f} s, output {forward['shape']}"
+
+
 def _forward_check(model: Any, tokens: int) -> dict[str, Any]:
-    """One forward on a few tokens, the proof that the loaded model runs."""
+    """One forward on inputs built from the config, the proof that the loaded model runs; a model
+    whose inputs memplan cannot build is not run, and the result says why."""
     import time
 
     import torch
 
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 2)
-    ids = (torch.arange(tokens) % vocab).unsqueeze(0)
+    inputs = _dummy_inputs(model, tokens)
+    if isinstance(inputs, str):
+        return {"skipped": inputs}
     start = time.perf_counter()
-    with torch.no_grad():
-        out = model(ids)
-    logits = getattr(out, "logits", out)
-    if not torch.isfinite(logits.float()).all():
-        raise MemplanError("the loaded model produced non-finite outputs")
-    return {"seconds": time.perf_counter() - start, "shape": list(logits.shape)}
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    except Exception as exc:  # the boundary: the model's own error, as one line
+        raise ForwardCheckFailed(f"{type(exc).__name__}: {exc}") from exc
+    output = _first_tensor(out)
+    if output is None:
+        return {"skipped": f"{type(model).__name__} returned no tensor to check"}
+    if not torch.isfinite(output.float()).all():
+        raise ForwardCheckFailed("the loaded model produced non-finite outputs")
+    described = ", ".join(f"{name} {list(value.shape)}" for name, value in inputs.items())
+    return {"seconds": time.perf_counter() - start, "shape": list(output.shape), "inputs": described}
+
+
+def _first_tensor(out: Any) -> Any:
+    """The output to check: ``logits`` where the model has them, else its first tensor."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, tuple) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def _dummy_inputs(model: Any, tokens: int) -> dict[str, Any] | str:
+    """Keyword inputs for one forward of ``model``, from its config: token ids, decoder ids, pixel
+    values, audio features; or why there are none (a one-line note)."""
+    import inspect
+
+    import torch
+
+    config: Any = getattr(model, "config", None)
+    accepted = inspect.signature(model.forward).parameters
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    ids = (torch.arange(tokens) % max(vocab, 1)).unsqueeze(0)
+    inputs: dict[str, Any] = {}
+    for name, value in (("input_ids", ids), ("decoder_input_ids", ids)):
+        if name in accepted and vocab:
+            inputs[name] = value
+    # A vision-language model wants its image tokens and pixels to agree: text alone runs it.
+    images = not any(hasattr(config, k) for k in ("image_token_index", "image_token_id"))
+    vision = getattr(config, "vision_config", None) or config
+    size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", 3)
+    if "pixel_values" in accepted and images and isinstance(size, int):
+        inputs["pixel_values"] = torch.zeros(1, channels, size, size)
+    mels, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+    if "input_features" in accepted and isinstance(mels, int) and isinstance(frames, int):
+        inputs["input_features"] = torch.zeros(1, mels, 2 * frames)  # two frames per encoder position
+    if not inputs:
+        return f"cannot build inputs for {type(model).__name__} from its config"
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _common(command: argparse.ArgumentParser) -> None:
@@ -182,7 +240,9 @@ def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
         "repo id (org/name, from the local cache first)",
     )
     cmd.add_argument("--revision", help="branch, tag or commit of a repo id (default: main)")
-    cmd.add_argument("--context", type=_positive, default=4096, help="tokens per sequence (default 4096)")
+    cmd.add_argument(
+        "--context", type=_positive, help="tokens per sequence (default: the model's limit, at most 4096)"
+    )
     cmd.add_argument("--batch", type=_positive, default=1, help="sequences at once (default 1)")
     cmd.add_argument(
         "--kv-dtype", type=_checked(dtype_name), help="KV cache dtype, e.g. fp8 (default: the compute dtype)"
@@ -210,7 +270,12 @@ def _add_plan(commands: Any) -> None:
 def _add_load(commands: Any) -> None:
     cmd = commands.add_parser("load", help="plan, load the model, run one forward and print the load report")
     _plan_arguments(cmd)
-    cmd.add_argument("--tokens", type=_positive, default=8, help="tokens in the test forward (default 8)")
+    cmd.add_argument(
+        "--tokens",
+        type=_positive,
+        default=8,
+        help="tokens in the test forward (default 8, at most the context)",
+    )
     cmd.set_defaults(run=_cmd_load)
 
 

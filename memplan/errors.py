@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointError",
+    "ContextTooLong",
     "DeviceOutOfMemory",
     "DoesNotFit",
+    "ForwardCheckFailed",
     "InvalidAddress",
     "InvalidDevice",
     "InvalidSize",
@@ -192,3 +194,24 @@ class UnsupportedQuantization(CheckpointError):
             file,
             f"quantized with {method}, which memplan cannot load; load it with transformers' from_pretrained",
         )
+
+
+class ContextTooLong(MemplanError):
+    """A workload asks for a longer context than the model's position embeddings cover."""
+
+    def __init__(self, model: str, context: int, limit: int) -> None:
+        self.model = model
+        self.context = context
+        self.limit = limit
+        super().__init__(
+            f"{model} takes at most {limit} tokens (the max positions in its config.json); a context "
+            f"of {context} tokens is longer: ask for {limit} or fewer"
+        )
+
+
+class ForwardCheckFailed(MemplanError):
+    """The test forward after a load failed or gave non-finite outputs; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"the loaded model's test forward failed: {reason}")

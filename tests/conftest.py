@@ -116,3 +116,19 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
         "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
         "skip_instance_cache": True,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A family of tests/compat/families.py (2 + 2 layers, hidden 32) saved once per session."""
+    from tests.compat.families import FAMILIES, save_family
+
+    saved: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in saved:
+            family = next(f for f in FAMILIES if f.name == name)
+            saved[name] = save_family(family, tmp_path_factory.mktemp("families") / name)
+        return saved[name]
+
+    return get

@@ -2,8 +2,8 @@
 
 import os
 import re
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +20,14 @@ class Hooks:
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
         self.streamer: ModuleStreamer | None = None
+
+    def add_streamer(self, model: nn.Module, streamer: ModuleStreamer) -> None:
+        """Own ``streamer``; ``model.state_dict()`` (and so ``save_pretrained``) then reads the
+        streamed modules' weights from their source instead of their placeholders."""
+        self.streamer = streamer
+        # torch marks the hook it is given, which a bound method cannot take: a partial can
+        hook = functools.partial(type(streamer).fill_state_dict, streamer)
+        self.handles.append(model.register_state_dict_post_hook(hook))  # type: ignore[no-untyped-call]
 
     def remove(self) -> None:
         """Take every hook off and stop the streamer's prefetch thread. Idempotent."""

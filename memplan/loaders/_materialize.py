@@ -7,11 +7,11 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING
 
 from memplan.errors import CheckpointError
 from memplan.gpu.device import Device
+from memplan.loaders._conversion import Conversion, KeyMap
 from memplan.loaders._placement import Placement
 from memplan.loaders._quantize import is_quantized_layer, prequantized_weight, quantize_weight, quantized_size
 from memplan.loaders._reader import TensorReader
@@ -35,25 +35,20 @@ class Binding:
     """One tensor of the model: where it is set (tied parameters: several places) and its source."""
 
     owners: list[tuple[nn.Module, str]]
-    name: str  # the checkpoint's name for it
+    name: str  # the model's name for it
     shape: tuple[int, ...]
     is_buffer: bool
+    source: str  # the checkpoint tensor it is read from (a conversion: the first of those it reads)
+    conversion: Conversion | None = None  # transformers' converter, for tensors fused or split on load
 
 
-def _variants(name: str, base_prefix: str) -> list[str]:
-    """The names a checkpoint may give the model's tensor ``name``: with or without the base-model prefix."""
-    if not base_prefix:
-        return [name]
-    return [name, name.removeprefix(f"{base_prefix}."), f"{base_prefix}.{name}"]
+@dataclass(frozen=True)
+class Bound:
+    """What a model takes from the checkpoint, and the parameters it has that the checkpoint lacks."""
 
-
-def _checkpoint_name(names: list[str], available: Callable[[str], bool], base_prefix: str) -> str | None:
-    """The first of a tensor's model names the checkpoint has, allowing for a base-model prefix."""
-    for name in names:
-        for variant in _variants(name, base_prefix):
-            if available(variant):
-                return variant
-    return None
+    bindings: list[Binding]  # in checkpoint file order
+    missing: list[Binding]  # new heads: initialised as transformers does (their ``source`` is empty)
+    keys: KeyMap
 
 
 def _grouped_params(model: nn.Module) -> dict[int, tuple[list[tuple[nn.Module, str]], list[str]]]:
@@ -72,33 +67,67 @@ def in_module(name: str, module: str) -> bool:
     return name == module or name.startswith(f"{module}.")
 
 
-def bindings(model: nn.Module, reader: TensorReader) -> list[Binding]:
-    """Every parameter (and every buffer still on meta) of ``model``, in checkpoint file order.
+def _binding(owners: list[tuple[nn.Module, str]], names: list[str], keys: KeyMap, is_buffer: bool) -> Binding:
+    """The binding for a tensor known by ``names`` (tied: several); no source if the checkpoint lacks it."""
+    tensor = getattr(owners[0][0], owners[0][1])
+    for name in names:
+        if name in keys.plain:
+            return Binding(owners, name, tuple(tensor.shape), is_buffer, keys.plain[name])
+        if name in keys.fused:
+            conversion = keys.fused[name]
+            return Binding(owners, name, tuple(tensor.shape), is_buffer, conversion.names[0], conversion)
+    return Binding(owners, names[0], tuple(tensor.shape), is_buffer, "")
 
-    A tensor the checkpoint lacks is a :class:`CheckpointError` now, before anything is read.
+
+def bindings(model: nn.Module, reader: TensorReader, keys: KeyMap) -> Bound:
+    """Every parameter (and every buffer still on meta) of ``model``, in checkpoint file order, named
+    onto the checkpoint by ``keys``.
+
+    A tensor of the model's body the checkpoint lacks is a :class:`CheckpointError` now, before
+    anything is read; parameters of a new head (outside the base model) are ``missing``.
     """
-    base = str(getattr(model, "base_model_prefix", "") or "")
     tensors = reader.checkpoint.tensors
     found: list[Binding] = []
     for owners, names in _grouped_params(model).values():
-        name = _checkpoint_name(names, tensors.__contains__, base)
-        if name is None:
-            raise CheckpointError(reader.checkpoint.path, _LACKS, names[0])
-        param = getattr(owners[0][0], owners[0][1])
-        found.append(Binding(owners, name, tuple(param.shape), False))
+        found.append(_binding(owners, names, keys, False))
     for module_name, module in model.named_modules():
         for attr, buffer in module._buffers.items():
             full = f"{module_name}.{attr}" if module_name else attr
             if buffer is not None and buffer.device.type == "meta":
-                name = _checkpoint_name([full], tensors.__contains__, base)
-                if name is None:
-                    raise CheckpointError(reader.checkpoint.path, "buffer missing from the checkpoint", full)
-                found.append(Binding([(module, attr)], name, tuple(buffer.shape), True))
-    return sorted(found, key=lambda b: (str(tensors[b.name].file), tensors[b.name].offset))
+                found.append(_binding([(module, attr)], [full], keys, True))
+    missing = [b for b in found if not b.source]
+    loaded = {id(module) for b in found if b.source for module, _ in b.owners}
+    for binding in missing:
+        absent = all(id(module) not in loaded for module, _ in binding.owners)
+        if binding.is_buffer or not _is_new(model, binding.name, absent):
+            what = "buffer missing from the checkpoint" if binding.is_buffer else _LACKS
+            raise CheckpointError(reader.checkpoint.path, what, binding.name)
+    present = sorted(
+        (b for b in found if b.source), key=lambda b: (str(tensors[b.source].file), tensors[b.source].offset)
+    )
+    return Bound(present, missing, keys)
+
+
+def _is_new(model: nn.Module, name: str, module_absent: bool) -> bool:
+    """Whether the checkpoint may lack parameter ``name``, as transformers would initialise it: one
+    the model's class says may be missing (``_keys_to_ignore_on_load_missing``), or one of a module
+    the checkpoint has nothing of (a new task head, a pooler) outside the body: neither in a
+    numbered block nor inside a distinct base model. A module with some of its tensors present,
+    or a block, is a damaged checkpoint. Only transformers' models can initialise one."""
+    if not callable(getattr(model, "initialize_weights", None)):
+        return False
+    patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+    if any(re.search(p, name) for p in patterns):
+        return True
+    base = str(getattr(model, "base_model_prefix", "") or "")
+    body = getattr(model, base, None) if base else None
+    in_body = body is not None and body is not model and in_module(name, base)
+    in_block = any(part.isdigit() for part in name.split("."))
+    return module_absent and not in_body and not in_block
 
 
 def unused_tensors(
-    model: nn.Module, checkpoint: Checkpoint, bound: list[Binding], also_used: Iterable[str] = ()
+    model: nn.Module, checkpoint: Checkpoint, keys: KeyMap, also_used: Iterable[str] = ()
 ) -> tuple[str, ...]:
     """Checkpoint tensors ``model`` has no place for, less those its class says to ignore
     (transformers' ``_keys_to_ignore_on_load_unexpected``), with a warning naming them.
@@ -106,10 +135,8 @@ def unused_tensors(
     One inside the decoder layers is a :class:`CheckpointError`: config.json and the checkpoint
     describe different models, and loading what the config asks for would drop weights silently.
     """
-    base = str(getattr(model, "base_model_prefix", "") or "")
-    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    known = {b.name for b in bound} | {v for name, _ in named for v in _variants(name, base)} | set(also_used)
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    known = keys.known | set(also_used)
     unused = sorted(n for n in checkpoint.tensors if n not in known and not any(p.search(n) for p in ignored))
     for name in unused:
         info = checkpoint.tensors[name]
@@ -121,12 +148,13 @@ def unused_tensors(
     return tuple(unused)
 
 
-def set_tensor(binding: Binding, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` in every place ``binding`` names (a parameter, unless it is a buffer)."""
+def set_tensor(binding: Binding, tensor: torch.Tensor, *, trainable: bool = False) -> None:
+    """Put ``tensor`` in every place ``binding`` names (a parameter, unless it is a buffer);
+    a floating parameter requires grad if ``trainable``, as ``from_pretrained`` leaves it."""
     from torch import nn
 
     if not binding.is_buffer and not isinstance(tensor, nn.Parameter):
-        tensor = nn.Parameter(tensor, requires_grad=False)
+        tensor = nn.Parameter(tensor, requires_grad=trainable and tensor.is_floating_point())
     for module, attr in binding.owners:
         if binding.is_buffer:
             module._buffers[attr] = tensor
@@ -139,22 +167,32 @@ class Materializer:
     bitsandbytes layers' weights on the way)."""
 
     def __init__(
-        self, reader: TensorReader, placement: Placement, dtype: torch.dtype, *, prequantized: bool = False
-    ) -> None:
+        self, reader: TensorReader, placement: Placement, dtype: torch.dtype, *, prequantized: bool = False,
+        trainable: bool = True,
+    ) -> None:  # fmt: skip
         self.reader = reader
         self.placement = placement
         self.dtype = dtype
+        self.trainable = trainable  # parameters placed for good require grad, as transformers leaves them
         self.prequantized = prequantized  # bnb layers take their stored weights, not quantize them
 
     def host_tensor(self, binding: Binding) -> torch.Tensor:
-        """The binding's data on the host, checked against the model's shape, in the compute dtype."""
-        info = self.reader.info(binding.name)
-        if tuple(info.shape) != binding.shape:
-            found, expected = list(info.shape), list(binding.shape)
+        """The binding's data on the host, checked against the model's shape, in the compute dtype
+        (a converted tensor: its sources read, cast and put through transformers' converter)."""
+        info = self.reader.info(binding.source)
+        if binding.conversion is None:
+            tensor = self._read(info.name)
+        else:
+            tensor = binding.conversion.take(binding.name, self._read)
+        if tuple(tensor.shape) != binding.shape:
+            found, expected = list(tensor.shape), list(binding.shape)
             raise CheckpointError(
                 info.file, f"shape {found} in the file, the model expects {expected}", info.name
             )
-        tensor = self.reader.read(info.name)
+        return tensor
+
+    def _read(self, name: str) -> torch.Tensor:
+        tensor = self.reader.read(name)
         if tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         return tensor
@@ -162,22 +200,22 @@ class Materializer:
     def load(self, binding: Binding, device: Device) -> None:
         module, attr = binding.owners[0]
         if attr == "weight" and self.prequantized and is_quantized_layer(module):
-            stored = self._stored_quantized(binding.name)
+            stored = self._stored_quantized(binding.source)
             size = sum(t.numel() * t.element_size() for t in stored.values())
             param = self.placement.place(
                 device, size, binding.name, lambda where: prequantized_weight(module, stored, where)
             )
-            set_tensor(binding, param)
+            set_tensor(binding, param, trainable=self.trainable)
             return
         host = self.host_tensor(binding)
         if attr == "weight" and is_quantized_layer(module):
-            size = quantized_size(module, self.reader.info(binding.name))
+            size = quantized_size(module, self.reader.info(binding.source))
             param = self.placement.place(
                 device, size, binding.name, lambda where: quantize_weight(module, host, where)
             )
-            set_tensor(binding, param)
+            set_tensor(binding, param, trainable=self.trainable)
             return
-        set_tensor(binding, self.placement.put(host, device, binding.name))
+        set_tensor(binding, self.placement.put(host, device, binding.name), trainable=self.trainable)
 
     def _stored_quantized(self, weight: str) -> dict[str, torch.Tensor]:
         """A pre-quantized layer's weight and states as stored, keyed relative to the layer."""
@@ -188,8 +226,21 @@ class Materializer:
         return {name.removeprefix(f"{layer}."): self.reader.read(name) for name in names}
 
     def load_all(self, items: Iterable[Binding], device_for: Callable[[str], Device]) -> None:
+        items = list(items)
+        # The next tensors come off the disk while this one is cast, quantized or placed.
+        self.reader.read_ahead(name for b in items for name in _reads(b, self.prequantized))
         for binding in items:
             self.load(binding, device_for(binding.name))
+
+
+def _reads(binding: Binding, prequantized: bool) -> list[str]:
+    """The checkpoint tensors loading ``binding`` reads, in the order it reads them."""
+    if binding.conversion is not None:
+        return binding.conversion.names
+    if prequantized and binding.name.endswith(".weight"):
+        layer = binding.source.removesuffix(".weight")
+        return [binding.source] + [layer + s for s in QUANT_STATE_SUFFIXES]
+    return [binding.source]
 
 
 def move_real_buffers(model: nn.Module, placement: Placement, device_for: Callable[[str], Device]) -> None:

@@ -7,6 +7,7 @@ the same checkpoint gives the same kernels and the same logits either way.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -41,21 +42,55 @@ def _bnb() -> Any:
     return bitsandbytes
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out)."""
+    utils = sys.modules.get("transformers.pytorch_utils")  # no Conv1D exists before it is imported
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer bitsandbytes replaces, as transformers' replace_with_bnb_linear picks
+    them: an exact ``nn.Linear`` or a ``Conv1D``; None for anything else."""
+    from torch import nn
+
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        weight: Any = module.weight
+        stored_in, stored_out = weight.shape
+        return int(stored_in), int(stored_out)
+    return None
+
+
 def _replacement(
-    linear: nn.Linear, strategy: Quantized, compute_dtype: torch.dtype, threshold: float
-) -> nn.Module:
+    layer: nn.Module, features: tuple[int, int], strategy: Quantized, compute_dtype: torch.dtype,
+    threshold: float,
+) -> nn.Module:  # fmt: skip
     bnb = _bnb()
-    has_bias = linear.bias is not None
+    has_bias = getattr(layer, "bias", None) is not None
     if strategy.method == "int8":
-        return bnb.nn.Linear8bitLt(  # type: ignore[no-any-return]
-            linear.in_features, linear.out_features, has_bias,
-            has_fp16_weights=False, threshold=threshold, device="meta",
+        new: nn.Module = bnb.nn.Linear8bitLt(
+            *features, has_bias, has_fp16_weights=False, threshold=threshold, device="meta"
+        )
+    else:
+        new = bnb.nn.Linear4bit(
+            *features, has_bias, compute_dtype=compute_dtype, compress_statistics=strategy.double_quant,
+            quant_type="nf4", device="meta",
         )  # fmt: skip
-    return bnb.nn.Linear4bit(  # type: ignore[no-any-return]
-        linear.in_features, linear.out_features, has_bias,
-        compute_dtype=compute_dtype, compress_statistics=strategy.double_quant,
-        quant_type="nf4", device="meta",
-    )  # fmt: skip
+    if _is_conv1d(layer):
+        _expect_stored_orientation(new, layer)
+    return new
+
+
+def _expect_stored_orientation(new: nn.Module, conv1d: nn.Module) -> None:
+    """A Conv1D's file weight is (in, out): the placeholder takes that shape until quantize_weight
+    transposes it, as transformers' Bnb8bitQuantize / Bnb4bitQuantize do (``source_cls``)."""
+    import torch
+
+    setattr(new, "source_cls", type(conv1d))  # noqa: B010  (nn.Module's typed __setattr__)
+    weight: Any = new.weight
+    stored: Any = conv1d.weight
+    weight.data = torch.empty(tuple(stored.shape), dtype=weight.dtype, device="meta")
 
 
 def replace_linears(
@@ -65,17 +100,23 @@ def replace_linears(
     compute_dtype: torch.dtype,
     threshold: float = INT8_THRESHOLD,
 ) -> int:
-    """Swap the ``nn.Linear`` modules named in ``modules`` for bitsandbytes ones; returns how many."""
-    from torch import nn
-
+    """Swap the ``nn.Linear`` and ``Conv1D`` modules named in ``modules`` for bitsandbytes ones;
+    returns how many."""
     swapped = 0
     for name, module in list(model.named_modules()):
-        if name in modules and type(module) is nn.Linear:
+        features = _features(module) if name in modules else None
+        if features is not None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, _replacement(module, strategy, compute_dtype, threshold))
+            setattr(parent, child, _replacement(module, features, strategy, compute_dtype, threshold))
             swapped += 1
     return swapped
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    source = getattr(module, "source_cls", None)
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return source is not None and utils is not None and issubclass(source, utils.Conv1D)
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -88,6 +129,8 @@ def is_quantized_layer(module: nn.Module) -> bool:
 def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) -> nn.Parameter:
     """``weight`` (in the compute dtype, on the host) as the layer's quantised parameter on the device."""
     bnb = _bnb()
+    if _stored_transposed(module):
+        weight = weight.T
     if isinstance(module, bnb.nn.Linear8bitLt):
         param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
@@ -149,6 +192,8 @@ def quantized_size(module: nn.Module, weight: TensorInfo) -> int:
     to the byte), known before quantising so the charge can come first."""
     method = "int8" if isinstance(module, _bnb().nn.Linear8bitLt) else "nf4"
     double_quant = bool(getattr(module.weight, "compress_statistics", False))
+    if _stored_transposed(module):  # quantised as (out, in): one int8 scale per output row
+        weight = dataclasses.replace(weight, shape=weight.shape[::-1])
     return quantized_bytes(weight, method, weight.dtype, double_quant)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from memplan._fileio import read_exactly
 from memplan.errors import CheckpointError
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
+from memplan.planner.estimate import READ_AHEAD_BYTES
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +29,7 @@ __all__ = ["TensorReader", "torch_dtype"]
 
 _CHUNK = 8 << 20
 _READERS = 4
+_AHEAD = 4  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
 _TORCH_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -47,16 +50,67 @@ def torch_dtype(name: str, *, tensor: str = "", file: Path | None = None) -> tor
 
 
 class TensorReader:
-    """Reads tensors of one checkpoint; counts bytes read; thread-safe; close() or ``with``."""
+    """Reads tensors of one checkpoint; counts bytes read; thread-safe; close() or ``with``.
 
-    def __init__(self, checkpoint: Checkpoint, on_bytes: Callable[[int], None] | None = None) -> None:
+    :meth:`read_ahead` starts reading the tensors a load will ask for next, in file order, into
+    tensors the reader owns, up to ``window`` bytes ahead of the consumer: while the consumer
+    casts, converts, quantizes or copies one tensor, the next ones are already coming off the
+    disk, several requests in flight. The window bounds the host memory this takes; the planner
+    counts it (:data:`~memplan.planner.estimate.READ_AHEAD_BYTES`).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        on_bytes: Callable[[int], None] | None = None,
+        *,
+        window: int = READ_AHEAD_BYTES,
+    ) -> None:
         self.checkpoint = checkpoint
         self.bytes_read = 0
+        self.window = window
         self._on_bytes = on_bytes
         self._fds: dict[Path, int] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._queue: deque[str] = deque()
+        self._ahead: dict[str, Future[torch.Tensor]] = {}
+        self._ahead_bytes = 0
+
+    def read_ahead(self, names: Iterable[str]) -> None:
+        """Read ``names`` (in this order) ahead of :meth:`read` asking for them."""
+        with self._lock:
+            self._queue.extend(n for n in names if n not in self._ahead)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        with self._lock:
+            while self._queue:
+                info = self.checkpoint.tensors.get(self._queue[0])
+                if info is None or info.name in self._ahead:
+                    self._queue.popleft()
+                    continue
+                if self._ahead and self._ahead_bytes + info.nbytes > self.window:
+                    return  # full: a tensor larger than the window is read only when alone
+                name = self._queue.popleft()
+                if self._ahead_pool is None:
+                    self._ahead_pool = ThreadPoolExecutor(_AHEAD, thread_name_prefix="memplan-ahead")
+                self._ahead[name] = self._ahead_pool.submit(self._read_new, info)
+                self._ahead_bytes += info.nbytes
+
+    def _take_ahead(self, name: str) -> torch.Tensor | None:
+        with self._lock:
+            future = self._ahead.pop(name, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._ahead_bytes -= self.checkpoint.tensors[name].nbytes
+            self._top_up()
 
     def _fd(self, file: Path) -> int:
         with self._lock:
@@ -76,10 +130,14 @@ class TensorReader:
 
     def read(self, name: str) -> torch.Tensor:
         """A new host tensor with ``name``'s data, in the file's dtype and shape."""
+
+        ahead = self._take_ahead(name)
+        return ahead if ahead is not None else self._read_new(self.info(name))
+
+    def _read_new(self, info: TensorInfo) -> torch.Tensor:
         import torch
 
-        info = self.info(name)
-        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype, tensor=name, file=info.file))
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype, tensor=info.name, file=info.file))
         self.read_into(info, out)
         return out
 
@@ -126,6 +184,11 @@ class TensorReader:
             return self._executor
 
     def close(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            ahead, self._ahead_pool, self._ahead, self._ahead_bytes = self._ahead_pool, None, {}, 0
+        if ahead is not None:  # first: its reads use the chunk pool and the descriptors
+            ahead.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
             self._bins = {}

@@ -52,7 +52,11 @@ def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
     config_file = _config_file(checkpoint)
     if not config_file.is_file():
         return None
-    if not _has_transformers() or (factory is not None and not _is_transformers_class(factory)):
+    if (
+        not _has_transformers()
+        or (factory is not None and not _is_transformers_class(factory))
+        or (factory is not None and _is_diffusers_class(factory))  # diffusers configs are plain dicts
+    ):
         return json.loads(config_file.read_text())
     from transformers import AutoConfig
 
@@ -63,13 +67,16 @@ def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
 
 
 def _transformers_class(config: Any) -> ModelFactory:
+    """The class ``config.architectures`` names, else the base model, as transformers' ``AutoModel``
+    picks it: a config that names no head gets none (a BERT without ``architectures`` is a
+    ``BertModel``, not a language model missing its head)."""
     import transformers
 
     for name in getattr(config, "architectures", None) or ():
         found = getattr(transformers, name, None)
         if found is not None:
             return found  # type: ignore[no-any-return]
-    return transformers.AutoModelForCausalLM  # type: ignore[return-value]  # a factory with from_config
+    return transformers.AutoModel  # type: ignore[return-value]  # a factory with from_config
 
 
 def _has_transformers() -> bool:
@@ -82,8 +89,15 @@ def _is_transformers_class(factory: ModelFactory) -> bool:
     return hasattr(factory, "from_config") or hasattr(factory, "_from_config")
 
 
+def _is_diffusers_class(factory: ModelFactory) -> bool:
+    return str(getattr(factory, "__module__", "")).startswith("diffusers.")
+
+
 def _construct(factory: ModelFactory, config: Any, dtype: torch.dtype) -> nn.Module:
     import torch
+
+    if _is_diffusers_class(factory):  # from_config takes the config dict and no dtype
+        return factory.from_config(config)  # type: ignore[attr-defined,no-any-return]
 
     builder = getattr(factory, "from_config", None) or getattr(factory, "_from_config", None)
     if builder is not None and config is not None:
@@ -106,6 +120,13 @@ def check_config(checkpoint: Checkpoint) -> None:
     """Refuse a config.json asking for decoder layers the checkpoint does not have, before a skeleton
     of them is built (``num_hidden_layers=10**12`` would build forever). Layers the config lacks
     show up later as tensors the model has no place for."""
+    if checkpoint.components:
+        names = ", ".join(name for name, _ in checkpoint.components)
+        raise CheckpointError(
+            checkpoint.path,
+            f"a diffusers pipeline: load each component with its class, e.g. memplan.load(path / "
+            f"'unet', model_cls=UNet2DConditionModel) (components: {names})",
+        )
     stored = checkpoint.architecture.quantization
     if stored is not None and not stored.loadable:
         raise UnsupportedQuantization(_config_file(checkpoint), stored.method)

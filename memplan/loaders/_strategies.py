@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memplan.gpu.device import Device
+from memplan.loaders._conversion import KeyMap, key_map, prefix_map
+from memplan.loaders._heads import initialize_new
 from memplan.loaders._hooks import Hooks
 from memplan.loaders._materialize import (
     Binding,
+    Bound,
     Materializer,
     bindings,
     in_module,
@@ -33,10 +36,15 @@ if TYPE_CHECKING:
 __all__ = ["Loaded", "carry_out"]
 
 
+Rename = Callable[[str], str]  # a module's name in the checkpoint -> its name in the model
+DeviceFor = Callable[[str], Device]  # a model tensor's name -> the device it rests on
+
+
 @dataclass
 class Loaded:
     model: nn.Module
     unused_tensors: tuple[str, ...]  # checkpoint tensors the model has no place for
+    newly_initialized: tuple[str, ...]  # parameters the checkpoint lacks, initialised as transformers does
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -93,60 +101,104 @@ def _streamer(
 
 def _one_device(
     model: nn.Module, strategy: Full | Quantized, materializer: Materializer, everything: list[Binding]
-) -> None:
+) -> DeviceFor:
     materializer.load_all(everything, lambda _: strategy.device)
     move_real_buffers(model, materializer.placement, lambda _: strategy.device)
+    return lambda _: strategy.device
+
+
+def _model_device_map(strategy: Sharded, rename: Rename) -> tuple[tuple[str, Device], ...]:
+    return tuple((rename(module), device) for module, device in strategy.device_map)
 
 
 def _sharded(
-    model: nn.Module, strategy: Sharded, materializer: Materializer, everything: list[Binding], hooks: Hooks
-) -> None:
+    model: nn.Module, strategy: Sharded, materializer: Materializer, everything: list[Binding], hooks: Hooks,
+    rename: Rename,
+) -> DeviceFor:  # fmt: skip
     placement = materializer.placement
-    run_on = _prefix_lookup(strategy.device_map, strategy.execution_device)
-    offloaded = [m for m, d in strategy.device_map if strategy.offloaded and not d.is_accelerator]
+    device_map = _model_device_map(strategy, rename)
+    run_on = _prefix_lookup(device_map, strategy.execution_device)
+    offloaded = _outermost([m for m, d in device_map if strategy.offloaded and not d.is_accelerator])
     streamed, resident = _split(everything, offloaded)
     if offloaded:  # they visit the execution device one at a time, the next one prefetched
-        hooks.streamer = _streamer(
-            model, offloaded, streamed, materializer, strategy.execution_device, depth=1, source="host"
+        hooks.add_streamer(
+            model,
+            _streamer(
+                model, offloaded, streamed, materializer, strategy.execution_device, depth=1, source="host"
+            ),
         )
         moved = dict.fromkeys(offloaded, strategy.execution_device)
-        run_on = _prefix_lookup(tuple(moved.items()) + strategy.device_map, strategy.execution_device)
+        run_on = _prefix_lookup(tuple(moved.items()) + device_map, strategy.execution_device)
     materializer.load_all(resident, run_on)
     move_real_buffers(model, placement, run_on)
-    for module_name, _ in strategy.device_map:
+    for module_name, _ in device_map:
         device = placement.torch_device(run_on(module_name))
         module = _submodule(model, module_name)
         hooks.handles.append(module.register_forward_pre_hook(_move_inputs_to(device), with_kwargs=True))
+    return run_on
+
+
+def _outermost(modules: list[str]) -> list[str]:
+    """``modules`` less those inside another of them: a streamed module brings its children in
+    with it, and streamed modules must not nest (a VLM's map names ``embeddings`` and its children)."""
+    return [m for m in modules if not any(m != other and in_module(m, other) for other in modules)]
+
+
+def _streamed_prefixes(strategy: Streamed, checkpoint: Checkpoint, rename: Rename) -> list[str]:
+    """The model's names for the layers the strategy streams."""
+    return [rename(layer.prefix) for layer in checkpoint.layers[strategy.resident_layers :]]
 
 
 def _streamed(
-    model: nn.Module, strategy: Streamed, materializer: Materializer, everything: list[Binding], hooks: Hooks
-) -> None:
-    layers = materializer.reader.checkpoint.layers
-    prefixes = [layer.prefix for layer in layers[strategy.resident_layers :]]
+    model: nn.Module, strategy: Streamed, materializer: Materializer, everything: list[Binding], hooks: Hooks,
+    rename: Rename,
+) -> DeviceFor:  # fmt: skip
+    prefixes = _streamed_prefixes(strategy, materializer.reader.checkpoint, rename)
     streamed, resident = _split(everything, prefixes)
     if prefixes:
-        hooks.streamer = _streamer(
-            model, prefixes, streamed, materializer, strategy.compute_device,
-            depth=min(strategy.prefetch_depth, max(1, len(prefixes) - 1)), source=strategy.source,
-        )  # fmt: skip
+        depth = min(strategy.prefetch_depth, max(1, len(prefixes) - 1))
+        hooks.add_streamer(
+            model,
+            _streamer(
+                model,
+                prefixes,
+                streamed,
+                materializer,
+                strategy.compute_device,
+                depth=depth,
+                source=strategy.source,
+            ),
+        )
     materializer.load_all(resident, lambda _: strategy.compute_device)
     move_real_buffers(model, materializer.placement, lambda _: strategy.compute_device)
+    return lambda _: strategy.compute_device
 
 
-def _bindings(
-    model: nn.Module, strategy: Strategy, reader: TensorReader, dtype: torch.dtype
-) -> list[Binding]:
+def _bindings(model: nn.Module, strategy: Strategy, reader: TensorReader, dtype: torch.dtype) -> Bound:
     """Every tensor the model takes from the checkpoint, bnb layers swapped in first if quantized."""
+    keys = key_map(model, reader.checkpoint.tensors)
     if isinstance(strategy, Quantized):
         stored = reader.checkpoint.architecture.quantization
         if strategy.prequantized and stored is not None:
-            replace_linears(model, _stored_layers(reader.checkpoint), strategy, dtype, stored.threshold)
+            layers = _model_modules(keys, _stored_layers(reader.checkpoint))
+            replace_linears(model, layers, strategy, dtype, stored.threshold)
         else:
             names = {t.module for t in reader.checkpoint.tensors.values() if is_quantizable(t)}
-            replace_linears(model, names, strategy, dtype)
+            replace_linears(model, _model_modules(keys, names), strategy, dtype)
         model.eval()  # the new layers were built in training mode, which changes bnb's int8 path
-    return bindings(model, reader)
+    return bindings(model, reader, keys)
+
+
+def _model_modules(keys: KeyMap, layers: set[str]) -> set[str]:
+    """The model's names for layers the checkpoint names (the planner's names), by their weights."""
+    found = (keys.model_name(f"{layer}.weight") for layer in layers)
+    return {name.removesuffix(".weight") for name in found if name is not None}
+
+
+def _renamer(everything: list[Binding]) -> Rename:
+    """Checkpoint module names (the planner's) -> the model's, as the checkpoint's names were converted."""
+    names = prefix_map((b.source, b.name) for b in everything if b.conversion is None)
+    return lambda module: names.get(module, module)
 
 
 def _stored_layers(checkpoint: Checkpoint) -> set[str]:
@@ -165,6 +217,8 @@ def carry_out(
     placement: Placement,
     model_cls: ModelFactory | None,
     hooks: Hooks,
+    *,
+    trainable: bool = True,
 ) -> Loaded:
     """Build the model for ``strategy`` from ``reader``'s checkpoint, registering its hooks in
     ``hooks``; on failure strip what was built (the caller removes the hooks)."""
@@ -172,23 +226,61 @@ def carry_out(
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
     model = build_skeleton(checkpoint, model_cls, dtype)
     prequantized = isinstance(strategy, Quantized) and strategy.prequantized
-    materializer = Materializer(reader, placement, dtype, prequantized=prequantized)
+    materializer = Materializer(reader, placement, dtype, prequantized=prequantized, trainable=trainable)
     try:
-        everything = _bindings(model, strategy, reader, dtype)
+        bound = _bindings(model, strategy, reader, dtype)
         states = [n for n in checkpoint.tensors if is_quant_state(n)] if prequantized else []
-        unused = unused_tensors(model, checkpoint, everything, also_used=states)
-        if isinstance(strategy, Full | Quantized):
-            _one_device(model, strategy, materializer, everything)
-            if isinstance(strategy, Quantized):
-                record_quantization(model, strategy, dtype)
-        elif isinstance(strategy, Sharded):
-            _sharded(model, strategy, materializer, everything, hooks)
-        else:
-            _streamed(model, strategy, materializer, everything, hooks)
+        unused = unused_tensors(model, checkpoint, bound.keys, also_used=states)
+        rename = _renamer(bound.bindings)
+        device_for = _place(model, strategy, materializer, bound.bindings, hooks, rename)
+        fresh = initialize_new(model, bound.missing, materializer, device_for)
+        if isinstance(strategy, Sharded | Streamed):
+            model.hf_device_map = _hf_device_map(strategy, checkpoint, bound.bindings + bound.missing, rename)  # type: ignore[assignment]
     except BaseException:
         _strip(model)
         raise
-    return Loaded(model, unused)
+    return Loaded(model, unused, fresh)
+
+
+def _place(
+    model: nn.Module, strategy: Strategy, materializer: Materializer, everything: list[Binding], hooks: Hooks,
+    rename: Rename,
+) -> DeviceFor:  # fmt: skip
+    """Carry ``strategy`` out on ``everything``; where tensors outside the checkpoint go."""
+    if isinstance(strategy, Sharded):
+        return _sharded(model, strategy, materializer, everything, hooks, rename)
+    if isinstance(strategy, Streamed):
+        return _streamed(model, strategy, materializer, everything, hooks, rename)
+    device_for = _one_device(model, strategy, materializer, everything)
+    if isinstance(strategy, Quantized):
+        record_quantization(model, strategy, materializer.dtype)
+    return device_for
+
+
+def _hf_device_map(
+    strategy: Sharded | Streamed, checkpoint: Checkpoint, everything: list[Binding], rename: Rename
+) -> dict[str, int | str]:
+    """Where each module's weights rest, in accelerate's format (``model.hf_device_map``): a CUDA
+    index, ``"cpu"``, ``"mps"``, or ``"disk"``; modules streamed or offloaded rest where they are kept."""
+    if isinstance(strategy, Sharded):
+        found = {
+            module: "cpu" if strategy.offloaded and not device.is_accelerator else _accelerate(device)
+            for module, device in _model_device_map(strategy, rename)
+        }
+        rest = _accelerate(strategy.execution_device)
+    else:
+        kept = "disk" if strategy.source == "disk" else "cpu"
+        found = dict.fromkeys(_streamed_prefixes(strategy, checkpoint, rename), kept)
+        rest = _accelerate(strategy.compute_device)
+    for binding in everything:
+        parts = binding.name.split(".")
+        if not any(".".join(parts[:i]) in found for i in range(1, len(parts))):
+            found[".".join(parts[:-1])] = rest
+    return found
+
+
+def _accelerate(device: Device) -> int | str:
+    return device.index if device.kind == "cuda" else device.kind
 
 
 def _strip(model: nn.Module) -> None:

@@ -92,7 +92,7 @@ class ModuleStreamer:
         self.stats = StreamStats()
         self._items = []
         for module, binds in modules:
-            files = [self._file_dtype(b.name) for b in binds]
+            files = [self._file_dtype(b.source) for b in binds]
             # Floating weights run in the compute dtype; integer tensors keep the file's.
             dtypes = [materializer.dtype if d.is_floating_point else d for d in files]
             offsets = _layout(binds, dtypes)
@@ -145,6 +145,21 @@ class ModuleStreamer:
     def slot_bytes(self) -> int:
         return self._slots[0].numel() if self._slots else 0
 
+    def fill_state_dict(self, model: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+        """Between forwards a streamed module holds placeholders: give ``state_dict`` its real
+        weights from the source (host copies or the checkpoint), as a full load would hold them."""
+        names = {id(module): name for name, module in model.named_modules()}
+        for item in self._items:
+            for b, dtype in zip(item.bindings, item.dtypes, strict=True):
+                for module, attr in b.owners:
+                    owner = names.get(id(module))
+                    key = prefix + (f"{owner}.{attr}" if owner else attr)
+                    if owner is not None and key in state and state[key].is_meta:
+                        source = (
+                            item.host[b.name] if self.source == "host" else self.materializer.host_tensor(b)
+                        )
+                        state[key] = source.to(dtype)
+
     # --- filling slots (prefetch thread) -----------------------------------------------------
 
     def _views(self, item: _Streamed, slot: int) -> list[torch.Tensor]:
@@ -176,8 +191,8 @@ class ModuleStreamer:
 
         if self.source == "host":
             src = item.host[b.name]
-        elif not self._cuda and view.dtype == file_dtype:
-            self.materializer.reader.read_into(self.materializer.reader.info(b.name), view)
+        elif not self._cuda and view.dtype == file_dtype and b.conversion is None:
+            self.materializer.reader.read_into(self.materializer.reader.info(b.source), view)
             return
         else:
             src = self.materializer.host_tensor(b)

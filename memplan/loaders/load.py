@@ -49,6 +49,7 @@ def load(
     progress: bool = True,
     allocator: Allocator | None = None,
     corrections: Corrections | None = None,
+    trainable: bool = True,
 ) -> nn.Module:
     """Load the model at ``path`` the way the plan says, and return it in eval mode.
 
@@ -61,6 +62,13 @@ def load(
     manager); by default a fresh one over the probed inventory. When a strategy runs out of memory
     the load frees what it placed, re-plans on what is really free and takes the next strategy.
     The result carries ``model.memplan_report`` (:class:`LoadReport`).
+
+    Checkpoint names are converted as transformers converts them (renamed, experts fused); a head
+    the checkpoint lacks is initialised as transformers does, warned about and listed in
+    ``report.newly_initialized``. Parameters require grad as ``from_pretrained`` leaves them;
+    ``trainable=False`` freezes them, so a forward outside ``torch.no_grad()`` keeps no graph.
+    Streamed and offloaded weights are always frozen: their memory is reused between forwards.
+    Sharded and streamed models carry accelerate's ``model.hf_device_map``.
     """
     checkpoint = inspect(path, revision=revision)
     check_config(checkpoint)
@@ -73,7 +81,7 @@ def load(
     corrections = corrections if corrections is not None else Corrections.load()
     current = plan or make_plan(checkpoint, inventory, workload, policy, corrections=corrections)
     start = time.perf_counter()
-    built = _first_that_loads(checkpoint, current, allocator, model_cls, progress, corrections)
+    built = _first_that_loads(checkpoint, current, allocator, model_cls, progress, corrections, trainable)
     try:
         report: LoadReport = built.model.memplan_report  # type: ignore[assignment]
         built.model.memplan_report = replace(report, seconds=time.perf_counter() - start)  # type: ignore[assignment]
@@ -87,13 +95,15 @@ def load(
 
 def _first_that_loads(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
-    progress: bool, corrections: Corrections,
+    progress: bool, corrections: Corrections, trainable: bool,
 ) -> _Built:  # fmt: skip
     """The plan's strategy loaded, or on running out of memory the next one that does."""
     fallbacks: list[Fallback] = []
     while True:
         try:
-            return _attempt(checkpoint, current, allocator, model_cls, progress, corrections, fallbacks)
+            return _attempt(
+                checkpoint, current, allocator, model_cls, progress, corrections, fallbacks, trainable
+            )
         except DeviceOutOfMemory as exc:
             current = _fall_back(checkpoint, current, allocator, corrections, exc, fallbacks)
 
@@ -111,7 +121,9 @@ def _check_plan(plan: Plan, checkpoint: Checkpoint, workload: Workload | None, p
             f"the plan is for {plan.model} (fingerprint {plan.fingerprint}), this checkpoint's "
             f"fingerprint is {checkpoint.fingerprint}: plan it with memplan.plan(memplan.inspect(...))",
         )
-    for what, given, planned in (("workload", workload, plan.workload), ("policy", policy, plan.policy)):
+    # A workload that leaves the context to the model means the context the plan settled on.
+    asked = workload.for_model(checkpoint) if workload is not None else None
+    for what, given, planned in (("workload", asked, plan.workload), ("policy", policy, plan.policy)):
         if given is not None and given != planned:
             raise PlanMismatch(
                 checkpoint.path, f"the plan was made for another {what}; pass the plan, or the {what}"
@@ -120,7 +132,7 @@ def _check_plan(plan: Plan, checkpoint: Checkpoint, workload: Workload | None, p
 
 def _attempt(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
-    progress: bool, corrections: Corrections, fallbacks: list[Fallback],
+    progress: bool, corrections: Corrections, fallbacks: list[Fallback], trainable: bool,
 ) -> _Built:  # fmt: skip
     strategy, estimate = current.strategy, current.estimate
     assert strategy is not None and estimate is not None  # plan() raises when nothing was chosen
@@ -135,11 +147,12 @@ def _attempt(
             RssSampler() as rss,
             TensorReader(checkpoint, on_bytes=bar.update) as reader,
         ):
-            loaded = carry_out(strategy, reader, placement, model_cls, hooks)
+            loaded = carry_out(strategy, reader, placement, model_cls, hooks, trainable=trainable)
         peaks = _peaks(allocator, before, rss.peak)
         report = LoadReport(
             checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, reader.bytes_read,
             tuple(sorted(peaks.items())), allocator.simulated, unused_tensors=loaded.unused_tensors,
+            newly_initialized=loaded.newly_initialized,
         )  # fmt: skip
         if not allocator.simulated:
             _record(corrections, checkpoint, current, peaks)

@@ -29,6 +29,8 @@ class LoadReport:
     ``peaks`` are measured during the load: the allocator's high-water mark on accelerators
     (``torch.cuda.max_memory_allocated`` on real CUDA), sampled process RSS on the host.
     ``unused_tensors`` are checkpoint tensors the model has no place for (a warning said so).
+    ``newly_initialized`` are parameters the checkpoint lacks (a new task head), initialised as
+    transformers does (a warning said so): train them before use.
     """
 
     model: str
@@ -41,6 +43,7 @@ class LoadReport:
     simulated: bool
     notes: tuple[str, ...] = field(default=())
     unused_tensors: tuple[str, ...] = field(default=())  # in the checkpoint, with no place in the model
+    newly_initialized: tuple[str, ...] = field(default=())  # in the model, not in the checkpoint
 
     def peak(self, device: Device) -> int:
         return dict(self.peaks).get(device, 0)
@@ -64,6 +67,8 @@ class LoadReport:
         lines += [f"  note: {note}" for note in self.notes]
         if self.unused_tensors:
             lines.append(f"  not loaded (no place in the model): {', '.join(self.unused_tensors)}")
+        if self.newly_initialized:
+            lines.append(f"  newly initialised (not in the checkpoint): {', '.join(self.newly_initialized)}")
         return "\n".join(lines)
 
 

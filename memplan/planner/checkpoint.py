@@ -11,10 +11,10 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from memplan.errors import CheckpointError
 from memplan.planner.bin_header import BIN_NOTE, read_bin_header
@@ -22,7 +22,7 @@ from memplan.planner.quantization import PreQuantized, read_quantization
 from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
 from memplan.planner.sources import resolve
 
-__all__ = ["Architecture", "Checkpoint", "LayerInfo", "TensorInfo", "inspect"]
+__all__ = ["Architecture", "Checkpoint", "LayerInfo", "Stack", "TensorInfo", "inspect", "load_json"]
 
 T = TypeVar("T")
 
@@ -30,12 +30,39 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 BIN_SINGLE_NAME = "pytorch_model.bin"
-_LAYER = re.compile(r"^((?:.*\.)?(?:layers|h|blocks|block|layer)\.(\d+))\.")
+# A block is the first (outermost) numbered child of a stack container in a name: T5's
+# ``decoder.block.3.layer.1.`` is block 3 of ``decoder.block``, not sub-layer 1 of block 3.
+_BLOCK = re.compile(r"^((?:.*?\.)?(?:layers|h|blocks|block|layer))\.(\d+)\.")
+
+Role = Literal["decoder", "encoder", "vision", "audio"]
+# Towers and encoders say what they are in their module paths (``vision_tower``, ``model.encoder``);
+# a stack that says nothing (``model.layers``, ``transformer.h``) is a decoder.
+_ROLE_WORDS: tuple[tuple[tuple[str, ...], Role], ...] = (
+    (("vision", "visual"), "vision"),
+    (("audio",), "audio"),
+    (("encoder",), "encoder"),
+)
+# Encoder-decoder configs (BART, Whisper, T5) name each side's facts their own way.
+_SIDE_KEYS: dict[Role, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "encoder": (
+        ("num_hidden_layers", ("encoder_layers", "num_layers")),
+        ("num_attention_heads", ("encoder_attention_heads",)),
+        ("intermediate_size", ("encoder_ffn_dim",)),
+        ("max_position_embeddings", ("max_source_positions",)),
+    ),
+    "decoder": (
+        ("num_hidden_layers", ("decoder_layers", "num_decoder_layers", "num_layers")),
+        ("num_attention_heads", ("decoder_attention_heads",)),
+        ("intermediate_size", ("decoder_ffn_dim",)),
+        ("max_position_embeddings", ("max_target_positions",)),
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)  # one per tensor or layer: 100k+ objects, no dict each
 class TensorInfo:
-    """A tensor's header facts, where it lives, and which decoder layer it belongs to."""
+    """A tensor's header facts, where it lives, and which layer it belongs to (its position in
+    :attr:`Checkpoint.layers`)."""
 
     name: str
     dtype: str
@@ -56,7 +83,8 @@ class TensorInfo:
 
 @dataclass(frozen=True, slots=True)  # one per tensor or layer: 100k+ objects, no dict each
 class LayerInfo:
-    """One decoder layer: its module prefix (``model.layers.3``), tensors and bytes."""
+    """One block of a stack: its number in the stack, module prefix (``model.encoder.layers.3``),
+    tensors and bytes."""
 
     index: int
     prefix: str
@@ -83,6 +111,7 @@ class Architecture:
     experts_per_token: int | None = None
     moe_intermediate_size: int | None = None
     torch_dtype: str | None = None
+    max_positions: int | None = None  # the longest sequence its position embeddings cover
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> Architecture:
@@ -93,9 +122,10 @@ class Architecture:
             text if isinstance(text, dict) and "num_hidden_layers" not in config else config
         )
         read = _ConfigReader(cfg, source)
-        heads = read.count("num_attention_heads", "n_head")
-        hidden = read.count("hidden_size", "n_embd")
-        head_dim = read.count("head_dim") or (hidden // heads if hidden and heads else None)
+        # GPT-2 and T5/BART spell the same facts their own way (n_embd, d_model, d_kv, d_ff).
+        heads = read.count("num_attention_heads", "n_head", "num_heads")
+        hidden = read.count("hidden_size", "n_embd", "d_model")
+        head_dim = read.count("head_dim", "d_kv") or (hidden // heads if hidden and heads else None)
         if head_dim == 0:
             raise CheckpointError(source, f"num_attention_heads {heads} is more than hidden_size {hidden}")
         return cls(
@@ -107,7 +137,7 @@ class Architecture:
             num_kv_heads=read.count("num_key_value_heads") or heads,
             head_dim=head_dim,
             vocab_size=read.count("vocab_size"),
-            intermediate_size=read.count("intermediate_size", "n_inner"),
+            intermediate_size=read.count("intermediate_size", "n_inner", "d_ff", "ffn_dim"),
             tie_word_embeddings=bool(
                 config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
             ),
@@ -117,7 +147,29 @@ class Architecture:
             moe_intermediate_size=read.count("moe_intermediate_size", minimum=0),
             torch_dtype=_str(cfg, "torch_dtype", "dtype") or _str(config, "torch_dtype", "dtype"),
             quantization=read_quantization(config, source),
+            max_positions=read.count("max_position_embeddings", "n_positions"),
         )
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of repeated blocks (a decoder, a text or audio encoder, a vision tower): the
+    layers ``Checkpoint.layers[start : start + count]``, all under ``prefix``, with the facts of
+    their own part of config.json. ``tokens`` is a sequence length the config fixes (image
+    patches, audio frames); None means the workload's context."""
+
+    prefix: str
+    role: Role
+    start: int
+    count: int
+    architecture: Architecture
+    tokens: int | None = None
+    cross_attention: bool = False  # an encoder-decoder's decoder also caches the encoder's K/V
+
+    @property
+    def has_kv_cache(self) -> bool:
+        """Only decoders generate token by token; encoders and towers run once per input."""
+        return self.role == "decoder"
 
 
 # No real model has a dimension or count beyond int32; a larger one is a corrupt or hostile config
@@ -176,6 +228,8 @@ class Checkpoint:
     layers: tuple[LayerInfo, ...]
     fingerprint: str
     notes: tuple[str, ...] = ()  # what a plan should say about how this was read
+    components: tuple[tuple[str, Checkpoint], ...] = ()  # a diffusers pipeline's models, by name
+    stacks: tuple[Stack, ...] = ()  # ``layers`` is their blocks, stack after stack
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
@@ -186,8 +240,16 @@ class Checkpoint:
         return result
 
     def module_of(self, tensor: TensorInfo) -> str:
-        """The module a device map places ``tensor`` with: its decoder layer, else its own module."""
+        """The module a device map places ``tensor`` with: its layer, else its own module."""
         return self.layers[tensor.layer].prefix if tensor.layer is not None else tensor.module
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest context the model takes: the least limit of the stacks that read the prompt
+        (a tower whose input the config fixes has no say), None where the config sets none."""
+        limits = [s.architecture.max_positions for s in self.stacks if s.tokens is None]
+        known = [n for n in (*limits, self.architecture.max_positions) if n is not None]
+        return min(known, default=None)
 
     @property
     def nbytes(self) -> int:
@@ -217,7 +279,7 @@ class Checkpoint:
         return self.path.name
 
 
-def _load_json(path: Path, what: str) -> dict[str, Any]:
+def load_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -231,7 +293,7 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
 
 def _index_shards(directory: Path, index_path: Path) -> dict[str, Path]:
     """tensor name -> shard path, from the index; every shard must be a file of ``directory``."""
-    weight_map = _load_json(index_path, "the index").get("weight_map")
+    weight_map = load_json(index_path, "the index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(str(index_path), "index has no weight_map of tensor names to files")
     checked: dict[str, Path] = {}  # a shard holds hundreds of tensors: check each file once
@@ -264,7 +326,7 @@ def _checked_shard(directory: Path, index_path: Path, file: str, tensor: str) ->
 # Weight formats in the order transformers prefers them: (index, single file, other files).
 _FORMATS = (
     (INDEX_NAME, SINGLE_NAME, "*.safetensors"),
-    (BIN_INDEX_NAME, BIN_SINGLE_NAME, "pytorch_model*.bin"),
+    (BIN_INDEX_NAME, BIN_SINGLE_NAME, "*pytorch_model*.bin"),  # diffusers: diffusion_pytorch_model
 )
 
 
@@ -313,46 +375,99 @@ def _collect(
     return entries
 
 
-def _decoder_container(names: list[str], num_layers: int | None) -> str | None:
-    """The module holding the decoder layers: ``model.layers`` (not a vision tower's layers)."""
-    counts: dict[str, set[int]] = defaultdict(set)
+def _blocks(names: Iterable[str]) -> dict[str, dict[int, list[str]]]:
+    """stack prefix -> block number -> the names of its tensors, for every tensor inside a block."""
+    found: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in names:
-        match = _LAYER.match(name)
+        match = _BLOCK.match(name)
         if match:
-            counts[match.group(1).rsplit(".", 1)[0]].add(int(match.group(2)))
-    if not counts:
-        return None
-    exact = [c for c, idx in counts.items() if num_layers is not None and len(idx) == num_layers]
-    return exact[0] if exact else max(counts, key=lambda c: len(counts[c]))
+            found[match.group(1)][int(match.group(2))].append(name)
+    return found
 
 
-def _layer_index(name: str, container: str | None) -> int | None:
-    """The decoder layer ``name`` belongs to, if any."""
-    match = _LAYER.match(name)
-    if match is None or match.group(1).rsplit(".", 1)[0] != container:
-        return None
-    return int(match.group(2))
+def _role(prefix: str) -> Role:
+    """What a stack is, from its module path: towers and encoders say so in their names."""
+    parts = prefix.lower().split(".")
+    for words, role in _ROLE_WORDS:
+        if any(word in part for part in parts for word in words):
+            return role
+    return "decoder"
 
 
-def _layers(infos: dict[str, TensorInfo], container: str | None) -> tuple[LayerInfo, ...]:
-    grouped: dict[int, list[TensorInfo]] = defaultdict(list)
-    for info in infos.values():
-        if info.layer is not None:
-            grouped[info.layer].append(info)
+def _side(config: Mapping[str, Any], side: Role) -> dict[str, Any]:
+    """``config`` as one side of an encoder-decoder reads: its own names for the facts it lacks."""
+    view = dict(config)
+    for key, names in _SIDE_KEYS.get(side, ()):
+        found = next((config[n] for n in names if config.get(n) is not None), None)
+        if key not in config and found is not None:
+            view[key] = found
+    return view
+
+
+def _section(config: Mapping[str, Any], role: Role) -> Mapping[str, Any]:
+    """The part of config.json that describes a stack: ``vision_config``, an encoder-decoder's
+    ``encoder``/``decoder``, one side of a BART/T5/Whisper config, or the whole config."""
+    for key in (f"{role}_config", role):
+        sub = config.get(key)
+        if isinstance(sub, dict):
+            return sub
+    if role in ("encoder", "decoder") and config.get("is_encoder_decoder"):
+        return _side(config, role)
+    return config
+
+
+def _fixed_tokens(section: Mapping[str, Any], source: str) -> int | None:
+    """The sequence length a tower's config fixes, whatever the prompt: audio encoders pad to
+    ``max_source_positions`` frames; images are resized to ``image_size`` and cut into patches
+    (plus a class token). Sizes given per axis (lists) leave it to the workload's context."""
+    if section.get("num_mel_bins") is not None:
+        return _ConfigReader(section, source).count("max_source_positions")
+    image, patch = section.get("image_size"), section.get("patch_size")
+    if type(image) is int and type(patch) is int and 0 < patch <= image:
+        return (image // patch) ** 2 + 1
+    return None
+
+
+def _stack_layers(
+    prefix: str, blocks: dict[int, list[str]], entries: dict[str, tuple[TensorEntry, Path]]
+) -> list[LayerInfo]:
+    """A stack's blocks in order of their numbers."""
     layers = []
-    for position, index in enumerate(sorted(grouped)):
-        members = grouped[index]
+    for position, index in enumerate(sorted(blocks)):
+        names = blocks[index]
         if index != position:
-            # Layer i is layers[i] everywhere downstream; a model with a hole in its stack does not run.
-            raise CheckpointError(
-                members[0].file, f"decoder layer {position} is missing (layers go up to {max(grouped)})",
-                tensor=members[0].name,
-            )  # fmt: skip
-        prefix = f"{container}.{index}"
-        layers.append(
-            LayerInfo(index, prefix, tuple(t.name for t in members), sum(t.nbytes for t in members))
-        )
-    return tuple(layers)
+            # Block i is the stack's i-th layer everywhere downstream; a stack with a hole does not run.
+            why = f"{prefix}: layer {position} is missing (layers go up to {max(blocks)})"
+            raise CheckpointError(entries[names[0]][1], why, tensor=names[0])
+        nbytes = sum(entries[name][0].nbytes for name in names)
+        layers.append(LayerInfo(index, f"{prefix}.{index}", tuple(names), nbytes))
+    return layers
+
+
+def _stack(prefix: str, start: int, count: int, config: Mapping[str, Any], source: str) -> Stack:
+    role = _role(prefix)
+    section = _section(config, role)
+    return Stack(
+        prefix, role, start, count, Architecture.from_config(section, source),
+        tokens=None if role == "decoder" else _fixed_tokens(section, source),
+        cross_attention=role == "decoder" and bool(config.get("is_encoder_decoder")),
+    )  # fmt: skip
+
+
+def _stacks(
+    entries: dict[str, tuple[TensorEntry, Path]], config: Mapping[str, Any], source: str
+) -> tuple[tuple[Stack, ...], tuple[LayerInfo, ...]]:
+    """Every stack of repeated blocks, and all their layers, stack after stack."""
+    blocks = _blocks(entries)
+    # Encoders and towers run before the decoder that reads them: streaming fetches in this order.
+    prefixes = sorted(blocks, key=lambda prefix: (_role(prefix) == "decoder", prefix))
+    stacks: list[Stack] = []
+    layers: list[LayerInfo] = []
+    for prefix in prefixes:
+        members = _stack_layers(prefix, blocks[prefix], entries)
+        stacks.append(_stack(prefix, len(layers), len(members), config, source))
+        layers.extend(members)
+    return tuple(stacks), tuple(layers)
 
 
 def _fingerprint(entries: dict[str, tuple[TensorEntry, Path]]) -> str:
@@ -363,33 +478,49 @@ def _fingerprint(entries: dict[str, tuple[TensorEntry, Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _architecture(directory: Path) -> Architecture:
+def _config(directory: Path) -> tuple[dict[str, Any], str]:
+    """config.json and its path; an empty config where there is none."""
     config_path = directory / "config.json"
     if not config_path.is_file():
-        return Architecture()
-    return Architecture.from_config(_load_json(config_path, "config.json"), str(config_path))
+        return {}, str(config_path)
+    return load_json(config_path, "config.json"), str(config_path)
+
+
+def _architecture(config: Mapping[str, Any], source: str) -> Architecture:
+    """The model's facts; an encoder-decoder's are its decoder's, the side that generates."""
+    return Architecture.from_config(
+        _side(config, "decoder") if config.get("is_encoder_decoder") else config, source
+    )
 
 
 def inspect(path: str | os.PathLike[str], *, revision: str | None = None) -> Checkpoint:
     """Read a checkpoint's shape: a model directory (safetensors or ``.bin``, sharded or not),
-    one weights file with its configs beside it, or a Hugging Face repo id (``org/name``,
-    from the local cache first; see :func:`~memplan.planner.sources.resolve`).
+    one weights file with its configs beside it, a diffusers pipeline folder (its components
+    as one checkpoint), or a Hugging Face repo id (``org/name``, from the local cache first;
+    see :func:`~memplan.planner.sources.resolve`).
 
     Raises :class:`~memplan.CheckpointError` naming the file (and tensor) at fault.
     """
     path = resolve(path, revision=revision)
+    if (path / "model_index.json").is_file():
+        from memplan.planner.pipeline import inspect_pipeline
+
+        return inspect_pipeline(path)
     directory, files, weight_map = _discover(path)
     entries = _collect([_header(f) for f in files], weight_map)
-    architecture = _architecture(directory)
-    container = _decoder_container(list(entries), architecture.num_layers)
-    infos: dict[str, TensorInfo] = {}
-    for name, (e, shard) in entries.items():
-        layer = _layer_index(name, container)
-        infos[name] = TensorInfo(name, e.dtype, e.shape, shard, e.offset, e.nbytes, layer)
-    layers = _layers(infos, container)
+    config, source = _config(directory)
+    architecture = _architecture(config, source)
+    stacks, layers = _stacks(entries, config, source)
+    position = {name: i for i, layer in enumerate(layers) for name in layer.tensors}
+    infos = {
+        name: TensorInfo(name, e.dtype, e.shape, shard, e.offset, e.nbytes, position.get(name))
+        for name, (e, shard) in entries.items()
+    }
     if architecture.num_layers is None and layers:
         architecture = replace(architecture, num_layers=len(layers))
     notes: tuple[str, ...] = (BIN_NOTE,) if any(f.suffix == ".bin" for f in files) else ()
     if architecture.quantization is not None:
         notes += (architecture.quantization.note(),)
-    return Checkpoint(path, tuple(files), infos, architecture, layers, _fingerprint(entries), notes)
+    return Checkpoint(
+        path, tuple(files), infos, architecture, layers, _fingerprint(entries), notes, stacks=stacks
+    )

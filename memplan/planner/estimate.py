@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from memplan.errors import MemplanError
+from memplan.errors import ContextTooLong, MemplanError
 from memplan.gpu.device import Device
-from memplan.planner.checkpoint import Architecture, Checkpoint, TensorInfo
+from memplan.planner.checkpoint import Architecture, Checkpoint, Stack, TensorInfo
 from memplan.planner.corrections import Corrections
 from memplan.planner.quantization import is_quant_state
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
 
 __all__ = [
+    "DEFAULT_CONTEXT",
+    "READ_AHEAD_BYTES",
     "DeviceEstimate",
     "Estimate",
     "Overheads",
@@ -35,6 +38,7 @@ __all__ = [
 ]
 
 MiB = 2**20
+DEFAULT_CONTEXT = 4096  # tokens per sequence, where the model takes that many
 _DTYPE_ALIASES = {
     "F32": ("f32", "fp32", "float32", "float"), "F16": ("f16", "fp16", "float16", "half"),
     "BF16": ("bf16", "bfloat16"), "F64": ("f64", "fp64", "float64", "double"),
@@ -85,18 +89,19 @@ def dtype_bytes(name: str) -> int:
 class Workload:
     """What the model will run: ``batch`` sequences of ``context`` tokens.
 
+    ``context`` None means the model's own limit, up to :data:`DEFAULT_CONTEXT` (see :meth:`for_model`).
     ``prefill_chunk`` caps the tokens of one forward (chunked prefill); None means the whole
     context in one forward, the worst case. ``kv_dtype`` None means the model's compute dtype; it
     takes a name such as ``"fp8"`` or a ``torch.dtype``, and keeps its canonical name (``"F8_E4M3"``).
     """
 
     batch: int = 1
-    context: int = 4096
+    context: int | None = None
     kv_dtype: str | None = None
     prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        for label, value in (("batch", self.batch), ("context", self.context)):
+        for label, value in (("batch", self.batch), ("context", self.tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MemplanError(f"workload {label} must be a positive integer, got {value!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
@@ -105,8 +110,23 @@ class Workload:
             object.__setattr__(self, "kv_dtype", dtype_name(self.kv_dtype))
 
     @property
+    def tokens(self) -> int:
+        """Tokens per sequence: ``context``, or :data:`DEFAULT_CONTEXT` before a model sets it."""
+        return DEFAULT_CONTEXT if self.context is None else self.context
+
+    @property
     def tokens_per_forward(self) -> int:
-        return self.batch * min(self.context, self.prefill_chunk or self.context)
+        return self.batch * min(self.tokens, self.prefill_chunk or self.tokens)
+
+    def for_model(self, checkpoint: Checkpoint) -> Workload:
+        """This workload with the context ``checkpoint`` takes: its own limit where none was asked
+        for, and a :class:`~memplan.ContextTooLong` for more than its position embeddings cover."""
+        limit = checkpoint.max_positions
+        if self.context is None:
+            return replace(self, context=min(DEFAULT_CONTEXT, limit or DEFAULT_CONTEXT))
+        if limit is not None and self.context > limit:
+            raise ContextTooLong(checkpoint.name, self.context, limit)
+        return self
 
 
 @dataclass(frozen=True)
@@ -191,9 +211,21 @@ def strategy_key(strategy: Strategy) -> str:
 # --- weights -------------------------------------------------------------------------------
 
 
+# Weights bitsandbytes leaves alone though they sit in a layer as 2-D ``.weight``s: embeddings (T5's
+# relative_attention_bias) and single experts, which transformers 5 fuses into 3-D expert tensors
+# (``experts.gate_up_proj``) that are no ``nn.Linear``.
+_NOT_LINEAR = re.compile(r"(?:^|\.)(?:experts\.\d+|[^.]*embed[^.]*|relative_attention_bias)(?:\.|$)")
+
+
 def is_quantizable(tensor: TensorInfo) -> bool:
-    """bitsandbytes replaces the decoder's ``nn.Linear`` layers; embeddings, norms and lm_head stay."""
-    return tensor.layer is not None and len(tensor.shape) == 2 and tensor.name.endswith(".weight")
+    """bitsandbytes replaces the layers' ``nn.Linear`` (and ``Conv1D``) modules; embeddings, norms,
+    experts fused by transformers and lm_head stay."""
+    return (
+        tensor.layer is not None
+        and len(tensor.shape) == 2
+        and tensor.name.endswith(".weight")
+        and _NOT_LINEAR.search(tensor.module) is None
+    )
 
 
 def tensor_bytes(tensor: TensorInfo, dtype: str) -> int:
@@ -299,16 +331,60 @@ def non_layer_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> int:
 # --- KV cache and activations ---------------------------------------------------------------
 
 
-def kv_bytes_per_layer(arch: Architecture, workload: Workload, dtype: str) -> int:
+def _kv_bytes(arch: Architecture, tokens: int, workload: Workload, dtype: str) -> int:
     if arch.num_kv_heads is None or arch.head_dim is None:
         return 0
     kv_dtype = workload.kv_dtype or dtype
-    return 2 * arch.num_kv_heads * arch.head_dim * workload.context * workload.batch * dtype_bytes(kv_dtype)
+    return 2 * arch.num_kv_heads * arch.head_dim * tokens * workload.batch * dtype_bytes(kv_dtype)
 
 
-def activation_bytes(arch: Architecture, workload: Workload, dtype: str) -> int:
-    """The transient peak of one forward: the larger of one decoder layer's working set and the
-    logits. Attention is taken as SDPA/flash (no tokens x tokens score matrix)."""
+def kv_bytes_per_layer(arch: Architecture, workload: Workload, dtype: str) -> int:
+    """One decoder layer's self-attention cache: keys and values of every token of the context."""
+    return _kv_bytes(arch, workload.tokens, workload, dtype)
+
+
+def _stack_tokens(stack: Stack, workload: Workload) -> int:
+    return stack.tokens or workload.tokens
+
+
+def _stack_kv(checkpoint: Checkpoint, workload: Workload, dtype: str) -> list[int]:
+    """Each stack's KV cache per layer: a decoder keeps its own tokens' keys and values, and with
+    cross-attention the encoder's too; encoders and towers keep none."""
+    encoded = max(
+        (_stack_tokens(s, workload) for s in checkpoint.stacks if not s.has_kv_cache),
+        default=workload.tokens,
+    )
+    return [
+        _kv_bytes(s.architecture, workload.tokens + (encoded if s.cross_attention else 0), workload, dtype)
+        if s.has_kv_cache
+        else 0
+        for s in checkpoint.stacks
+    ]
+
+
+def kv_bytes_by_layer(checkpoint: Checkpoint, workload: Workload, dtype: str) -> dict[str, int]:
+    """KV-cache bytes of each layer that keeps one, by layer prefix."""
+
+    def compute() -> dict[str, int]:
+        by_layer: dict[str, int] = {}
+        for stack, per_layer in zip(checkpoint.stacks, _stack_kv(checkpoint, workload, dtype), strict=True):
+            if per_layer:
+                for layer in checkpoint.layers[stack.start : stack.start + stack.count]:
+                    by_layer[layer.prefix] = per_layer
+        return by_layer
+
+    return checkpoint.memo(("kv_by_layer", workload, dtype), compute)
+
+
+def kv_cache_bytes(checkpoint: Checkpoint, workload: Workload, dtype: str) -> int:
+    """The whole KV cache: every decoder layer's, for ``workload``."""
+    per_layer = _stack_kv(checkpoint, workload, dtype)
+    return sum(kv * stack.count for stack, kv in zip(checkpoint.stacks, per_layer, strict=True))
+
+
+def _layer_peak(arch: Architecture, tokens: int) -> int:
+    """Elements one layer holds at once over ``tokens`` tokens. Attention is taken as SDPA/flash
+    (no tokens x tokens score matrix)."""
     h, heads, hd = arch.hidden_size, arch.num_heads, arch.head_dim
     if h is None or heads is None or hd is None:
         return 0
@@ -318,26 +394,47 @@ def activation_bytes(arch: Architecture, workload: Workload, dtype: str) -> int:
         inter = (arch.moe_intermediate_size or inter) * arch.experts_per_token
     attention = 2 * h + 2 * heads * hd + 2 * kv + h  # residual, normed, q, attn out, k, v, o_proj out
     mlp = 3 * h + 3 * inter  # residual, normed, down out; gate, up, act(gate) * up
-    tokens = workload.tokens_per_forward
-    layer_peak = tokens * max(attention, mlp)
-    logits = tokens * (arch.vocab_size or 0) + tokens * h
-    return max(layer_peak, logits) * dtype_bytes(dtype)
+    return tokens * max(attention, mlp)
+
+
+def _forward_tokens(stack: Stack, workload: Workload) -> int:
+    """Tokens one forward of ``stack`` takes: a decoder's prefill chunk; an encoder's whole input."""
+    if stack.has_kv_cache:
+        return workload.tokens_per_forward
+    return workload.batch * _stack_tokens(stack, workload)
+
+
+def activation_bytes(checkpoint: Checkpoint, workload: Workload, dtype: str) -> int:
+    """The transient peak of one forward: the largest working set of one layer of any stack, or
+    the logits."""
+    arch, tokens = checkpoint.architecture, workload.tokens_per_forward
+    layers = [_layer_peak(s.architecture, _forward_tokens(s, workload)) for s in checkpoint.stacks]
+    if not layers:  # no stack found: the config's facts, as one decoder
+        layers = [_layer_peak(arch, tokens)]
+    logits = tokens * ((arch.vocab_size or 0) + arch.hidden_size) if arch.hidden_size else 0
+    return max(*layers, logits) * dtype_bytes(dtype)
 
 
 # --- per strategy ---------------------------------------------------------------------------
 
 
+# How far a load reads ahead of the tensor it is placing (loaders' TensorReader.read_ahead).
+READ_AHEAD_BYTES = 256 << 20
+
+
 def _staging(checkpoint: Checkpoint) -> int:
-    """Host bytes of the largest tensor: loads read one tensor at a time before placing it."""
-    return max((t.nbytes for t in _tensor_kinds(checkpoint).examples), default=0)
+    """Host bytes a load holds in flight: the tensor being placed and its read-ahead window (one
+    tensor larger than the window is read alone), never more than the whole model."""
+    largest = max((t.nbytes for t in _tensor_kinds(checkpoint).examples), default=0)
+    return min(largest + max(largest, READ_AHEAD_BYTES), max(largest, checkpoint.nbytes))
 
 
 def _one_device(
     checkpoint: Checkpoint, workload: Workload, strategy: Full | Quantized, ledger: _Ledger
 ) -> None:
-    arch, device = checkpoint.architecture, strategy.device
-    kv = kv_bytes_per_layer(arch, workload, strategy.dtype) * len(checkpoint.layers)
-    act = activation_bytes(arch, workload, strategy.dtype)
+    device = strategy.device
+    kv = kv_cache_bytes(checkpoint, workload, strategy.dtype)
+    act = activation_bytes(checkpoint, workload, strategy.dtype)
     ledger.add(
         device, weights=sum(module_weight_bytes(checkpoint, WeightFormat.of(strategy)).values()), kv_cache=kv
     )
@@ -365,14 +462,13 @@ def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
 
 def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:
     sizes = module_weight_bytes(checkpoint, WeightFormat.of(strategy))
-    kv_layer = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype)
-    layer_prefixes = {layer.prefix for layer in checkpoint.layers}
-    act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)
+    kv_of = kv_bytes_by_layer(checkpoint, workload, strategy.dtype)
+    act = activation_bytes(checkpoint, workload, strategy.dtype)
     offloaded = strategy.offloaded  # scans the whole map: once, not once per module
     largest_offloaded = 0
     for device, modules in strategy.runs:  # one ledger entry per run of modules, not per module
         nbytes = [sizes.get(module, 0) for module in modules]
-        kv = kv_layer * sum(1 for module in modules if module in layer_prefixes)
+        kv = sum(kv_of.get(module, 0) for module in modules)
         ledger.add(device, weights=sum(nbytes))
         if device.is_accelerator or not offloaded:
             ledger.add(device, kv_cache=kv)
@@ -395,8 +491,8 @@ def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, le
     resident = sum(sizes[: strategy.resident_layers])
     others = non_layer_weight_bytes(checkpoint, fmt)
     device = strategy.compute_device
-    kv = kv_bytes_per_layer(checkpoint.architecture, workload, strategy.dtype) * len(sizes)
-    act = activation_bytes(checkpoint.architecture, workload, strategy.dtype)
+    kv = kv_cache_bytes(checkpoint, workload, strategy.dtype)
+    act = activation_bytes(checkpoint, workload, strategy.dtype)
     ledger.add(device, weights=others + resident, buffers=arena, kv_cache=kv, activations=act)
     if strategy.source == "host":
         ledger.add(Device("cpu"), weights=sum(sizes[strategy.resident_layers :]))
@@ -422,6 +518,7 @@ def estimate(
 ) -> Estimate:
     """Peak bytes per device for loading ``checkpoint`` with ``strategy`` and running ``workload``."""
     overheads = overheads or Overheads()
+    workload = workload.for_model(checkpoint)
     ledger = _Ledger()
     ledger.add(Device("cpu"))  # the host always pays the runtime
     _LAYOUTS[type(strategy)](checkpoint, workload, strategy, ledger)
@@ -434,9 +531,19 @@ def estimate(
             _corrected(d, corrections.factor(checkpoint.fingerprint, key, d.device.kind)) for d in devices
         ]
     notes = checkpoint.notes
-    if checkpoint.architecture.head_dim is None:
+    if checkpoint.components:
+        notes += (
+            "a diffusers pipeline: every component's weights; its denoising activations are not estimated",
+        )
+    elif not _has_attention_facts(checkpoint):
         notes += ("no usable config.json: KV cache and activations are not estimated",)
     return Estimate(strategy, tuple(devices), notes)
+
+
+def _has_attention_facts(checkpoint: Checkpoint) -> bool:
+    """Whether config.json gave the model's (or any stack's) attention shape."""
+    architectures = (checkpoint.architecture, *(s.architecture for s in checkpoint.stacks))
+    return any(a.head_dim is not None for a in architectures)
 
 
 def _finish(device: Device, parts: dict[str, int], overheads: Overheads) -> DeviceEstimate:

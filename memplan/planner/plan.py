@@ -26,7 +26,8 @@ from memplan.planner.estimate import (
     activation_bytes,
     compute_dtype,
     estimate,
-    kv_bytes_per_layer,
+    kv_bytes_by_layer,
+    kv_cache_bytes,
     layer_weight_bytes,
     module_weight_bytes,
     non_layer_weight_bytes,
@@ -160,7 +161,7 @@ def _is_leading(module: str) -> bool:
 
 def _device_budget(ctx: _Context, device: Device, reserve: int) -> int:
     slack = 1 + ctx.policy.overheads.allocator_slack if device.is_accelerator else 1
-    act = activation_bytes(ctx.checkpoint.architecture, ctx.workload, ctx.dtype)
+    act = activation_bytes(ctx.checkpoint, ctx.workload, ctx.dtype)
     return ctx.usable(device) - ctx.policy.overheads.fixed(device) - int((act + reserve) * slack)
 
 
@@ -175,10 +176,9 @@ def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded
     """Whole modules in order over ``devices``, each within its budget; the rest to ``spill``."""
     ckpt, overheads = ctx.checkpoint, ctx.policy.overheads
     sizes = module_weight_bytes(ckpt, WeightFormat(ctx.dtype))
-    kv_layer = kv_bytes_per_layer(ckpt.architecture, ctx.workload, ctx.dtype)
-    layer_prefixes = {layer.prefix for layer in ckpt.layers}
+    kv_of = kv_bytes_by_layer(ckpt, ctx.workload, ctx.dtype)
     # Offloaded layers run on the first accelerator with their KV cache there: keep room for it.
-    reserve = kv_layer * len(layer_prefixes) + max(sizes.values(), default=0) if spill else 0
+    reserve = sum(kv_of.values()) + max(sizes.values(), default=0) if spill else 0
     budgets = [_device_budget(ctx, d, reserve if i == 0 else 0) for i, d in enumerate(devices)]
     slots = list(devices)
     if spill is not None:
@@ -189,7 +189,7 @@ def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded
     # priced in bulk: 100k layers are 100k modules.
     on_host = [sizes[m] for m in order]
     slack = 1 + overheads.allocator_slack
-    on_accelerator = [int((sizes[m] + (kv_layer if m in layer_prefixes else 0)) * slack) for m in order]
+    on_accelerator = [int((sizes[m] + kv_of.get(m, 0)) * slack) for m in order]
     counts = _fill_counts([on_accelerator if d.is_accelerator else on_host for d in slots], budgets)
     placed = itertools.chain.from_iterable(itertools.repeat(d, n) for d, n in zip(slots, counts, strict=True))
     return Sharded(tuple(zip(order, placed, strict=True)), ctx.dtype, devices[0])
@@ -216,7 +216,7 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
         return "the checkpoint has no decoder layers to stream"
     largest = max(sizes)
     others = non_layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
-    kv = kv_bytes_per_layer(ckpt.architecture, ctx.workload, ctx.dtype) * len(sizes)
+    kv = kv_cache_bytes(ckpt, ctx.workload, ctx.dtype)
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1
     base = _device_budget(ctx, device, 0) - int((others + kv) * slack)
     origin: Literal["host", "disk"] = "host" if source == "host" else "disk"
@@ -448,7 +448,7 @@ def plan(
 
     The exception's ``plan`` attribute holds the full plan, with what each strategy lacks.
     """
-    workload = workload or Workload()
+    workload = (workload or Workload()).for_model(checkpoint)
     policy = policy or Policy()
     dtype = normalize_dtype(policy.dtype or checkpoint.architecture.torch_dtype or checkpoint.dtype)
     ctx = _Context(checkpoint, inventory, workload, policy, corrections, dtype)

@@ -54,7 +54,7 @@ class LlamaShape:
             "intermediate_size": self.intermediate_size,
             "vocab_size": self.vocab_size,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": 8192,
+            "max_position_embeddings": 131072,
             "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0,
             "hidden_act": "silu",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,26 @@ def test_quantized_load_matches_transformers_bitsandbytes(blockwise_llama: Path,
     assert isinstance(layer, bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit)
     assert type(model.lm_head) is torch.nn.Linear  # kept in high precision, as the plan counted it
     assert torch.equal(logits(model), theirs)
+
+
+def test_gpt2_conv1d_layers_are_quantized_as_transformers_bitsandbytes_does(
+    tiny_family: Callable[[str], Path],
+) -> None:
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path, ids = tiny_family("gpt2"), torch.tensor([[1, 17, 33, 4, 100, 9, 77]])
+    theirs = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+    ).eval()
+    model = memplan.load(
+        path, plan=plan_only(path, "int8", "cpu=8GiB", allow_quantization=True), progress=False
+    )
+    swapped = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert swapped == [n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(swapped) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, theirs(ids).logits)
 
 
 def test_sharded_load_splits_layers_over_two_budgeted_devices(tiny_llama: Path, want: torch.Tensor) -> None:

@@ -40,7 +40,9 @@ def bnb_config(kind: str) -> object:
 
 
 @pytest.fixture(scope="module", params=["int8", "nf4", "nf4-dq"])
-def saved_quantized(request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def saved_quantized(
+    request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
     """A model quantized by transformers+bnb and saved with save_pretrained."""
     from transformers import AutoModelForCausalLM
 

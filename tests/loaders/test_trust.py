@@ -191,7 +191,7 @@ def test_a_plan_for_another_checkpoint_is_refused_both_ways(tiny_llama: Path, tw
 def test_a_plan_with_another_workload_or_policy_is_refused(tiny_llama: Path) -> None:
     chosen = plan_only(tiny_llama, "full", FULL_SPEC)
     with pytest.raises(PlanMismatch, match="workload"):
-        memplan.load(tiny_llama, plan=chosen, workload=Workload(context=4096), progress=False)
+        memplan.load(tiny_llama, plan=chosen, workload=Workload(context=128), progress=False)
     with pytest.raises(PlanMismatch, match="policy"):
         memplan.load(tiny_llama, plan=chosen, policy=Policy(order=("sharded",)), progress=False)
     same = memplan.load(tiny_llama, plan=chosen, workload=WORKLOAD, policy=chosen.policy, progress=False)

@@ -27,7 +27,7 @@ CUDA0, CUDA1, CPU = Device("cuda", 0), Device("cuda", 1), Device("cpu")
 
 
 def plan_for(path: Path, spec: str, **policy: object) -> Plan:
-    return memplan.plan(memplan.inspect(path), memplan.probe(spec), Workload(context=4096), Policy(**policy))  # type: ignore[arg-type]
+    return memplan.plan(memplan.inspect(path), memplan.probe(spec), Workload(), Policy(**policy))  # type: ignore[arg-type]
 
 
 def decision(p: Plan, candidate: str) -> memplan.planner.Decision:

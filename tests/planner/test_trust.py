@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -53,25 +54,34 @@ def plan_on(path: Path, spec: str = TWO_GPUS, **kwargs: Any) -> Plan:
 
 
 def test_planning_100k_layers_takes_under_a_second(tmp_path: Path) -> None:
-    layers = 100_000
-    path = write_checkpoint(tmp_path / "deep", range(layers), small_config(layers))
-    start = time.process_time()
-    checkpoint = memplan.inspect(path)
-    inspect_s = time.process_time() - start
-    # Two GPUs and quantization allowed: every candidate, sharded and offloaded included, is built.
-    # CPU time, best of three on fresh copies (replace() drops the memo): other work on a shared
-    # machine must not fail this; only the planner's own time counts.
-    plan_s = min(_plan_seconds(dataclasses.replace(checkpoint)) for _ in range(3))
-    assert plan_s < 1.0  # about 0.6 s; each pass was quadratic before (> 5 min here)
-    assert inspect_s < 10.0  # about 2.5 s: 100k header entries validated one by one
+    """Linear, checked as a ratio (robust to a loaded machine): ten times the layers may cost at
+    most about ten times the planning, where each quadratic pass cost a hundred times (> 5 min at
+    100k). In isolation 100k layers plan in about 0.6 s; the absolute bound here is loose."""
+    seconds = {}
+    for layers in (10_000, 100_000):
+        path = write_checkpoint(tmp_path / f"deep{layers}", range(layers), small_config(layers))
+        start = time.process_time()
+        checkpoint = memplan.inspect(path)
+        if layers == 100_000:
+            assert time.process_time() - start < 10.0  # about 2.5 s: 100k header entries validated
+        # CPU time, best of three on fresh copies (replace() drops the memo), the collector off:
+        # only the planner's own work counts, not what the rest of the test session left behind.
+        seconds[layers] = min(_plan_seconds(dataclasses.replace(checkpoint), layers) for _ in range(3))
+    assert seconds[100_000] < 2.0
+    assert seconds[100_000] / seconds[10_000] < 25
 
 
-def _plan_seconds(checkpoint: memplan.Checkpoint) -> float:
+def _plan_seconds(checkpoint: memplan.Checkpoint, layers: int) -> float:
     inventory, policy = memplan.probe(TWO_GPUS), Policy(allow_quantization=True)
-    start = time.process_time()
-    result = memplan.plan(checkpoint, inventory, Workload(context=16), policy)
-    seconds = time.process_time() - start
-    assert result.num_layers == 100_000 and len(result.decisions) == len(memplan.planner.CANDIDATES)
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.process_time()
+        result = memplan.plan(checkpoint, inventory, Workload(context=16), policy)
+        seconds = time.process_time() - start
+    finally:
+        gc.enable()
+    assert result.num_layers == layers and len(result.decisions) == len(memplan.planner.CANDIDATES)
     return seconds
 
 

@@ -1,0 +1,41 @@
+"""The pipelined reader: tensors come off the disk ahead of the consumer, within a window."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import memplan
+from memplan.loaders._reader import TensorReader
+
+
+def test_read_ahead_fills_a_bounded_window_and_reads_the_same_bytes(tiny_llama: Path) -> None:
+    checkpoint = memplan.inspect(tiny_llama)
+    names = sorted(
+        checkpoint.tensors, key=lambda n: (str(checkpoint.tensors[n].file), checkpoint.tensors[n].offset)
+    )
+    largest = max(t.nbytes for t in checkpoint.tensors.values())
+    with TensorReader(checkpoint) as direct:
+        want = {n: direct.read(n) for n in names}
+    with TensorReader(checkpoint, window=largest) as reader:
+        reader.read_ahead(names)
+        deadline = time.monotonic() + 5
+        while reader.bytes_read == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reader.bytes_read > 0  # read before anyone asked
+        assert reader._ahead_bytes <= largest  # the window holds at most one largest tensor here
+        for name in names:
+            assert reader._ahead_bytes <= largest
+            assert torch.equal(reader.read(name), want[name])
+        assert not reader._ahead and reader.bytes_read == checkpoint.nbytes
+
+
+def test_a_tensor_nobody_asked_to_read_ahead_is_read_directly(tiny_llama: Path) -> None:
+    checkpoint = memplan.inspect(tiny_llama)
+    first, second = list(checkpoint.tensors)[:2]
+    with TensorReader(checkpoint) as reader:
+        reader.read_ahead([first])
+        assert reader.read(second).shape == checkpoint.tensors[second].shape
+        assert reader.read(first).shape == checkpoint.tensors[first].shape
