@@ -6,6 +6,7 @@
 
 from memplan.gpu import _disk, _host, _nvml, _torch  # noqa: F401  (register the probes)
 from memplan.gpu._base import Probe, ProbeResult, get_probe, probe_names, register_probe
+from memplan.gpu._disk import default_spill_dir
 from memplan.gpu._simulated import SIMULATE_ENV, parse_simulation
 from memplan.gpu.allocator import Allocator, DeviceUsage, Reservation, mapped_oom
 from memplan.gpu.device import (
@@ -35,6 +36,7 @@ __all__ = [
     "ProbeResult",
     "Reservation",
     "default_probes",
+    "default_spill_dir",
     "get_probe",
     "mapped_oom",
     "parse_simulation",

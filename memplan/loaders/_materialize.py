@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from memplan.loaders._qcache import QuantCache
+
 __all__ = ["Binding", "Materializer", "bindings", "in_module", "set_tensor", "unused_tensors"]
 
 _LACKS = "the model needs it, the checkpoint lacks it"
@@ -168,13 +170,14 @@ class Materializer:
 
     def __init__(
         self, reader: TensorReader, placement: Placement, dtype: torch.dtype, *, prequantized: bool = False,
-        trainable: bool = True,
+        trainable: bool = True, quant_cache: QuantCache | None = None,
     ) -> None:  # fmt: skip
         self.reader = reader
         self.placement = placement
         self.dtype = dtype
         self.trainable = trainable  # parameters placed for good require grad, as transformers leaves them
         self.prequantized = prequantized  # bnb layers take their stored weights, not quantize them
+        self.quant_cache = quant_cache  # quantized states of an earlier load, and where to keep them
 
     def host_tensor(self, binding: Binding) -> torch.Tensor:
         """The binding's data on the host, checked against the model's shape, in the compute dtype
@@ -199,8 +202,14 @@ class Materializer:
 
     def load(self, binding: Binding, device: Device) -> None:
         module, attr = binding.owners[0]
-        if attr == "weight" and self.prequantized and is_quantized_layer(module):
-            stored = self._stored_quantized(binding.source)
+        if attr != "weight" or not is_quantized_layer(module):
+            host = self.host_tensor(binding)
+            set_tensor(binding, self.placement.put(host, device, binding.name), trainable=self.trainable)
+            return
+        stored = self._stored_quantized(binding.source) if self.prequantized else None
+        if stored is None and self.quant_cache is not None:
+            stored = self.quant_cache.get(binding.source)
+        if stored is not None:  # as saved quantized: in the checkpoint, or by an earlier load
             size = sum(t.numel() * t.element_size() for t in stored.values())
             param = self.placement.place(
                 device, size, binding.name, lambda where: prequantized_weight(module, stored, where)
@@ -208,14 +217,13 @@ class Materializer:
             set_tensor(binding, param, trainable=self.trainable)
             return
         host = self.host_tensor(binding)
-        if attr == "weight" and is_quantized_layer(module):
-            size = quantized_size(module, self.reader.info(binding.source))
-            param = self.placement.place(
-                device, size, binding.name, lambda where: quantize_weight(module, host, where)
-            )
-            set_tensor(binding, param, trainable=self.trainable)
-            return
-        set_tensor(binding, self.placement.put(host, device, binding.name), trainable=self.trainable)
+        size = quantized_size(module, self.reader.info(binding.source))
+        param = self.placement.place(
+            device, size, binding.name, lambda where: quantize_weight(module, host, where)
+        )
+        set_tensor(binding, param, trainable=self.trainable)
+        if self.quant_cache is not None:
+            self.quant_cache.put(binding.source, module)
 
     def _stored_quantized(self, weight: str) -> dict[str, torch.Tensor]:
         """A pre-quantized layer's weight and states as stored, keyed relative to the layer."""
@@ -228,7 +236,10 @@ class Materializer:
     def load_all(self, items: Iterable[Binding], device_for: Callable[[str], Device]) -> None:
         items = list(items)
         # The next tensors come off the disk while this one is cast, quantized or placed.
-        self.reader.read_ahead(name for b in items for name in _reads(b, self.prequantized))
+        cached = self.quant_cache.has if self.quant_cache is not None else lambda _: False
+        self.reader.read_ahead(
+            name for b in items if not cached(b.source) for name in _reads(b, self.prequantized)
+        )
         for binding in items:
             self.load(binding, device_for(binding.name))
 

@@ -20,6 +20,7 @@ from memplan.loaders._materialize import (
     unused_tensors,
 )
 from memplan.loaders._placement import Placement
+from memplan.loaders._qcache import open_quant_cache
 from memplan.loaders._quantize import record_quantization, replace_linears
 from memplan.loaders._reader import TensorReader, torch_dtype
 from memplan.loaders._skeleton import ModelFactory, build_skeleton
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Loaded", "carry_out"]
+__all__ = ["LoadOptions", "Loaded", "carry_out"]
 
 
 Rename = Callable[[str], str]  # a module's name in the checkpoint -> its name in the model
@@ -211,22 +212,38 @@ def _stored_layers(checkpoint: Checkpoint) -> set[str]:
     }
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a load treats what it builds: ``trainable`` parameters (as from_pretrained), and the
+    quantized-weights cache (:mod:`memplan.loaders._qcache`)."""
+
+    trainable: bool = True
+    quant_cache: bool = True
+
+
 def carry_out(
     strategy: Strategy,
     reader: TensorReader,
     placement: Placement,
     model_cls: ModelFactory | None,
     hooks: Hooks,
-    *,
-    trainable: bool = True,
+    options: LoadOptions,
 ) -> Loaded:
     """Build the model for ``strategy`` from ``reader``'s checkpoint, registering its hooks in
-    ``hooks``; on failure strip what was built (the caller removes the hooks)."""
+    ``hooks``; on failure strip what was built (the caller removes the hooks). A quantized load
+    reuses, or else keeps, the quantized weights (``options.quant_cache``)."""
     checkpoint: Checkpoint = reader.checkpoint
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
     model = build_skeleton(checkpoint, model_cls, dtype)
     prequantized = isinstance(strategy, Quantized) and strategy.prequantized
-    materializer = Materializer(reader, placement, dtype, prequantized=prequantized, trainable=trainable)
+    cache = (
+        open_quant_cache(checkpoint.fingerprint, strategy, strategy.dtype, enabled=options.quant_cache)
+        if isinstance(strategy, Quantized)
+        else None
+    )
+    materializer = Materializer(
+        reader, placement, dtype, prequantized=prequantized, trainable=options.trainable, quant_cache=cache
+    )
     try:
         bound = _bindings(model, strategy, reader, dtype)
         states = [n for n in checkpoint.tensors if is_quant_state(n)] if prequantized else []
@@ -239,6 +256,11 @@ def carry_out(
     except BaseException:
         _strip(model)
         raise
+    finally:
+        if cache is not None:
+            cache.close()
+    if cache is not None:
+        cache.finish()
     return Loaded(model, unused, fresh)
 
 

@@ -21,7 +21,7 @@ from memplan.loaders._malloc import fix_mmap_threshold
 from memplan.loaders._placement import Placement
 from memplan.loaders._reader import TensorReader
 from memplan.loaders._skeleton import ModelFactory, check_config
-from memplan.loaders._strategies import Loaded, carry_out
+from memplan.loaders._strategies import Loaded, LoadOptions, carry_out
 from memplan.loaders.report import Fallback, LoadReport, RssSampler
 from memplan.planner.checkpoint import Checkpoint, inspect
 from memplan.planner.corrections import Corrections
@@ -50,6 +50,7 @@ def load(
     allocator: Allocator | None = None,
     corrections: Corrections | None = None,
     trainable: bool = True,
+    quant_cache: bool = True,
 ) -> nn.Module:
     """Load the model at ``path`` the way the plan says, and return it in eval mode.
 
@@ -69,6 +70,10 @@ def load(
     ``trainable=False`` freezes them, so a forward outside ``torch.no_grad()`` keeps no graph.
     Streamed and offloaded weights are always frozen: their memory is reused between forwards.
     Sharded and streamed models carry accelerate's ``model.hf_device_map``.
+
+    A quantized load keeps its quantized weights in the spill folder and a repeat load of the
+    same checkpoint and method reads them instead of quantizing again; ``quant_cache=False`` (or
+    ``MEMPLAN_QUANT_CACHE=0``) turns that off.
     """
     checkpoint = inspect(path, revision=revision)
     check_config(checkpoint)
@@ -81,7 +86,8 @@ def load(
     corrections = corrections if corrections is not None else Corrections.load()
     current = plan or make_plan(checkpoint, inventory, workload, policy, corrections=corrections)
     start = time.perf_counter()
-    built = _first_that_loads(checkpoint, current, allocator, model_cls, progress, corrections, trainable)
+    options = LoadOptions(trainable=trainable, quant_cache=quant_cache)
+    built = _first_that_loads(checkpoint, current, allocator, model_cls, progress, corrections, options)
     try:
         report: LoadReport = built.model.memplan_report  # type: ignore[assignment]
         built.model.memplan_report = replace(report, seconds=time.perf_counter() - start)  # type: ignore[assignment]
@@ -95,14 +101,14 @@ def load(
 
 def _first_that_loads(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
-    progress: bool, corrections: Corrections, trainable: bool,
+    progress: bool, corrections: Corrections, options: LoadOptions,
 ) -> _Built:  # fmt: skip
     """The plan's strategy loaded, or on running out of memory the next one that does."""
     fallbacks: list[Fallback] = []
     while True:
         try:
             return _attempt(
-                checkpoint, current, allocator, model_cls, progress, corrections, fallbacks, trainable
+                checkpoint, current, allocator, model_cls, progress, corrections, fallbacks, options
             )
         except DeviceOutOfMemory as exc:
             current = _fall_back(checkpoint, current, allocator, corrections, exc, fallbacks)
@@ -132,7 +138,7 @@ def _check_plan(plan: Plan, checkpoint: Checkpoint, workload: Workload | None, p
 
 def _attempt(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
-    progress: bool, corrections: Corrections, fallbacks: list[Fallback], trainable: bool,
+    progress: bool, corrections: Corrections, fallbacks: list[Fallback], options: LoadOptions,
 ) -> _Built:  # fmt: skip
     strategy, estimate = current.strategy, current.estimate
     assert strategy is not None and estimate is not None  # plan() raises when nothing was chosen
@@ -147,7 +153,7 @@ def _attempt(
             RssSampler() as rss,
             TensorReader(checkpoint, on_bytes=bar.update) as reader,
         ):
-            loaded = carry_out(strategy, reader, placement, model_cls, hooks, trainable=trainable)
+            loaded = carry_out(strategy, reader, placement, model_cls, hooks, options)
         peaks = _peaks(allocator, before, rss.peak)
         report = LoadReport(
             checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, reader.bytes_read,

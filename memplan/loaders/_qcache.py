@@ -1,0 +1,129 @@
+"""Quantized weights kept for the next load: no bf16 read, no quantization the second time.
+
+The first quantized load of a checkpoint writes each bitsandbytes layer's state as transformers
+serialises it (``weight`` with ``SCB``, or the packed ``weight`` with its ``absmax``/``quant_map``
+/nested states) to a :class:`~memplan.residency.tiers.disk.DiskTier`, so every file is written
+to a temporary name, fsynced, renamed, and checksummed on read. A repeat load builds the layers
+from those states, exactly as a pre-quantized checkpoint is loaded.
+
+One folder per (checkpoint fingerprint, method, double quant, compute dtype, bitsandbytes
+version) under ``<spill dir>/quantized``; folders not used for longest are removed when the cache
+grows past its cap. ``MEMPLAN_QUANT_CACHE=0`` (or ``memplan.load(quant_cache=False)``) turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memplan.errors import TierError
+from memplan.planner.strategies import Quantized
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from memplan.residency.tiers.disk import DiskTier
+
+__all__ = ["QuantCache", "open_quant_cache"]
+
+DEFAULT_CAP = 64 << 30
+_COMPLETE = "complete"  # a marker: every layer of the load was written
+
+
+def _enabled() -> bool:
+    return os.environ.get("MEMPLAN_QUANT_CACHE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _root() -> Path:
+    from memplan.gpu import default_spill_dir
+
+    return default_spill_dir() / "quantized"
+
+
+def open_quant_cache(
+    fingerprint: str, strategy: Quantized, dtype: str, *, enabled: bool = True
+) -> QuantCache | None:
+    """The cache for this checkpoint and quantization, or None when caching is off or impossible."""
+    if not enabled or not _enabled() or strategy.prequantized:
+        return None
+    import bitsandbytes
+
+    key = f"{fingerprint}/{strategy.method}/{strategy.double_quant}/{dtype}/{bitsandbytes.__version__}"
+    folder = _root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+    try:
+        return QuantCache(folder)
+    except TierError:  # an unwritable cache costs speed, never the load
+        return None
+
+
+class QuantCache:
+    """The quantized states of one checkpoint's layers, by weight name."""
+
+    def __init__(self, folder: Path, cap: int = DEFAULT_CAP) -> None:
+        from memplan.residency.tiers.disk import DiskTier
+
+        self.folder = folder
+        self.complete = (folder / _COMPLETE).is_file()
+        self.tier: DiskTier = DiskTier(folder)
+        self.hits = self.writes = 0
+        self._stored: dict[str, list[str]] = {}  # weight -> its state's names, as found at start
+        for key in self.tier.keys():  # noqa: SIM118 - a tier is not iterable
+            weight, _, name = key.partition("/")
+            self._stored.setdefault(weight, []).append(name)
+        _evict(folder.parent, cap, keep=folder)
+
+    def get(self, weight: str) -> dict[str, torch.Tensor] | None:
+        """The stored state of ``weight``'s layer (names relative to the layer), or None."""
+        if not self.has(weight):
+            return None
+        try:
+            state = {name: self.tier.get(f"{weight}/{name}") for name in self._stored[weight]}
+        except TierError:  # damaged: this layer is quantized again
+            return None
+        self.hits += 1
+        return state
+
+    def has(self, weight: str) -> bool:
+        return self.complete and "weight" in self._stored.get(weight, ())
+
+    def put(self, weight: str, layer: nn.Module) -> None:
+        """Keep ``layer``'s quantized state (as it serialises) under ``weight``."""
+        if self.complete:
+            return
+        for name, tensor in layer.state_dict().items():
+            if name == "bias":
+                continue
+            key = f"{weight}/{name}"
+            try:
+                if key in self.tier:
+                    self.tier.drop(key)
+                self.tier.put(key, tensor.detach().cpu())
+            except TierError:
+                return  # the disk is full or read-only: this load just goes uncached
+        self.writes += 1
+
+    def finish(self) -> None:
+        """Mark the cache whole once every layer of a load that succeeded is in it: a load that
+        failed or crashed part way leaves it unused, to be written again."""
+        if not self.complete and self.writes:
+            (self.folder / _COMPLETE).touch()
+        os.utime(self.folder)  # recently used: evicted last
+
+    def close(self) -> None:
+        self.tier.close()
+
+
+def _evict(root: Path, cap: int, *, keep: Path) -> None:
+    """Remove the least recently used folders until the cache is within ``cap`` bytes."""
+    folders = [p for p in root.iterdir() if p.is_dir() and p != keep] if root.is_dir() else []
+    sizes = {p: sum(f.stat().st_size for f in p.iterdir() if f.is_file()) for p in folders}
+    total = sum(sizes.values()) + sum(f.stat().st_size for f in keep.iterdir() if f.is_file())
+    for folder in sorted(folders, key=lambda p: p.stat().st_mtime):
+        if total <= cap:
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= sizes[folder]

@@ -1,0 +1,66 @@
+"""Quantized weights reused: a repeat quantized load reads the stored states, not the bf16
+weights, and gives the same logits; a cache that is partial, damaged or turned off costs speed,
+never correctness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import memplan
+from memplan import Policy, Workload
+from tests.loaders.test_load import logits
+
+SPEC = "cuda:0=1GiB,cpu=8GiB"
+
+
+@pytest.fixture
+def spill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MEMPLAN_SPILL_DIR", str(tmp_path / "spill"))
+    return tmp_path / "spill" / "quantized"
+
+
+def quantized(path: Path, method: str, **load: object) -> torch.nn.Module:
+    chosen = memplan.plan(
+        memplan.inspect(path), memplan.probe(SPEC), Workload(context=64),
+        Policy(order=(method,), allow_quantization=True),
+    )  # fmt: skip
+    return memplan.load(path, plan=chosen, progress=False, **load)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_a_repeat_quantized_load_reads_the_stored_states(tiny_llama: Path, spill: Path, method: str) -> None:
+    first = quantized(tiny_llama, method)
+    want = logits(first)
+    (folder,) = spill.iterdir()
+    assert (folder / "complete").is_file()
+    again = quantized(tiny_llama, method)
+    assert torch.equal(logits(again), want)
+    # Only what is not quantized (embeddings, norms, lm_head) comes from the checkpoint now.
+    block_linears = sum(
+        t.nbytes for t in memplan.inspect(tiny_llama).tensors.values() if t.layer is not None and len(t.shape) == 2
+    )
+    assert again.memplan_report.bytes_read == first.memplan_report.bytes_read - block_linears
+
+
+def test_turned_off_it_writes_nothing(tiny_llama: Path, spill: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    quantized(tiny_llama, "int8", quant_cache=False)
+    monkeypatch.setenv("MEMPLAN_QUANT_CACHE", "0")
+    quantized(tiny_llama, "int8")
+    assert not spill.exists() or not any(spill.iterdir())
+
+
+def test_a_damaged_or_partial_cache_is_not_trusted(tiny_llama: Path, spill: Path) -> None:
+    want = logits(quantized(tiny_llama, "int8"))
+    (folder,) = spill.iterdir()
+    for stored in list(folder.glob("*.safetensors"))[:3]:
+        data = bytearray(stored.read_bytes())
+        data[-1] ^= 0xFF
+        stored.write_bytes(bytes(data))
+    assert torch.equal(logits(quantized(tiny_llama, "int8")), want)
+    (folder / "complete").unlink()  # as if the first load had died part way
+    model = quantized(tiny_llama, "int8")
+    assert torch.equal(logits(model), want)
+    assert model.memplan_report.bytes_read == memplan.inspect(tiny_llama).nbytes
