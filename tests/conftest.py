@@ -48,6 +48,8 @@ def hollow_70b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _private_corrections(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loads on this machine record measured peaks; keep them out of the user's cache."""
     monkeypatch.setenv("MEMPLAN_CORRECTIONS", str(tmp_path_factory.mktemp("cache") / "corrections.json"))
+    # Quantized loads keep their weights in the spill folder: each test gets its own, empty.
+    monkeypatch.setenv("MEMPLAN_SPILL_DIR", str(tmp_path_factory.mktemp("spill")))
 
 
 def run_threads(worker: Callable[[int], object], count: int, timeout_s: float) -> list[BaseException]:

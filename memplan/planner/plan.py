@@ -72,6 +72,7 @@ class Policy:
     dtype: str | None = None
     prefetch_depth: int = 2
     double_quant: bool = True
+    skip_modules: tuple[str, ...] | None = None  # llm_int8_skip_modules for quantized candidates
     overheads: Overheads = field(default_factory=Overheads)
     thresholds: tuple[tuple[str, float], ...] = ()
 
@@ -248,6 +249,7 @@ def _build(ctx: _Context, candidate: str) -> Strategy | str:
             best or Device("cpu"),
             ctx.dtype,
             ctx.policy.double_quant,
+            skip_modules=ctx.policy.skip_modules,
         )
     if candidate == "sharded":
         if len(accelerators) < 2:

@@ -32,6 +32,9 @@ class Quantized:
     dtype: str
     double_quant: bool = True
     prequantized: bool = False  # the checkpoint holds these bnb weights already: loaded as stored
+    # transformers' llm_int8_skip_modules: None keeps its default skips (tied and output embeddings,
+    # the last module); a tuple replaces them, exactly as BitsAndBytesConfig takes it
+    skip_modules: tuple[str, ...] | None = None
     kind: Literal["quantized"] = "quantized"
 
 
