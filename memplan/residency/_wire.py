@@ -193,8 +193,13 @@ def encode(tier: str, key: str, tensor: torch.Tensor, codec: Compression) -> tup
     return meta, codec.compress(raw)
 
 
-def decode(tier: str, key: str, meta: TensorMeta, payload: Any) -> torch.Tensor:
-    """The tensor back from its payload, after checking its SHA-256."""
+def decode(tier: str, key: str, meta: TensorMeta, payload: Any, *, digest: str | None = None) -> torch.Tensor:
+    """The tensor back from its payload, after checking its SHA-256 (``digest``: the payload's,
+    taken while it was read, so an uncompressed payload is not walked a second time)."""
+    if meta.compression == "none" and digest is not None:
+        if digest != meta.checksum:
+            raise TierError(tier, key, "checksum mismatch: the stored bytes are corrupt")
+        return from_raw(tier, key, meta, payload)
     if meta.compression == "zstd":
         raw = Compression("zstd").decompress(tier, key, meta, payload)
     elif meta.compression == "none":

@@ -10,9 +10,11 @@ the header. At start, complete files are adopted and partial ones removed. The d
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,16 +56,36 @@ def _pid_of_temp(name: str) -> int | None:
     return int(parts[1]) if len(parts) > 3 and parts[1].isdigit() else None
 
 
-def _read(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+_CHUNK = 16 << 20
+
+
+def _read(path: Path, offset: int, nbytes: int) -> tuple[torch.Tensor, str]:
+    """The ``nbytes`` at ``offset`` and their SHA-256, hashed as they arrive: while one chunk is
+    hashed (hashlib lets go of the GIL) the next is being read, so checking costs no second pass."""
     import torch
 
     out = torch.empty(nbytes, dtype=torch.uint8)
+    view = out.numpy().data
+    digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        read_exactly(fd, out.numpy().data, offset, file=path)
+        with ThreadPoolExecutor(1, thread_name_prefix="memplan-spill-read") as pool:
+            chunks = [(at, min(_CHUNK, nbytes - at)) for at in range(0, nbytes, _CHUNK)]
+            pending = [
+                pool.submit(read_exactly, fd, view[at : at + n], offset + at, file=path)
+                for at, n in chunks[:1]
+            ]
+            for i, (at, n) in enumerate(chunks):
+                pending[i].result()
+                if i + 1 < len(chunks):
+                    nxt, size = chunks[i + 1]
+                    pending.append(
+                        pool.submit(read_exactly, fd, view[nxt : nxt + size], offset + nxt, file=path)
+                    )
+                digest.update(view[at : at + n])
     finally:
         os.close(fd)
-    return out
+    return out, digest.hexdigest()
 
 
 class DiskTier(Tier):
@@ -187,12 +209,12 @@ class DiskTier(Tier):
             header = read_header(path)
             meta = _wire.TensorMeta.from_metadata(self.name, key, header.metadata)
             (entry,) = header.tensors
-            payload = _read(path, entry.offset, entry.nbytes)
+            payload, digest = _read(path, entry.offset, entry.nbytes)
         except (CheckpointError, ValueError) as exc:
             raise TierError(self.name, key, f"spill file {path} is damaged: {exc}") from None
         except OSError as exc:
             raise TierError(self.name, key, f"cannot read {path}: {exc.strerror or exc}") from None
-        return _wire.decode(self.name, key, meta, payload)
+        return _wire.decode(self.name, key, meta, payload, digest=digest)
 
     def _discard(self, key: str, handle: Any) -> None:
         try:
