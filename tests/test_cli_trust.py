@@ -111,3 +111,14 @@ def _environ() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "MEMPLAN_SIMULATE"}
+
+
+@pytest.mark.parametrize("args", [["--context", "1e99"], ["--batch", "two"]])
+def test_a_number_that_is_not_a_whole_number_is_named_as_such(
+    tiny_llama: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["plan", str(tiny_llama), "--simulate", "cpu=8GiB", *args])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "positive whole number" in err and "_positive" not in err and len(err.strip().splitlines()) == 1
