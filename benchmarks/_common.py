@@ -28,21 +28,31 @@ LLAMA_QUICK = dict(
 
 
 def make_llama(path: Path, shape: dict[str, int], *, shard_bytes: int = 512 << 20) -> Path:
-    """Random bf16 weights for a Llama ``shape``, saved as sharded safetensors with an index.
+    """Random bf16 weights for a Llama ``shape``: :func:`make_checkpoint`."""
+    from transformers import LlamaConfig
+
+    return make_checkpoint(path, "LlamaForCausalLM", LlamaConfig(**shape), shard_bytes=shard_bytes)
+
+
+def make_checkpoint(path: Path, model_class: str, config: Any, *, shard_bytes: int = 512 << 20) -> Path:
+    """Random bf16 weights for transformers' ``model_class`` with ``config``, saved as sharded
+    safetensors with an index, tied weights once (as save_pretrained saves them).
 
     Tensors are drawn shard by shard, so writing a 1B model never holds it whole in memory.
-    Reused if ``path`` already holds a checkpoint of this shape.
+    Reused if ``path`` already holds a checkpoint of this config.
     """
     import torch
+    import transformers
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**shape, torch_dtype="bfloat16")
-    if (path / "model.safetensors.index.json").exists() and _same_shape(path, shape):
+    config.dtype = "bfloat16"
+    if (path / "model.safetensors.index.json").exists() and _same_config(path, config):
         return path
     path.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
-        names = {k: (tuple(v.shape)) for k, v in LlamaForCausalLM(config).state_dict().items()}
+        model = getattr(transformers, model_class)(config)
+    tied = set(model.all_tied_weights_keys)  # saved under the name they are tied to
+    names = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     generator = torch.Generator().manual_seed(0)
     weight_map: dict[str, str] = {}
     shards: list[dict[str, Any]] = [{}]
@@ -68,14 +78,18 @@ def make_llama(path: Path, shape: dict[str, int], *, shard_bytes: int = 512 << 2
 def _init(name: str, shape: tuple[int, ...], generator: Any) -> Any:
     import torch
 
-    if name.endswith("norm.weight"):
+    if "norm" in name and name.endswith(".weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
     return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
 
 
-def _same_shape(path: Path, shape: dict[str, int]) -> bool:
-    config = json.loads((path / "config.json").read_text())
-    return all(config.get(k) == v for k, v in shape.items())
+def _same_config(path: Path, config: Any) -> bool:
+    saved = json.loads((path / "config.json").read_text())
+    wanted = json.loads(config.to_json_string())
+    ignored = {"transformers_version"}
+    return {k: v for k, v in saved.items() if k not in ignored} == {
+        k: v for k, v in wanted.items() if k not in ignored
+    }
 
 
 def drop_page_cache(path: Path) -> None:
@@ -90,8 +104,15 @@ def drop_page_cache(path: Path) -> None:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set, in bytes: its memory's high-water mark (VmHWM).
+
+    Not ``getrusage``'s ru_maxrss: Linux carries that over fork and exec, so a worker started by a
+    parent of 735 MiB reported 735 MiB whatever it loaded.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB, on Linux without /proc
 
 
 def current_rss() -> int:

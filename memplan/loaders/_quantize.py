@@ -29,6 +29,8 @@ __all__ = [
     "quantized_size",
     "record_quantization",
     "replace_linears",
+    "summary",
+    "transformers_choice",
 ]
 
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold; transformers' default too
@@ -91,6 +93,29 @@ def _expect_stored_orientation(new: nn.Module, conv1d: nn.Module) -> None:
     weight: Any = new.weight
     stored: Any = conv1d.weight
     weight.data = torch.empty(tuple(stored.shape), dtype=weight.dtype, device="meta")
+
+
+def transformers_choice(model: nn.Module, skip_modules: tuple[str, ...] | None) -> set[str] | None:
+    """The modules transformers+bnb converts in ``model``, by transformers' own rule: every exact
+    ``nn.Linear`` and ``Conv1D`` (``replace_with_bnb_linear``) that ``get_modules_to_not_convert``
+    leaves (tied and output embeddings, the last module, or else the user's ``skip_modules``;
+    ``_keep_in_fp32_modules`` either way). None for a model that is no transformers model: the
+    rule reads tied weights and output embeddings only ``PreTrainedModel`` has."""
+    modeling = sys.modules.get("transformers.modeling_utils")  # a transformers model imported it
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return None
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    kept = HfQuantizer.get_modules_to_not_convert(
+        model,
+        list(skip_modules) if skip_modules is not None else None,
+        model._keep_in_fp32_modules,  # as transformers' quantizers pass it
+    )
+    return {
+        name for name, module in model.named_modules()
+        if _features(module) is not None and should_convert_module(name, kept)
+    }  # fmt: skip
 
 
 def replace_linears(
@@ -168,14 +193,9 @@ def record_quantization(model: nn.Module, strategy: Quantized, compute_dtype: to
     config = getattr(model, "config", None)
     if config is None or strategy.prequantized:  # a pre-quantized config already says it
         return
-    from torch import nn
     from transformers import BitsAndBytesConfig
-    from transformers.pytorch_utils import Conv1D
 
-    skipped = [
-        name for name, m in model.named_modules()
-        if isinstance(m, nn.Linear | Conv1D) and not is_quantized_layer(m)
-    ]  # fmt: skip
+    skipped = _kept_linears(model)
     if strategy.method == "int8":
         config.quantization_config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=skipped
@@ -185,6 +205,26 @@ def record_quantization(model: nn.Module, strategy: Quantized, compute_dtype: to
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=strategy.double_quant,
         bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skipped,
     )  # fmt: skip
+
+
+def _kept_linears(model: nn.Module) -> list[str]:
+    """The ``nn.Linear`` and ``Conv1D`` modules left in high precision."""
+    from torch import nn
+
+    return [
+        name for name, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not is_quantized_layer(m)
+    ]  # fmt: skip
+
+
+def summary(model: nn.Module, method: str) -> str:
+    """What was really quantized, for the load report: ``int8: 24 of 26 Linear layers (kept: ...)``."""
+    kept = _kept_linears(model)
+    converted = sum(1 for m in model.modules() if is_quantized_layer(m))
+    shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+    return f"{method}: {converted} of {converted + len(kept)} Linear layers" + (
+        f" (kept in high precision: {shown})" if kept else ""
+    )
 
 
 def quantized_size(module: nn.Module, weight: TensorInfo) -> int:

@@ -21,7 +21,7 @@ from memplan.loaders._materialize import (
 )
 from memplan.loaders._placement import Placement
 from memplan.loaders._qcache import open_quant_cache
-from memplan.loaders._quantize import record_quantization, replace_linears
+from memplan.loaders._quantize import record_quantization, replace_linears, summary, transformers_choice
 from memplan.loaders._reader import TensorReader, torch_dtype
 from memplan.loaders._skeleton import ModelFactory, build_skeleton
 from memplan.loaders._streaming import ModuleStreamer
@@ -46,6 +46,7 @@ class Loaded:
     model: nn.Module
     unused_tensors: tuple[str, ...]  # checkpoint tensors the model has no place for
     newly_initialized: tuple[str, ...]  # parameters the checkpoint lacks, initialised as transformers does
+    notes: tuple[str, ...] = ()  # for the report: what was really quantized
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -184,10 +185,19 @@ def _bindings(model: nn.Module, strategy: Strategy, reader: TensorReader, dtype:
             layers = _model_modules(keys, _stored_layers(reader.checkpoint))
             replace_linears(model, layers, strategy, dtype, stored.threshold)
         else:
-            names = {t.module for t in reader.checkpoint.tensors.values() if is_quantizable(t)}
-            replace_linears(model, _model_modules(keys, names), strategy, dtype)
+            replace_linears(model, _to_quantize(model, strategy, reader.checkpoint, keys), strategy, dtype)
         model.eval()  # the new layers were built in training mode, which changes bnb's int8 path
     return bindings(model, reader, keys)
+
+
+def _to_quantize(model: nn.Module, strategy: Quantized, checkpoint: Checkpoint, keys: KeyMap) -> set[str]:
+    """The modules transformers+bnb would convert; for a model of no transformers class, the
+    planner's (the blocks' Linears, by the checkpoint's names)."""
+    chosen = transformers_choice(model, strategy.skip_modules)
+    if chosen is not None:
+        return chosen
+    skip = strategy.skip_modules
+    return _model_modules(keys, {t.module for t in checkpoint.tensors.values() if is_quantizable(t, skip)})
 
 
 def _model_modules(keys: KeyMap, layers: set[str]) -> set[str]:
@@ -261,7 +271,8 @@ def carry_out(
             cache.close()
     if cache is not None:
         cache.finish()
-    return Loaded(model, unused, fresh)
+    notes = (summary(model, strategy.method),) if isinstance(strategy, Quantized) else ()
+    return Loaded(model, unused, fresh, notes)
 
 
 def _place(

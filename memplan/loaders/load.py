@@ -158,7 +158,7 @@ def _attempt(
         report = LoadReport(
             checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, reader.bytes_read,
             tuple(sorted(peaks.items())), allocator.simulated, unused_tensors=loaded.unused_tensors,
-            newly_initialized=loaded.newly_initialized,
+            newly_initialized=loaded.newly_initialized, notes=loaded.notes,
         )  # fmt: skip
         if not allocator.simulated:
             _record(corrections, checkpoint, current, peaks)

@@ -19,7 +19,7 @@ from memplan.errors import ContextTooLong, MemplanError
 from memplan.gpu.device import Device
 from memplan.planner.checkpoint import Architecture, Checkpoint, Stack, TensorInfo
 from memplan.planner.corrections import Corrections
-from memplan.planner.quantization import is_quant_state
+from memplan.planner.quantization import is_quant_state, is_skipped
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
 
 __all__ = [
@@ -217,14 +217,20 @@ def strategy_key(strategy: Strategy) -> str:
 _NOT_LINEAR = re.compile(r"(?:^|\.)(?:experts\.\d+|[^.]*embed[^.]*|relative_attention_bias)(?:\.|$)")
 
 
-def is_quantizable(tensor: TensorInfo) -> bool:
+def is_quantizable(tensor: TensorInfo, skip: tuple[str, ...] | None = None) -> bool:
     """bitsandbytes replaces the layers' ``nn.Linear`` (and ``Conv1D``) modules; embeddings, norms,
-    experts fused by transformers and lm_head stay."""
+    experts fused by transformers, lm_head and the ``skip`` modules (llm_int8_skip_modules) stay.
+
+    From names alone this is the repeated blocks' Linears: transformers also converts Linears
+    outside the blocks (projectors, poolers) and keeps a class's ``_keep_in_fp32_modules`` (T5's
+    ``wo``), which only the model class knows; the load report says what was converted.
+    """
     return (
         tensor.layer is not None
         and len(tensor.shape) == 2
         and tensor.name.endswith(".weight")
         and _NOT_LINEAR.search(tensor.module) is None
+        and not is_skipped(tensor.module, skip)
     )
 
 
@@ -236,9 +242,11 @@ def tensor_bytes(tensor: TensorInfo, dtype: str) -> int:
     return tensor.numel * dtype_bytes(dtype)
 
 
-def quantized_bytes(tensor: TensorInfo, method: str, dtype: str, double_quant: bool) -> int:
+def quantized_bytes(
+    tensor: TensorInfo, method: str, dtype: str, double_quant: bool, skip: tuple[str, ...] | None = None
+) -> int:
     """bnb's storage for one Linear weight, or ``dtype`` bytes for a module that stays."""
-    if not is_quantizable(tensor):
+    if not is_quantizable(tensor, skip):
         return tensor_bytes(tensor, dtype)
     rows, numel = tensor.shape[0], tensor.numel
     if method == "int8":
@@ -258,24 +266,26 @@ class WeightFormat:
     dtype: str
     method: str | None = None
     double_quant: bool = True
+    skip: tuple[str, ...] | None = None  # llm_int8_skip_modules
 
     @classmethod
     def of(cls, strategy: Strategy) -> WeightFormat:
         if isinstance(strategy, Quantized) and not strategy.prequantized:
-            return cls(strategy.dtype, strategy.method, strategy.double_quant)
+            return cls(strategy.dtype, strategy.method, strategy.double_quant, strategy.skip_modules)
         return cls(strategy.dtype)
 
     def bytes_of(self, tensor: TensorInfo) -> int:
         if self.method is None:
             return tensor_bytes(tensor, self.dtype)
-        return quantized_bytes(tensor, self.method, self.dtype, self.double_quant)
+        return quantized_bytes(tensor, self.method, self.dtype, self.double_quant, self.skip)
 
 
 @dataclass(frozen=True)
 class _TensorKinds:
     """Each tensor's module and kind (``modules[i]``, ``kinds[i]``), and one tensor of each kind.
 
-    A tensor's size in any format depends only on its dtype, shape and whether bnb quantizes it,
+    A tensor's size in any format depends only on its dtype, shape and whether bnb quantizes it
+    (with the skipped modules ``skip``),
     and decoder layers repeat a handful of those: each format sizes one tensor per kind, not
     every tensor (100k layers plan in well under a second). Two flat lists, not pairs: fewer
     objects for the garbage collector to walk.
@@ -286,12 +296,12 @@ class _TensorKinds:
     examples: list[TensorInfo]
 
 
-def _tensor_kinds(checkpoint: Checkpoint) -> _TensorKinds:
+def _tensor_kinds(checkpoint: Checkpoint, skip: tuple[str, ...] | None = None) -> _TensorKinds:
     def compute() -> _TensorKinds:
         index: dict[tuple[str, tuple[int, ...], bool], int] = {}
         found = _TensorKinds([], [], [])
         for tensor in checkpoint.tensors.values():
-            key = (tensor.dtype, tensor.shape, is_quantizable(tensor))
+            key = (tensor.dtype, tensor.shape, is_quantizable(tensor, skip))
             if key not in index:
                 index[key] = len(found.examples)
                 found.examples.append(tensor)
@@ -299,14 +309,14 @@ def _tensor_kinds(checkpoint: Checkpoint) -> _TensorKinds:
             found.kinds.append(index[key])
         return found
 
-    return checkpoint.memo("tensor_kinds", compute)
+    return checkpoint.memo(("tensor_kinds", skip), compute)
 
 
 def module_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> dict[str, int]:
     """Bytes per module the device map places: each decoder layer, and each other module."""
 
     def compute() -> dict[str, int]:
-        found = _tensor_kinds(checkpoint)
+        found = _tensor_kinds(checkpoint, fmt.skip)
         kind_bytes = [fmt.bytes_of(tensor) for tensor in found.examples]
         sizes: dict[str, int] = defaultdict(int)
         for module, kind in zip(found.modules, found.kinds, strict=True):
@@ -441,14 +451,26 @@ def _one_device(
     ledger.add(device, activations=act)
     if isinstance(strategy, Quantized) and not strategy.prequantized:
         ledger.add(device, buffers=_quantize_transient(checkpoint, strategy))
-    ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+    if not _read_in_place(checkpoint, strategy):
+        ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+
+
+def _read_in_place(checkpoint: Checkpoint, strategy: Full | Quantized) -> bool:
+    """Whether the buffers a load reads into are the weights themselves: full on the host with no
+    cast (``tensor.to`` gives the same tensor back), so reads in flight are weights not yet placed,
+    not bytes on top of them. Counting them twice put a 0.1B Llama, BART and Llava 27-36% over
+    their measured peak RSS (benchmarks/estimate_accuracy.py)."""
+    if not isinstance(strategy, Full) or strategy.device.is_accelerator:
+        return False
+    return all(t.dtype not in _BYTES or t.dtype == strategy.dtype for t in _tensor_kinds(checkpoint).examples)
 
 
 def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
     """Each Linear weight lands in ``dtype`` and is quantised; nf4 also passes through float32
     while quantising, and its forward dequantises one weight at a time back to ``dtype``."""
+    skip = strategy.skip_modules
     largest = max(
-        (t for t in _tensor_kinds(checkpoint).examples if is_quantizable(t)),
+        (t for t in _tensor_kinds(checkpoint, skip).examples if is_quantizable(t, skip)),
         key=lambda t: t.numel,
         default=None,
     )
@@ -531,6 +553,8 @@ def estimate(
             _corrected(d, corrections.factor(checkpoint.fingerprint, key, d.device.kind)) for d in devices
         ]
     notes = checkpoint.notes
+    if isinstance(strategy, Quantized) and not strategy.prequantized:
+        notes += (_quantized_note(checkpoint, strategy),)
     if checkpoint.components:
         notes += (
             "a diffusers pipeline: every component's weights; its denoising activations are not estimated",
@@ -538,6 +562,22 @@ def estimate(
     elif not _has_attention_facts(checkpoint):
         notes += ("no usable config.json: KV cache and activations are not estimated",)
     return Estimate(strategy, tuple(devices), notes)
+
+
+def _quantized_note(checkpoint: Checkpoint, strategy: Quantized) -> str:
+    """What the quantized figure assumes, since only the model class knows transformers' choice."""
+
+    def count() -> int:
+        found = _tensor_kinds(checkpoint, strategy.skip_modules)
+        converted = [is_quantizable(t, strategy.skip_modules) for t in found.examples]
+        return sum(converted[kind] for kind in found.kinds)
+
+    quantized = checkpoint.memo(("quantized_count", strategy.skip_modules), count)
+    return (
+        f"{strategy.method} bytes assume the {quantized} Linear weights of the repeated blocks are "
+        "quantized; the load follows transformers' rule (Linears outside the blocks too, "
+        "_keep_in_fp32_modules kept) and its report says how many were"
+    )
 
 
 def _has_attention_facts(checkpoint: Checkpoint) -> bool:

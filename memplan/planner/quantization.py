@@ -8,13 +8,14 @@ planned at their stored size with a note; loading them is a typed error naming t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from memplan.errors import CheckpointError
 
-__all__ = ["QUANT_STATE_SUFFIXES", "PreQuantized", "is_quant_state", "read_quantization"]
+__all__ = ["QUANT_STATE_SUFFIXES", "PreQuantized", "is_quant_state", "is_skipped", "read_quantization"]
 
 # The tensors bitsandbytes keeps beside a quantized weight (transformers saves them by these names).
 QUANT_STATE_SUFFIXES = (
@@ -26,6 +27,20 @@ QUANT_STATE_SUFFIXES = (
 
 def is_quant_state(name: str) -> bool:
     return name.endswith(QUANT_STATE_SUFFIXES)
+
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def is_skipped(module: str, patterns: tuple[str, ...] | None) -> bool:
+    """Whether an ``llm_int8_skip_modules`` entry names ``module``: from the start up to a module
+    boundary, as a regex with that boundary, or as a suffix. transformers' own
+    ``should_convert_module`` (quantizers_utils), restated because the planner imports no
+    transformers (it imports torch); tests/planner checks the two agree."""
+    return any(
+        re.match(rf"(?:{key}){_BOUNDARY}", module) is not None or module.endswith(key)
+        for key in patterns or ()
+    )
 
 
 @dataclass(frozen=True)

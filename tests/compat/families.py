@@ -13,7 +13,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "Family", "inputs_for", "owning_memory", "save_family"]
+__all__ = [
+    "COLUMNS",
+    "FAMILIES",
+    "UNSUPPORTED",
+    "Family",
+    "covers",
+    "inputs_for",
+    "owning_memory",
+    "save_family",
+]
 
 _TEXT = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 _HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
@@ -119,6 +128,26 @@ FAMILIES: tuple[Family, ...] = (
     Family("vit", "ViTConfig", "ViTModel", "vision", _VISION),
     Family("clip", "CLIPConfig", "CLIPModel", "clip", make_config=_clip),
 )  # fmt: skip
+
+
+# The matrix's columns: memplan's output equals transformers' (full, streamed from disk), equals
+# transformers+bitsandbytes' (int8, on the CPU), and generate() gives transformers' tokens.
+COLUMNS = ("full", "streamed-disk", "int8", "generate")
+
+# (family, column) -> the error users get. Each is an xfail(strict=True) in the matrix and a cross
+# in the README's table, so neither can claim what the other does not.
+UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
+    # bitsandbytes' CPU int8 matmul takes rows of a 2-D or 3-D input; DeepSeek's kv_b_proj gets a
+    # 4-D one. transformers+bnb fails the same way, so there is no reference to equal.
+    ("deepseek_v3", "int8"): (
+        RuntimeError, "The size of tensor a (8) must match the size of tensor b (16) at non-singleton dimension 2"
+    ),
+}  # fmt: skip
+
+
+def covers(family: Family, column: str) -> bool:
+    """Whether the column applies: only generative families generate."""
+    return column != "generate" or family.generates
 
 
 def save_family(family: Family, path: Path) -> Path:

@@ -1,8 +1,10 @@
-"""The compatibility matrix: every family loads as transformers loads it, full and streamed from disk.
+"""The compatibility matrix: every family loads as transformers loads it, full, streamed from
+disk, and quantized to int8.
 
 Each family is a tiny random-init model saved with save_pretrained; memplan's output must equal
-transformers' ``from_pretrained`` of the same folder bit for bit, and generative models must
-generate the same tokens.
+transformers' ``from_pretrained`` of the same folder bit for bit (int8: with the same
+BitsAndBytesConfig, the same layers converted), and generative models must generate the same tokens.
+The README's supported-models table is rendered from this matrix (tests/compat/table.py).
 """
 
 from __future__ import annotations
@@ -18,17 +20,32 @@ import torch
 import memplan
 from memplan import Device, Policy, Streamed, Workload
 from memplan.planner import Overheads
-from tests.compat.families import FAMILIES, Family, inputs_for, owning_memory, save_family
+from tests.compat.families import (
+    FAMILIES,
+    UNSUPPORTED,
+    Family,
+    covers,
+    inputs_for,
+    owning_memory,
+    save_family,
+)
 
 CPU_ONLY = "cpu=8GiB"
 EXACT = Overheads(cuda_context=0, allocator_slack=0.0)
 WORKLOAD = Workload(context=32)
 
 
-def _params(generative_only: bool = False) -> list[Any]:
-    """Every family (a family that cannot pass yet gets ``pytest.mark.xfail(strict=True, reason=
-    <the error users get>)`` here, never dropped); today all pass."""
-    return [pytest.param(f, id=f.name) for f in FAMILIES if f.generates or not generative_only]
+def _params(column: str) -> list[Any]:
+    """Every family the column covers; one that cannot pass (``UNSUPPORTED``) is an
+    ``xfail(strict=True)`` that must fail with the error users get, never dropped."""
+    return [pytest.param(f, id=f.name, marks=_unsupported(f, column)) for f in FAMILIES if covers(f, column)]
+
+
+def _unsupported(family: Family, column: str) -> list[pytest.MarkDecorator]:
+    if (family.name, column) not in UNSUPPORTED:
+        return []
+    error, message = UNSUPPORTED[family.name, column]
+    return [pytest.mark.xfail(strict=True, raises=error, reason=message)]
 
 
 class Saved:
@@ -37,20 +54,25 @@ class Saved:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._paths: dict[str, Path] = {}
-        self._references: dict[str, Any] = {}
+        self._references: dict[tuple[str, str], Any] = {}
 
     def path(self, family: Family) -> Path:
         if family.name not in self._paths:
             self._paths[family.name] = save_family(family, self.root / family.name)
         return self._paths[family.name]
 
-    def reference(self, family: Family) -> torch.nn.Module:
-        if family.name not in self._references:
+    def reference(self, family: Family, quantized: str = "") -> torch.nn.Module:
+        """transformers' model; ``quantized="int8"``: with bitsandbytes, on the CPU."""
+        if (family.name, quantized) not in self._references:
             import transformers
 
-            model = getattr(transformers, family.model).from_pretrained(self.path(family)).eval()
-            self._references[family.name] = owning_memory(model)
-        return self._references[family.name]  # type: ignore[no-any-return]
+            kwargs: dict[str, Any] = {}
+            if quantized:
+                kwargs = {"quantization_config": transformers.BitsAndBytesConfig(load_in_8bit=True)}
+                kwargs["device_map"] = "cpu"
+            model = getattr(transformers, family.model).from_pretrained(self.path(family), **kwargs).eval()
+            self._references[family.name, quantized] = owning_memory(model)
+        return self._references[family.name, quantized]  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +92,7 @@ def load(path: Path, candidate: str, spec: str | None = None) -> torch.nn.Module
     spec = spec or (streaming_spec(path) if candidate == "streamed-disk" else CPU_ONLY)
     plan = memplan.plan(
         memplan.inspect(path), memplan.probe(spec), WORKLOAD,
-        Policy(order=(candidate,), overheads=EXACT, prefetch_depth=1),
+        Policy(order=(candidate,), overheads=EXACT, prefetch_depth=1, allow_quantization=True),
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tied heads saved once: warned about, not what is tested here
@@ -94,17 +116,38 @@ def generated(model: torch.nn.Module, family: Family) -> torch.Tensor:
         return model.generate(**inputs, max_new_tokens=4, do_sample=False)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("family", _params())
-@pytest.mark.parametrize("candidate", ["full", "streamed-disk"])
-def test_outputs_equal_transformers(saved: Saved, family: Family, candidate: str) -> None:
-    model = load(saved.path(family), candidate)
+@pytest.mark.parametrize("family", _params("full"))
+def test_full_outputs_equal_transformers(saved: Saved, family: Family) -> None:
+    model = load(saved.path(family), "full")
     assert torch.equal(output(model, family), output(saved.reference(family), family))
-    if candidate == "streamed-disk":  # the layers the planner named were found and really streamed
-        assert model.memplan_streamer.stats.fetches > 0
-        assert "disk" in model.hf_device_map.values()
 
 
-@pytest.mark.parametrize("family", _params(generative_only=True))
+@pytest.mark.parametrize("family", _params("streamed-disk"))
+def test_streamed_disk_outputs_equal_transformers(saved: Saved, family: Family) -> None:
+    model = load(saved.path(family), "streamed-disk")
+    assert torch.equal(output(model, family), output(saved.reference(family), family))
+    # the layers the planner named were found and really streamed
+    assert model.memplan_streamer.stats.fetches > 0
+    assert "disk" in model.hf_device_map.values()
+
+
+def _int8_layers(model: torch.nn.Module) -> list[str]:
+    import bitsandbytes as bnb
+
+    return [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+
+
+@pytest.mark.parametrize("family", _params("int8"))
+def test_int8_outputs_equal_transformers_bitsandbytes(saved: Saved, family: Family) -> None:
+    model = load(saved.path(family), "int8")
+    theirs = saved.reference(family, "int8")
+    converted = _int8_layers(model)
+    assert converted == _int8_layers(theirs)
+    assert model.memplan_report.notes[-1].startswith(f"int8: {len(converted)} of ")
+    assert torch.equal(output(model, family), output(theirs, family))
+
+
+@pytest.mark.parametrize("family", _params("generate"))
 def test_generate_gives_transformers_tokens(saved: Saved, family: Family) -> None:
     model = load(saved.path(family), "full")
     assert torch.equal(generated(model, family), generated(saved.reference(family), family))

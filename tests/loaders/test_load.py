@@ -127,6 +127,35 @@ def test_gpt2_conv1d_layers_are_quantized_as_transformers_bitsandbytes_does(
         assert torch.equal(model(ids).logits, theirs(ids).logits)
 
 
+def test_skip_modules_are_honoured_as_transformers_llm_int8_skip_modules(blockwise_llama: Path) -> None:
+    """``Policy(skip_modules=...)`` is BitsAndBytesConfig's ``llm_int8_skip_modules``: the same layers
+    stay in high precision (a user's list replaces transformers' default skips, so lm_head is
+    converted too), and the plan counts the skipped ones at their full size."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path, skip = blockwise_llama, ("down_proj",)
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
+    theirs = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+    chosen = plan_only(path, "int8", "cpu=8GiB", allow_quantization=True, skip_modules=skip)
+    model = memplan.load(path, plan=chosen, progress=False)
+
+    def converted(m: torch.nn.Module) -> list[str]:
+        return [n for n, layer in m.named_modules() if isinstance(layer, bnb.nn.Linear8bitLt)]
+
+    assert converted(model) == converted(theirs)
+    assert "lm_head" in converted(model) and not any(n.endswith("down_proj") for n in converted(model))
+    assert model.memplan_report.notes[-1].startswith("int8: 25 of 29 Linear layers (kept in high precision: ")
+    assert torch.equal(logits(model), logits(theirs))
+    default = plan_only(path, "int8", "cpu=8GiB", allow_quantization=True)
+    down = [t for t in memplan.inspect(path).tensors.values() if t.name.endswith("down_proj.weight")]
+    # each down_proj stays bf16 (2 bytes a weight) rather than int8 with an fp32 scale per row
+    kept_bytes = sum(t.numel * 2 - (t.numel + t.shape[0] * 4) for t in down)
+    assert chosen.estimate.on(CPU).weights - default.estimate.on(CPU).weights == kept_bytes  # type: ignore[union-attr]
+    # the plan says what its figure assumes: 7 Linears in each of 4 blocks, less the 4 down_proj
+    assert "int8 bytes assume the 24 Linear weights of the repeated blocks" in chosen.estimate.notes[-1]  # type: ignore[union-attr]
+
+
 def test_sharded_load_splits_layers_over_two_budgeted_devices(tiny_llama: Path, want: torch.Tensor) -> None:
     ckpt = memplan.inspect(tiny_llama)
     each = ckpt.nbytes  # less headroom, neither device can hold the model alone

@@ -40,7 +40,9 @@ def test_a_repeat_quantized_load_reads_the_stored_states(tiny_llama: Path, spill
     assert torch.equal(logits(again), want)
     # Only what is not quantized (embeddings, norms, lm_head) comes from the checkpoint now.
     block_linears = sum(
-        t.nbytes for t in memplan.inspect(tiny_llama).tensors.values() if t.layer is not None and len(t.shape) == 2
+        t.nbytes
+        for t in memplan.inspect(tiny_llama).tensors.values()
+        if t.layer is not None and len(t.shape) == 2
     )
     assert again.memplan_report.bytes_read == first.memplan_report.bytes_read - block_linears
 

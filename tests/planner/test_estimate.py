@@ -158,3 +158,22 @@ def test_damaged_corrections_file_is_ignored(tmp_path: Path, caplog: pytest.LogC
     assert Corrections.load(path).entries == {}
     assert "ignoring unreadable corrections file" in caplog.text
     assert Corrections.load(tmp_path / "absent.json").entries == {}
+
+
+@pytest.mark.parametrize(
+    "patterns", [("lm_head",), ("down_proj",), ("mlp.gate",), ("model.layers.1",), ("layers.*.o_proj",)]
+)
+def test_skip_modules_match_as_transformers_matches_llm_int8_skip_modules(patterns: tuple[str, ...]) -> None:
+    """The planner restates transformers' should_convert_module (it cannot import transformers):
+    the two agree on every module name."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from memplan.planner.quantization import is_skipped
+
+    names = [
+        "lm_head", "model.layers.1.mlp.down_proj", "model.layers.11.mlp.down_proj", "model.layers.1.mlp.gate",
+        "model.layers.1.mlp.gate_proj", "model.layers.0.self_attn.o_proj", "model.embed_tokens",
+    ]  # fmt: skip
+    assert [is_skipped(n, patterns) for n in names] == [
+        not should_convert_module(n, list(patterns)) for n in names
+    ]
