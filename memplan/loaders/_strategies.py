@@ -66,8 +66,9 @@ def _move_inputs_to(device: str) -> Callable[..., Any]:
             return value.to(device)
         if isinstance(value, tuple | list):
             return type(value)(move(v) for v in value)
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, dict):  # a ModelOutput keeps its class: callers index it by position
+            moved = {k: move(v) for k, v in value.items()}
+            return type(value)(**moved) if type(value) is not dict else moved
         return value
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -87,8 +88,15 @@ def _prefix_lookup(device_map: tuple[tuple[str, Device], ...], default: Device) 
 
 
 def _split(everything: list[Binding], prefixes: list[str]) -> tuple[list[Binding], list[Binding]]:
-    """The bindings under ``prefixes`` (streamed), and the rest (resident)."""
-    streamed = [b for b in everything if any(in_module(b.name, p) for p in prefixes)]
+    """The bindings under ``prefixes`` (streamed), and the rest (resident).
+
+    A weight several modules share (tied embeddings and head, BART's ``shared``) stays resident:
+    a streamed module brings its weights in for its own forward only, and the other owners would
+    run on the placeholder (wrong output, or a crash)."""
+    streamed = [
+        b for b in everything
+        if any(in_module(b.name, p) for p in prefixes) and len({id(m) for m, _ in b.owners}) == 1
+    ]  # fmt: skip
     taken = {id(b) for b in streamed}
     return streamed, [b for b in everything if id(b) not in taken]
 
@@ -178,12 +186,17 @@ def _streamed(
 
 def _bindings(model: nn.Module, strategy: Strategy, reader: TensorReader, dtype: torch.dtype) -> Bound:
     """Every tensor the model takes from the checkpoint, bnb layers swapped in first if quantized."""
+    import torch
+
     keys = key_map(model, reader.checkpoint.tensors)
     if isinstance(strategy, Quantized):
         stored = reader.checkpoint.architecture.quantization
         if strategy.prequantized and stored is not None:
             layers = _model_modules(keys, _stored_layers(reader.checkpoint))
-            replace_linears(model, layers, strategy, dtype, stored.threshold)
+            # The 4-bit layers compute in the dtype the checkpoint was saved to compute in.
+            compute = getattr(torch, stored.compute_dtype or "", None)
+            compute = compute if isinstance(compute, torch.dtype) else dtype
+            replace_linears(model, layers, strategy, compute, stored.threshold)
         else:
             replace_linears(model, _to_quantize(model, strategy, reader.checkpoint, keys), strategy, dtype)
         model.eval()  # the new layers were built in training mode, which changes bnb's int8 path

@@ -73,9 +73,10 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     hint = f"run `huggingface-cli download {repo_id}`" + (
         " or set HF_HUB_OFFLINE=0" if _offline() else " on a machine with network access"
     )
+    at = f" at revision {revision!r}" if revision else ""
     if _offline():
         raise ModelNotFound(
-            repo_id, f"not in the Hugging Face cache at {cache} (HF_HUB_OFFLINE is set); {hint}"
+            repo_id, f"not in the Hugging Face cache at {cache}{at} (HF_HUB_OFFLINE is set); {hint}"
         )
     last: Exception | None = None
     for weights in _FORMATS:  # safetensors when the repo has them, else .bin

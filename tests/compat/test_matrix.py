@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,40 @@ def test_an_offloaded_vlm_streams_its_towers_parts_once(saved: Saved) -> None:
     model = load(path, "offloaded", f"cuda:0={memplan.inspect(path).nbytes // 2},{CPU_ONLY}")
     assert torch.equal(output(model, family), output(saved.reference(family), family))
     assert model.hf_device_map["model.vision_tower.embeddings"] == "cpu"
+
+
+def fitting_spec(path: Path, candidate: str, devices: int, wanted: Callable[[Any], bool]) -> str:
+    """The first simulated inventory (``devices`` accelerators, each a fraction of the model) on
+    which ``candidate`` plans the way the test needs."""
+    nbytes = memplan.inspect(path).nbytes
+    for tenths in range(2, 40):
+        each = nbytes * tenths // 10
+        spec = ",".join([f"cuda:{i}={each}" for i in range(devices)] + [CPU_ONLY])
+        policy = Policy(order=(candidate,), overheads=EXACT, prefetch_depth=1)
+        try:
+            chosen = memplan.plan(memplan.inspect(path), memplan.probe(spec), WORKLOAD, policy)
+        except memplan.DoesNotFit:
+            continue
+        if wanted(chosen.strategy):
+            return spec
+    raise AssertionError(f"no inventory plans {candidate} for {path.name}")
+
+
+@pytest.mark.parametrize("name", ["bart", "gemma2"])
+def test_an_offloaded_model_with_tied_weights_runs_like_transformers(saved: Saved, name: str) -> None:
+    """A weight shared by several modules (BART's ``shared`` embeddings, Gemma's tied head) stays
+    with the model on the execution device: only its first owner would bring it in."""
+    family = next(f for f in FAMILIES if f.name == name)
+    path = saved.path(family)
+    spec = fitting_spec(path, "offloaded", 1, lambda s: s.offloaded)
+    model = load(path, "offloaded", spec)
+    assert torch.equal(output(model, family), output(saved.reference(family), family))
+
+
+def test_a_sharded_encoder_decoder_generates_like_transformers(saved: Saved) -> None:
+    """The encoder's output (a ModelOutput) crosses devices between the stacks and keeps its type."""
+    family = next(f for f in FAMILIES if f.name == "bart")
+    path = saved.path(family)
+    spec = fitting_spec(path, "sharded", 2, lambda s: len({d for _, d in s.device_map}) == 2)
+    model = load(path, "sharded", spec)
+    assert torch.equal(generated(model, family), generated(saved.reference(family), family))

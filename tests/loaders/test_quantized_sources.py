@@ -106,3 +106,20 @@ def test_a_quantized_memplan_model_saves_a_checkpoint_transformers_reloads(
     assert torch.equal(transformers_logits(tmp_path / "saved"), logits(model))
     again = memplan.load(tmp_path / "saved", progress=False)
     assert torch.equal(logits(again), logits(model))
+
+
+def test_a_prequantized_nf4_checkpoint_computes_in_its_stored_compute_dtype(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """An fp32 model saved as nf4 with bnb_4bit_compute_dtype=bfloat16 computes in bfloat16."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    saved = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config, dtype=torch.float32)
+    saved.save_pretrained(tmp_path / "nf4")
+    model = memplan.load(tmp_path / "nf4", progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.compute_dtype == torch.bfloat16
+    assert torch.equal(logits(model), transformers_logits(tmp_path / "nf4"))

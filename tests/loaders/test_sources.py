@@ -139,3 +139,8 @@ def test_a_bin_that_is_not_plain_tensors_is_refused_and_nothing_runs(
 def test_one_safetensors_file_with_its_config_loads_like_its_folder(tiny_llama_single: Path) -> None:
     model = memplan.load(tiny_llama_single / "model.safetensors", progress=False)
     assert torch.equal(logits(model), reference(tiny_llama_single))
+
+
+def test_a_revision_the_cache_lacks_is_named(hf_cache: Path) -> None:
+    with pytest.raises(ModelNotFound, match="revision 'nope'"):
+        memplan.inspect("org/tiny-llama", revision="nope")
