@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["QuantCache", "open_quant_cache"]
 
 DEFAULT_CAP = 64 << 30
+_MAX_PENDING = 16  # layers waiting to be written
 _COMPLETE = "complete"  # a marker: every layer of the load was written
 
 
@@ -68,8 +71,13 @@ class QuantCache:
 
         self.folder = folder
         self.complete = (folder / _COMPLETE).is_file()
-        self.tier: DiskTier = DiskTier(folder)
+        # No fsync per file (hundreds of layers, each a stall): files are checksummed on read, and
+        # the folder counts as whole only after one sync of everything, when it is marked complete.
+        self.tier: DiskTier = DiskTier(folder, fsync=False)
         self.hits = self.writes = 0
+        self.failed = False
+        self._writer: ThreadPoolExecutor | None = None  # writes overlap the quantization of later layers
+        self._pending: deque[Future[None]] = deque()
         self._stored: dict[str, list[str]] = {}  # weight -> its state's names, as found at start
         for key in self.tier.keys():  # noqa: SIM118 - a tier is not iterable
             weight, _, name = key.partition("/")
@@ -91,29 +99,45 @@ class QuantCache:
         return self.complete and "weight" in self._stored.get(weight, ())
 
     def put(self, weight: str, layer: nn.Module) -> None:
-        """Keep ``layer``'s quantized state (as it serialises) under ``weight``."""
+        """Keep ``layer``'s quantized state (as it serialises) under ``weight``, in the background."""
         if self.complete:
             return
-        for name, tensor in layer.state_dict().items():
-            if name == "bias":
-                continue
+        state = {name: t.detach().cpu() for name, t in layer.state_dict().items() if name != "bias"}
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="memplan-qcache")
+        while len(self._pending) >= _MAX_PENDING:  # bounds the host copies of GPU states in the queue
+            self._pending.popleft().result()
+        self._pending.append(self._writer.submit(self._write, weight, state))
+
+    def _write(self, weight: str, state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in state.items():
             key = f"{weight}/{name}"
             try:
                 if key in self.tier:
                     self.tier.drop(key)
-                self.tier.put(key, tensor.detach().cpu())
+                self.tier.put(key, tensor)
             except TierError:
-                return  # the disk is full or read-only: this load just goes uncached
+                self.failed = True  # the disk is full or read-only: this load just goes uncached
+                return
         self.writes += 1
 
     def finish(self) -> None:
-        """Mark the cache whole once every layer of a load that succeeded is in it: a load that
-        failed or crashed part way leaves it unused, to be written again."""
-        if not self.complete and self.writes:
+        """Mark the cache whole once every layer of a load that succeeded is written and synced:
+        a load that failed or crashed part way leaves it unused, to be written again."""
+        self._drain()
+        if not self.complete and self.writes and not self.failed:
+            os.sync()  # every file written above is on disk before the marker says so
             (self.folder / _COMPLETE).touch()
         os.utime(self.folder)  # recently used: evicted last
 
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
         self.tier.close()
 
 

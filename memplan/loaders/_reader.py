@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["TensorReader", "torch_dtype"]
 
 _CHUNK = 8 << 20
-_READERS = 4
-_AHEAD = 4  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
+_READERS = 8
+_AHEAD = 8  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
 _TORCH_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

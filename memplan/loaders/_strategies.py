@@ -278,12 +278,14 @@ def carry_out(
             model.hf_device_map = _hf_device_map(strategy, checkpoint, bound.bindings + bound.missing, rename)  # type: ignore[assignment]
     except BaseException:
         _strip(model)
-        raise
-    finally:
         if cache is not None:
-            cache.close()
+            cache.close()  # unfinished: never marked complete, so never trusted
+        raise
     if cache is not None:
-        cache.finish()
+        try:
+            cache.finish()
+        finally:
+            cache.close()
     notes = (summary(model, strategy.method),) if isinstance(strategy, Quantized) else ()
     return Loaded(model, unused, fresh, notes)
 
