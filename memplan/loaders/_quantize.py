@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INT8_THRESHOLD",
+    "int8_rowwise",
     "is_quantized_layer",
     "prequantized_weight",
     "quantize_weight",
@@ -157,7 +158,11 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) 
     if _stored_transposed(module):
         weight = weight.T
     if isinstance(module, bnb.nn.Linear8bitLt):
-        param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if not torch_device.startswith("cpu"):  # on GPUs bnb's own kernel is the fast one
+            param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            return param.to(torch_device)  # type: ignore[no-any-return]
+        weight_i8, scales = int8_rowwise(weight)
+        return prequantized_weight(module, {"weight": weight_i8, "SCB": scales}, torch_device)
     else:
         old: Any = module.weight
         param = bnb.nn.Params4bit(
@@ -166,6 +171,19 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) 
             quant_storage=old.quant_storage,
         )  # fmt: skip
     return param.to(torch_device)  # type: ignore[no-any-return]
+
+
+def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' LLM.int8 weight format (int8 rows, one fp32 absmax per row: ``SCB``), bit for
+    bit as ``Int8Params`` makes it on the CPU, about 3x faster there: bnb computes in fp16, which
+    CPUs emulate, where each value here goes through fp16 once and the arithmetic runs in fp32,
+    the type bnb's mixed fp16 x fp32 product is promoted to anyway."""
+    import torch
+
+    values = weight.contiguous().to(torch.float16).float()
+    scales = values.abs().amax(dim=1)
+    values.mul_((127.0 / scales).unsqueeze(-1)).round_()
+    return values.to(torch.int8), scales
 
 
 def prequantized_weight(

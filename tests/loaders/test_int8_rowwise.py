@@ -1,0 +1,26 @@
+"""memplan's CPU int8 quantizer gives bitsandbytes' own format, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memplan.loaders._quantize import int8_rowwise
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (300, 517), (3, 7), (128, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_rowwise_equals_bitsandbytes(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    import bitsandbytes as bnb
+
+    generator = torch.Generator().manual_seed(sum(shape))
+    weight = (torch.randn(shape, generator=generator) * 3).to(dtype)
+    weight[0] = 0  # a row of zeros: a zero scale
+    if dtype is torch.float32:
+        weight[-1, 0] = 1e6  # beyond fp16: bnb passes through fp16 too
+    theirs = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    values, scales = int8_rowwise(weight)
+    assert torch.equal(values, theirs.data)
+    assert torch.equal(scales.nan_to_num(), theirs.SCB.nan_to_num()) and torch.equal(
+        scales.isnan(), theirs.SCB.isnan()
+    )
