@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memplan._dtypes import TORCH_NAMES
 from memplan._fileio import read_exactly
 from memplan.errors import CheckpointError
 from memplan.planner.bin_header import load_bin
@@ -31,19 +32,12 @@ _CHUNK = 8 << 20
 _READERS = 8
 _AHEAD = 8  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}  # fmt: skip
-
 
 def torch_dtype(name: str, *, tensor: str = "", file: Path | None = None) -> torch.dtype:
     """The torch dtype for a safetensors dtype name, or a :class:`CheckpointError` saying it has none."""
     import torch
 
-    found = getattr(torch, _TORCH_DTYPES.get(name.upper(), ""), None)
+    found = getattr(torch, TORCH_NAMES.get(name.upper(), ""), None)
     if not isinstance(found, torch.dtype):
         raise CheckpointError(file or Path("?"), f"dtype {name} has no torch equivalent here", tensor)
     return found

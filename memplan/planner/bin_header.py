@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memplan._dtypes import SAFETENSORS_NAMES
 from memplan.errors import CheckpointError
 from memplan.planner.safetensors_header import ShardHeader, TensorEntry
 
@@ -19,12 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["BIN_NOTE", "load_bin", "read_bin_header"]
 
 BIN_NOTE = "weights are a PyTorch .bin: their shapes were read with torch.load(weights_only=True)"
-
-_SAFETENSORS_NAMES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
-    "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}  # fmt: skip
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +60,7 @@ def read_bin_header(path: Path) -> ShardHeader:
     """The tensors of a ``.bin`` file as header entries (offsets are not file positions here)."""
     entries = []
     for name, tensor in load_bin(path).items():
-        dtype = _SAFETENSORS_NAMES.get(str(tensor.dtype).removeprefix("torch."))
+        dtype = SAFETENSORS_NAMES.get(str(tensor.dtype).removeprefix("torch."))
         if dtype is None:
             raise CheckpointError(path, f"dtype {tensor.dtype} has no safetensors equivalent", name)
         entries.append(
