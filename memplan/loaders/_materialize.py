@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -228,30 +228,34 @@ class Materializer:
     def _stored_quantized(self, weight: str) -> dict[str, torch.Tensor]:
         """A pre-quantized layer's weight and states as stored, keyed relative to the layer."""
         layer = weight.removesuffix(".weight")
-        names = [weight] + [
-            layer + s for s in QUANT_STATE_SUFFIXES if layer + s in self.reader.checkpoint.tensors
-        ]
+        names = _stored_names(weight, self.reader.checkpoint.tensors)
         return {name.removeprefix(f"{layer}."): self.reader.read(name) for name in names}
 
     def load_all(self, items: Iterable[Binding], device_for: Callable[[str], Device]) -> None:
         items = list(items)
         # The next tensors come off the disk while this one is cast, quantized or placed.
         cached = self.quant_cache.has if self.quant_cache is not None else lambda _: False
+        tensors = self.reader.checkpoint.tensors
         self.reader.read_ahead(
-            name for b in items if not cached(b.source) for name in _reads(b, self.prequantized)
+            name for b in items if not cached(b.source) for name in _reads(b, self.prequantized, tensors)
         )
         for binding in items:
             self.load(binding, device_for(binding.name))
 
 
-def _reads(binding: Binding, prequantized: bool) -> list[str]:
+def _reads(binding: Binding, prequantized: bool, tensors: Mapping[str, object]) -> list[str]:
     """The checkpoint tensors loading ``binding`` reads, in the order it reads them."""
     if binding.conversion is not None:
         return binding.conversion.names
     if prequantized and binding.name.endswith(".weight"):
-        layer = binding.source.removesuffix(".weight")
-        return [binding.source] + [layer + s for s in QUANT_STATE_SUFFIXES]
+        return _stored_names(binding.source, tensors)
     return [binding.source]
+
+
+def _stored_names(weight: str, tensors: Mapping[str, object]) -> list[str]:
+    """A pre-quantized weight and the quantization states the checkpoint keeps beside it."""
+    layer = weight.removesuffix(".weight")
+    return [weight] + [layer + s for s in QUANT_STATE_SUFFIXES if layer + s in tensors]
 
 
 def move_real_buffers(model: nn.Module, placement: Placement, device_for: Callable[[str], Device]) -> None:

@@ -100,10 +100,11 @@ class Group:
                 TensorRecord(path, private, key, digest, tensor.dtype, tuple(tensor.shape), nbytes, slots)
             )
         self._tensors: dict[str, torch.Tensor] = {}
-        # Until the first tier holds them, the caller's tensors are the source, by either key.
-        self.originals: dict[str, torch.Tensor] = {}
-        for record, (_, tensor, _) in zip(self.records, found.values(), strict=True):
-            self.originals[record.private_key] = self.originals[record.key] = tensor
+        # Until the first tier holds them, the caller's tensors are the source, by private key.
+        self.originals: dict[str, torch.Tensor] = {
+            record.private_key: tensor
+            for record, (_, tensor, _) in zip(self.records, found.values(), strict=True)
+        }
 
     @staticmethod
     def _mapping_tensors(entry: str, obj: Mapping[str, Any]) -> dict[int, tuple[str, Any, list[_Slot]]]:

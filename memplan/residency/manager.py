@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,11 +251,11 @@ class ResidencyManager:
 
     # -- moving data ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def _moving(self, entry: _Entry, what: str, *, leased_ok: bool = False) -> Iterator[None]:
-        """Mark ``entry`` as moving for the block: leases wait until it lands; a leased entry
-        (unless the lease is the caller's own) is refused, since leased means never moved."""
+    def _moving(self, entry: _Entry, what: str) -> Iterator[None]:
+        """Mark ``entry`` as moving for the block: leases wait until it lands; a leased entry is
+        refused, since leased means never moved."""
         with self._state:
-            if entry.leases and not leased_ok:
+            if entry.leases:
                 raise EntryInUse(entry.name, f"leased; cannot {what} it")
             entry.moving = True
         try:
@@ -278,7 +278,7 @@ class ResidencyManager:
         # Leaving a tier where leases write in place: key the content as it is now.
         rekey = self.dedup and not tier.addressable and isinstance(source, int)
         rekey = rekey and self.tiers[source].addressable  # type: ignore[index]
-        written, counted, added = 0, set(), []
+        written, counted = 0, set()
         try:
             for record in entry.group.records:
                 fetched = self._source_tensor(record, source) if rekey else None
@@ -291,25 +291,22 @@ class ResidencyManager:
                     tensor = fetched if fetched is not None else self._source_tensor(record, source)
                     self._drop_orphan(index, key)
                     written += tier.put(key, tensor)
-                    added.append(key)
                 with self._state:
                     refs[key] += 1
                 counted.add(key)
         except MemplanError:
-            with self._state:
-                for key in counted:
-                    refs[key] -= 1
-                    if refs[key] == 0:
-                        del refs[key]
-            for key in added:
-                self._drop_quietly(index, key)
+            self._unref(index, counted)  # the keys written here go again: no one else holds them
             self._counts["failures"] += 1
             raise
         return written
 
     def _release_keys(self, entry: _Entry, index: int) -> None:
+        self._unref(index, entry.group.sizes(self.tiers[index].addressable))
+
+    def _unref(self, index: int, keys: Iterable[str]) -> None:
+        """Take one reference off each of ``keys`` on tier ``index``; free those nothing holds now."""
         refs = self._refs[index]
-        for key in entry.group.sizes(self.tiers[index].addressable):
+        for key in keys:
             with self._state:
                 refs[key] -= 1
                 gone = refs[key] == 0
