@@ -74,7 +74,7 @@ class QuantCache:
         # No fsync per file (hundreds of layers, each a stall): files are checksummed on read, and
         # the folder counts as whole only after one sync of everything, when it is marked complete.
         self.tier: DiskTier = DiskTier(folder, fsync=False)
-        self.hits = self.writes = 0
+        self.writes = 0  # layers written by this load
         self.failed = False
         self._writer: ThreadPoolExecutor | None = None  # writes overlap the quantization of later layers
         self._pending: deque[Future[None]] = deque()
@@ -89,11 +89,9 @@ class QuantCache:
         if not self.has(weight):
             return None
         try:
-            state = {name: self.tier.get(f"{weight}/{name}") for name in self._stored[weight]}
+            return {name: self.tier.get(f"{weight}/{name}") for name in self._stored[weight]}
         except TierError:  # damaged: this layer is quantized again
             return None
-        self.hits += 1
-        return state
 
     def has(self, weight: str) -> bool:
         return self.complete and "weight" in self._stored.get(weight, ())

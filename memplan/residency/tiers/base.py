@@ -130,10 +130,12 @@ class Tier(ABC):
                 self._counts["written"] += nbytes
                 return nbytes
             self._counts["failures"] += 1
-        with self._failures_counted(key), contextlib.suppress(TierError):
-            self._discard(key, handle)
-        with self._lock:
-            self._busy.discard(key)
+        try:
+            with contextlib.suppress(TierError):
+                self._discard(key, handle)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
         raise TierFull(self.name, key, nbytes, room)
 
     def get(self, key: str) -> torch.Tensor:
