@@ -39,14 +39,23 @@ class Periodic:
         self.on_error = on_error
         self.thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stopped = threading.Event()
 
     def start(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
+        running = self.thread is not None and self.thread.is_alive() and not self._stopped.is_set()
+        if not running:  # a stopped thread past its last pass may still be exiting: a new one
             self._stop.clear()
+            self._stopped.clear()
             self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self.thread.start()
 
     def _run(self) -> None:
+        try:
+            self._passes()
+        finally:
+            self._stopped.set()
+
+    def _passes(self) -> None:
         if not self.immediately and self._stop.wait(self.interval_s):
             return
         while True:
@@ -61,7 +70,9 @@ class Periodic:
                 return
 
     def stop(self) -> None:
-        """Stop; returns within one interval (plus a pass in progress), thread joined."""
+        """Stop; returns within one interval (plus a pass in progress), once the last pass is done.
+
+        Waits for the thread's last pass, not ``join``: see :mod:`memplan._threads`."""
         self._stop.set()
         if self.thread is not None:
-            self.thread.join()
+            self._stopped.wait()

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memplan._threads import stop_pool
 from memplan.errors import TierError
 from memplan.planner.strategies import Quantized
 
@@ -133,8 +134,8 @@ class QuantCache:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.shutdown(wait=True, cancel_futures=True)
+        if self._writer is not None:  # the writes under way finish before the tier closes
+            stop_pool(self._writer, self._pending)
         self._pending.clear()
         self.tier.close()
 

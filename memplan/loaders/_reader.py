@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from memplan._dtypes import TORCH_NAMES
 from memplan._fileio import read_exactly
+from memplan._threads import stop_pool
 from memplan.errors import CheckpointError
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
@@ -182,15 +183,16 @@ class TensorReader:
     def close(self) -> None:
         with self._lock:
             self._queue.clear()
-            ahead, self._ahead_pool, self._ahead, self._ahead_bytes = self._ahead_pool, None, {}, 0
-        if ahead is not None:  # first: its reads use the chunk pool and the descriptors
-            ahead.shutdown(wait=True, cancel_futures=True)
+            pool, self._ahead_pool, self._ahead_bytes = self._ahead_pool, None, 0
+            ahead, self._ahead = list(self._ahead.values()), {}
+        if pool is not None:  # first: its reads use the chunk pool and the descriptors
+            stop_pool(pool, ahead)
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
             self._bins = {}
             executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        if executor is not None:  # idle: every chunk read belongs to a read that has returned
+            stop_pool(executor, ())
         for fd in fds:
             os.close(fd)
 

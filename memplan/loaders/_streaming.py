@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memplan._threads import stop_pool
 from memplan.gpu.device import Device
 from memplan.loaders._materialize import Binding, Materializer, set_tensor
 from memplan.loaders._placement import Placement
@@ -269,4 +270,6 @@ class ModuleStreamer:
         """Remove the hooks and stop the prefetch thread (the arena goes with the placement)."""
         for handle in self._handles:
             handle.remove()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            in_flight = [future for _, future in self._inflight.values()]
+        stop_pool(self._pool, in_flight)

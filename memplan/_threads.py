@@ -1,0 +1,22 @@
+"""Stopping worker threads on a path a Ctrl-C may interrupt.
+
+``Thread.join`` (and so ``ThreadPoolExecutor.shutdown(wait=True)``) on Python 3.11 can turn a
+KeyboardInterrupt landing inside it into ``RuntimeError: release unlocked lock`` (its bpo-45274
+recovery releases a lock the exiting thread still holds). What a cleanup needs is that the work
+in flight has finished, not that the threads are gone: it waits for that work, then lets idle
+threads exit by themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+
+__all__ = ["stop_pool"]
+
+
+def stop_pool(pool: ThreadPoolExecutor, in_flight: Iterable[Future[Any]]) -> None:
+    """Cancel ``pool``'s queued work and return once ``in_flight`` has finished, joining no thread."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    wait(list(in_flight))
