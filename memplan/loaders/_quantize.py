@@ -173,17 +173,33 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) 
     return param.to(torch_device)  # type: ignore[no-any-return]
 
 
+_INT8_BLOCK_VALUES = 1 << 18  # 1 MiB of fp32 a block: fits a core's L2 with its fp16 twin
+
+
 def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' LLM.int8 weight format (int8 rows, one fp32 absmax per row: ``SCB``), bit for
     bit as ``Int8Params`` makes it on the CPU, about 3x faster there: bnb computes in fp16, which
     CPUs emulate, where each value here goes through fp16 once and the arithmetic runs in fp32,
-    the type bnb's mixed fp16 x fp32 product is promoted to anyway."""
+    the type bnb's mixed fp16 x fp32 product is promoted to anyway.
+
+    It runs a block of rows at a time through two small reused buffers, which stay in the CPU's
+    cache: whole-matrix fp32 temporaries made it memory-bound (5x slower on a 1B Llama)."""
     import torch
 
-    values = weight.contiguous().to(torch.float16).float()
-    scales = values.abs().amax(dim=1)
-    values.mul_((127.0 / scales).unsqueeze(-1)).round_()
-    return values.to(torch.int8), scales
+    rows, columns = weight.shape
+    quantized = torch.empty((rows, columns), dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float32)
+    block = max(1, _INT8_BLOCK_VALUES // max(columns, 1))
+    as_fp16 = torch.empty((min(block, rows), columns), dtype=torch.float16)
+    values = torch.empty((min(block, rows), columns), dtype=torch.float32)
+    for start in range(0, rows, block):
+        end = min(start + block, rows)
+        v = values[: end - start]
+        v.copy_(as_fp16[: end - start].copy_(weight[start:end]))
+        torch.amax(v.abs(), dim=1, out=scales[start:end])
+        v.mul_((127.0 / scales[start:end]).unsqueeze(-1)).round_()
+        quantized[start:end].copy_(v)
+    return quantized, scales
 
 
 def prequantized_weight(
