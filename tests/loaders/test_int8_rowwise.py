@@ -12,7 +12,9 @@ from memplan.loaders._quantize import int8_rowwise
 @pytest.mark.parametrize("shape", [(64, 64), (300, 517), (3, 7), (128, 1), (1100, 700)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])  # Conv1D weights
-def test_int8_rowwise_equals_bitsandbytes(shape: tuple[int, int], dtype: torch.dtype, transposed: bool) -> None:
+def test_int8_rowwise_equals_bitsandbytes(
+    shape: tuple[int, int], dtype: torch.dtype, transposed: bool
+) -> None:
     import bitsandbytes as bnb
 
     generator = torch.Generator().manual_seed(sum(shape))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -39,3 +40,16 @@ def test_a_tensor_nobody_asked_to_read_ahead_is_read_directly(tiny_llama: Path) 
         reader.read_ahead([first])
         assert reader.read(second).shape == checkpoint.tensors[second].shape
         assert reader.read(first).shape == checkpoint.tensors[first].shape
+
+
+def test_closing_with_reads_still_queued_returns(tiny_llama: Path) -> None:
+    """More reads ahead than reading threads: close() cancels the queued ones and waits for the
+    running ones only (a cancelled future never wakes a waiter: waiting on it hung)."""
+    checkpoint = memplan.inspect(tiny_llama)
+    reader = TensorReader(checkpoint)
+    reader.read_ahead(list(checkpoint.tensors))
+    assert len(reader._ahead) > 8  # the reading threads: some reads are queued behind them
+    closer = threading.Thread(target=reader.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "close() hung on reads it had cancelled"
