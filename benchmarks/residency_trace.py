@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -122,7 +123,8 @@ def plain_read(path: Path, nbytes: int) -> None:
         f.readinto(out.numpy().data)
 
 
-def disk_table(nbytes: int) -> None:
+def disk_once(nbytes: int) -> tuple[float, float, float, float]:
+    """Seconds: tier write, plain write+fsync, tier read (cold), plain read (cold)."""
     data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
     with tempfile.TemporaryDirectory(prefix="memplan-bench-") as tmp:
         root = Path(tmp)
@@ -135,8 +137,19 @@ def disk_table(nbytes: int) -> None:
         write_plain = timed(lambda: plain_write(plain, data))
         drop_page_cache(plain)
         read_plain = timed(lambda: plain_read(plain, nbytes))
+    return write_tier, write_plain, read_tier, read_plain
+
+
+def disk_table(nbytes: int, runs: int) -> None:
+    """Medians of ``runs``, tier and plain file interleaved: this disk varies up to 2x run to run."""
+    measured = [disk_once(nbytes) for _ in range(runs)]
+    write_tier, write_plain, read_tier, read_plain = (
+        statistics.median(m[i] for m in measured) for i in range(4)
+    )
     mb = nbytes / (1 << 20)
-    print(f"\ndisk tier, {mb:.0f} MiB, cold cache (tier verifies SHA-256 on read, hashes on write):")
+    print(
+        f"\ndisk tier, {mb:.0f} MiB, cold cache, medians of {runs} (tier verifies SHA-256 on read, hashes on write):"
+    )
     print(f"  write: tier {mb / write_tier:7.0f} MiB/s, plain write+fsync {mb / write_plain:7.0f} MiB/s"
           f"  -> {write_plain / write_tier:.2f}x")  # fmt: skip
     print(f"  read:  tier {mb / read_tier:7.0f} MiB/s, plain read        {mb / read_plain:7.0f} MiB/s"
@@ -148,13 +161,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run")
+    parser.add_argument("--only", choices=("trace", "disk"), help="run one of the two tables")
+    parser.add_argument("--runs", type=int, default=3, help="disk tier runs (medians printed)")
     args = parser.parse_args()
-    if args.quick:
-        trace_table(models=30, requests=800, seed=1)
-        disk_table(64 << 20)
-    else:
-        trace_table(models=120, requests=20_000, seed=1)
-        disk_table(1 << 30)
+    if args.only in (None, "trace"):
+        models, requests = (30, 800) if args.quick else (120, 20_000)
+        trace_table(models=models, requests=requests, seed=1)
+    if args.only in (None, "disk"):
+        disk_table(64 << 20 if args.quick else 1 << 30, 1 if args.quick else args.runs)
 
 
 if __name__ == "__main__":
