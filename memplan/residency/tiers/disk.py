@@ -14,13 +14,15 @@ import hashlib
 import os
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from memplan._fileio import read_exactly
+from memplan._threads import stop_pool
 from memplan.errors import CheckpointError, TierError
 from memplan.gpu.device import Device
 from memplan.planner.safetensors_header import read_header
@@ -57,35 +59,39 @@ def _pid_of_temp(name: str) -> int | None:
 
 
 _CHUNK = 16 << 20
+_IN_FLIGHT = 4  # one 16 MiB read at a time reached ~500 MiB/s cold here, four ~1.5 GiB/s
 
 
 def _read(path: Path, offset: int, nbytes: int) -> tuple[torch.Tensor, str]:
     """The ``nbytes`` at ``offset`` and their SHA-256, hashed as they arrive: while one chunk is
-    hashed (hashlib lets go of the GIL) the next is being read, so checking costs no second pass."""
+    hashed (hashlib lets go of the GIL) the next ones are being read, so checking costs no
+    second pass."""
     import torch
 
     out = torch.empty(nbytes, dtype=torch.uint8)
     view = out.numpy().data
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="memplan-spill-read")
+    pending: deque[tuple[Future[None], int, int]] = deque()
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="memplan-spill-read") as pool:
-            chunks = [(at, min(_CHUNK, nbytes - at)) for at in range(0, nbytes, _CHUNK)]
-            pending = [
-                pool.submit(read_exactly, fd, view[at : at + n], offset + at, file=path)
-                for at, n in chunks[:1]
-            ]
-            for i, (at, n) in enumerate(chunks):
-                pending[i].result()
-                if i + 1 < len(chunks):
-                    nxt, size = chunks[i + 1]
-                    pending.append(
-                        pool.submit(read_exactly, fd, view[nxt : nxt + size], offset + nxt, file=path)
-                    )
-                digest.update(view[at : at + n])
+        for at in range(0, nbytes, _CHUNK):
+            n = min(_CHUNK, nbytes - at)
+            pending.append((pool.submit(read_exactly, fd, view[at : at + n], offset + at, file=path), at, n))
+            if len(pending) > _IN_FLIGHT:  # the window is full: hash the oldest chunk once it lands
+                _hash_oldest(digest, pending, view)
+        while pending:
+            _hash_oldest(digest, pending, view)
     finally:
+        stop_pool(pool, [future for future, _, _ in pending])  # reads land before the descriptor closes
         os.close(fd)
     return out, digest.hexdigest()
+
+
+def _hash_oldest(digest: Any, pending: deque[tuple[Future[None], int, int]], view: memoryview) -> None:
+    future, at, n = pending.popleft()
+    future.result()
+    digest.update(view[at : at + n])
 
 
 class DiskTier(Tier):
