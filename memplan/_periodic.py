@@ -74,5 +74,6 @@ class Periodic:
 
         Waits for the thread's last pass, not ``join``: see :mod:`memplan._threads`."""
         self._stop.set()
-        if self.thread is not None:
+        # From inside a pass (a callback that stops its monitor) the thread ends after this pass.
+        if self.thread is not None and self.thread is not threading.current_thread():
             self._stopped.wait()

@@ -206,16 +206,19 @@ class Materializer:
             host = self.host_tensor(binding)
             set_tensor(binding, self.placement.put(host, device, binding.name), trainable=self.trainable)
             return
-        stored = self._stored_quantized(binding.source) if self.prequantized else None
-        if stored is None and self.quant_cache is not None:
-            stored = self.quant_cache.get(binding.source)
-        if stored is not None:  # as saved quantized: in the checkpoint, or by an earlier load
-            size = sum(t.numel() * t.element_size() for t in stored.values())
-            param = self.placement.place(
-                device, size, binding.name, lambda where: prequantized_weight(module, stored, where)
-            )
-            set_tensor(binding, param, trainable=self.trainable)
+        if self.prequantized:  # as saved quantized in the checkpoint
+            stored = self._stored_quantized(binding.source)
+            set_tensor(binding, self._from_states(module, stored, device, binding), trainable=self.trainable)
             return
+        cached = self.quant_cache.get(binding.source) if self.quant_cache is not None else None
+        if cached is not None:  # as an earlier load quantized it
+            try:
+                param = self._from_states(module, cached, device, binding)
+            except (KeyError, ValueError):  # a state file lost (removed as torn at start): quantize again
+                pass
+            else:
+                set_tensor(binding, param, trainable=self.trainable)
+                return
         host = self.host_tensor(binding)
         size = quantized_size(module, self.reader.info(binding.source))
         param = self.placement.place(
@@ -224,6 +227,14 @@ class Materializer:
         set_tensor(binding, param, trainable=self.trainable)
         if self.quant_cache is not None:
             self.quant_cache.put(binding.source, module)
+
+    def _from_states(
+        self, module: nn.Module, stored: dict[str, torch.Tensor], device: Device, binding: Binding
+    ) -> nn.Parameter:
+        size = sum(t.numel() * t.element_size() for t in stored.values())
+        return self.placement.place(
+            device, size, binding.name, lambda where: prequantized_weight(module, stored, where)
+        )
 
     def _stored_quantized(self, weight: str) -> dict[str, torch.Tensor]:
         """A pre-quantized layer's weight and states as stored, keyed relative to the layer."""

@@ -12,7 +12,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +73,7 @@ class TensorReader:
         self._queue: deque[str] = deque()
         self._ahead: dict[str, Future[torch.Tensor]] = {}
         self._ahead_bytes = 0
+        self._abandoned: list[Future[torch.Tensor]] = []  # taken, then left by a failure or a Ctrl-C
 
     def read_ahead(self, names: Iterable[str]) -> None:
         """Read ``names`` (in this order) ahead of :meth:`read` asking for them."""
@@ -102,6 +103,10 @@ class TensorReader:
             return None
         try:
             return future.result()
+        except BaseException:
+            with self._lock:  # still reading, maybe (a Ctrl-C here): close() waits for it
+                self._abandoned.append(future)
+            raise
         finally:
             with self._lock:
                 self._ahead_bytes -= self.checkpoint.tensors[name].nbytes
@@ -155,8 +160,7 @@ class TensorReader:
             _read_range(fd, info, view, 0, info.nbytes)
         else:
             pool = self._pool()
-            for future in [pool.submit(_read_range, fd, info, view, at, n) for at, n in chunks]:
-                future.result()
+            _all_or_none([pool.submit(_read_range, fd, info, view, at, n) for at, n in chunks])
         self._count(info.nbytes)
 
     def _copy_from_bin(self, info: TensorInfo, out: torch.Tensor) -> None:
@@ -184,7 +188,8 @@ class TensorReader:
         with self._lock:
             self._queue.clear()
             pool, self._ahead_pool, self._ahead_bytes = self._ahead_pool, None, 0
-            ahead, self._ahead = list(self._ahead.values()), {}
+            ahead, self._ahead = list(self._ahead.values()) + self._abandoned, {}
+            self._abandoned = []
         if pool is not None:  # first: its reads use the chunk pool and the descriptors
             stop_pool(pool, ahead)
         with self._lock:
@@ -201,6 +206,20 @@ class TensorReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _all_or_none(chunks: list[Future[None]]) -> None:
+    """Wait for every chunk; on a failure or a Ctrl-C, cancel the rest and wait for those already
+    running, so that no read writes into the caller's tensor, or uses a descriptor close()
+    gives back, once the caller has left."""
+    try:
+        for future in chunks:
+            future.result()
+    except BaseException:
+        for future in chunks:
+            future.cancel()
+        wait([future for future in chunks if not future.cancelled()])
+        raise
 
 
 def _read_range(fd: int, info: TensorInfo, view: memoryview, start: int, length: int) -> None:

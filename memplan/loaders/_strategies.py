@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memplan._threads import one_intra_op_thread
 from memplan.gpu.device import Device
 from memplan.loaders._conversion import KeyMap, key_map, prefix_map
 from memplan.loaders._heads import initialize_new
@@ -22,7 +20,7 @@ from memplan.loaders._materialize import (
     unused_tensors,
 )
 from memplan.loaders._placement import Placement
-from memplan.loaders._qcache import QuantCache, open_quant_cache
+from memplan.loaders._qcache import open_quant_cache
 from memplan.loaders._quantize import record_quantization, replace_linears, summary, transformers_choice
 from memplan.loaders._reader import TensorReader, torch_dtype
 from memplan.loaders._skeleton import ModelFactory, build_skeleton
@@ -246,15 +244,6 @@ class LoadOptions:
     quant_cache: bool = True
 
 
-def _quantizes_beside_writer(strategy: Strategy, cache: QuantCache | None) -> bool:
-    """Whether memplan's own int8 quantizer runs on the CPU while the cache writer runs too (bnb's
-    nf4 and GPU quantizers were not measured so, and keep torch's threads)."""
-    return (
-        isinstance(strategy, Quantized) and strategy.method == "int8" and not strategy.device.is_accelerator
-        and cache is not None and not cache.complete
-    )  # fmt: skip
-
-
 def carry_out(
     strategy: Strategy,
     reader: TensorReader,
@@ -283,8 +272,7 @@ def carry_out(
         states = [n for n in checkpoint.tensors if is_quant_state(n)] if prequantized else []
         unused = unused_tensors(model, checkpoint, bound.keys, also_used=states)
         rename = _renamer(bound.bindings)
-        with one_intra_op_thread() if _quantizes_beside_writer(strategy, cache) else nullcontext():
-            device_for = _place(model, strategy, materializer, bound.bindings, hooks, rename)
+        device_for = _place(model, strategy, materializer, bound.bindings, hooks, rename)
         fresh = initialize_new(model, bound.missing, materializer, device_for)
         if isinstance(strategy, Sharded | Streamed):
             model.hf_device_map = _hf_device_map(strategy, checkpoint, bound.bindings + bound.missing, rename)  # type: ignore[assignment]

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import memplan
@@ -53,3 +54,35 @@ def test_closing_with_reads_still_queued_returns(tiny_llama: Path) -> None:
     closer.start()
     closer.join(timeout=30)
     assert not closer.is_alive(), "close() hung on reads it had cancelled"
+
+
+def test_a_failed_chunk_leaves_no_read_writing_into_the_callers_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One chunk fails while the others are still reading: read_into raises only once they have
+    stopped, so nothing writes into ``out`` (or uses a descriptor close() gives back) after."""
+    from safetensors.torch import save_file
+
+    import memplan.loaders._reader as reader_module
+
+    save_file({"w": torch.zeros(6 << 20)}, str(tmp_path / "model.safetensors"))  # 24 MiB: 3 chunks
+    real = reader_module.read_exactly
+    started: list[int] = []
+    finished: list[float] = []
+
+    def slow_or_failing(fd: int, view: memoryview, offset: int, **names: object) -> None:
+        if offset < 8 << 20:  # the first chunk fails at once, while the other two still read
+            raise memplan.CheckpointError(tmp_path, "injected")
+        started.append(offset)
+        time.sleep(0.3)
+        real(fd, view, offset, **names)  # type: ignore[arg-type]
+        finished.append(time.monotonic())
+
+    monkeypatch.setattr(reader_module, "read_exactly", slow_or_failing)
+    checkpoint = memplan.inspect(tmp_path)
+    with TensorReader(checkpoint) as reader, pytest.raises(memplan.CheckpointError):
+        reader.read_into(checkpoint.tensors["w"], torch.empty(6 << 20))
+    left = time.monotonic()
+    time.sleep(0.5)
+    # The other two started (and were waited for) or were cancelled before they started.
+    assert len(finished) == len(started) and all(at <= left for at in finished)

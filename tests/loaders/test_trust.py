@@ -244,14 +244,18 @@ def _interrupted(path: Path, chosen: memplan.Plan, allocator: Allocator, delay: 
     return False
 
 
+def _timed_load(path: Path, chosen: memplan.Plan, allocator: Allocator) -> float:
+    start = time.perf_counter()
+    memplan.load(path, plan=chosen, allocator=allocator, progress=False)
+    return time.perf_counter() - start
+
+
 @pytest.mark.parametrize("kind", ["int8", "offloaded"])
 def test_ctrl_c_anywhere_in_a_load_gives_the_whole_budget_back(tiny_llama: Path, kind: str) -> None:
     chosen = plan_for(tiny_llama, kind)
     allocator = Allocator(chosen.inventory)
     memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)  # warm: imports done
-    start = time.perf_counter()
-    memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
-    took = time.perf_counter() - start
+    took = min(_timed_load(tiny_llama, chosen, allocator) for _ in range(3))  # a slow spell overstates it
     gc.collect()
     previous = signal.signal(signal.SIGALRM, _interrupt_inside_load)
     try:

@@ -252,3 +252,16 @@ def test_threads_see_consistent_samples() -> None:
         reads = [len(monitor.history(GPU)) for _ in range(200)]
         threading.Event().wait(0.05)
     assert max(reads) <= 50 and monitor.counters.samples > 0
+
+
+def test_a_callback_that_stops_its_monitor_ends_it_and_a_later_stop_returns() -> None:
+    monitor = MemoryMonitor(interval_s=0.02)
+    monitor.on_sample(lambda _: monitor.stop())
+    monitor.start()
+    assert monitor._worker.thread is not None
+    monitor._worker.thread.join(timeout=5)
+    assert not monitor._worker.thread.is_alive()
+    stopper = threading.Thread(target=monitor.stop, daemon=True)
+    stopper.start()
+    stopper.join(timeout=5)
+    assert not stopper.is_alive(), "stop() hung after the monitor's own callback stopped it"
