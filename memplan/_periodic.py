@@ -40,10 +40,17 @@ class Periodic:
         self.thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._starting = threading.Lock()  # two start() at once would make two threads
 
     def start(self) -> None:
-        running = self.thread is not None and self.thread.is_alive() and not self._stopped.is_set()
-        if not running:  # a stopped thread past its last pass may still be exiting: a new one
+        with self._starting:
+            if self.thread is threading.current_thread():  # a pass restarting its own worker
+                self._stop.clear()
+                return
+            if self.thread is not None and self.thread.is_alive() and not self._stopped.is_set():
+                if not self._stop.is_set():
+                    return  # running
+                self._stopped.wait()  # a stop (perhaps one a Ctrl-C cut short) ends its last pass first
             self._stop.clear()
             self._stopped.clear()
             self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)

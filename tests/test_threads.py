@@ -1,4 +1,5 @@
-"""memplan._threads: cleanup that waits for the work in flight, not for threads."""
+"""Threads of ours: cleanup waits for the work in flight, not for threads; a periodic worker
+starts once, and again after a stop that a Ctrl-C cut short."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from memplan._periodic import Periodic
 from memplan._threads import stop_pool
 
 
@@ -24,3 +26,47 @@ def test_stop_pool_returns_after_the_work_in_flight_and_cancels_the_queued() -> 
     started.wait()
     stop_pool(pool, [running, queued])
     assert done == [1] and queued.cancelled()
+
+
+def test_periodic_started_from_many_threads_at_once_runs_one_worker() -> None:
+    worker = Periodic("memplan-test-once", 0.01, lambda: None)
+    go = threading.Barrier(8)
+
+    def start() -> None:
+        go.wait()
+        worker.start()
+
+    starters = [threading.Thread(target=start) for _ in range(8)]
+    for thread in starters:
+        thread.start()
+    for thread in starters:
+        thread.join()
+    try:
+        assert sum(t.name == "memplan-test-once" and t.is_alive() for t in threading.enumerate()) == 1
+    finally:
+        worker.stop()
+
+
+def test_periodic_started_while_a_cut_short_stop_ends_its_pass_runs_again() -> None:
+    """As after a Ctrl-C inside stop(): the stop was asked for, the last pass is still running."""
+    passes: list[float] = []
+    in_pass = threading.Event()
+
+    def work() -> None:
+        passes.append(time.monotonic())
+        in_pass.set()
+        time.sleep(0.2)
+
+    worker = Periodic("memplan-test-restart", 0.01, work, immediately=True)
+    worker.start()
+    in_pass.wait()
+    worker._stop.set()  # the stop's wait was interrupted: only its request remains
+    worker.start()
+    restarted = time.monotonic()
+    try:
+        deadline = restarted + 5
+        while not any(at > restarted for at in passes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(at > restarted for at in passes), "no pass ran after start()"
+    finally:
+        worker.stop()
