@@ -13,11 +13,17 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
-__all__ = ["stop_pool"]
+__all__ = ["settle", "stop_pool"]
+
+
+def settle(futures: Iterable[Future[Any]]) -> None:
+    """Cancel what has not started and return once the rest has finished."""
+    # cancel() is False only for a future running or done. One cancelled before it ran never
+    # notifies its waiters: wait() on it would never return, so it is left out.
+    wait([future for future in futures if not future.cancel()])
 
 
 def stop_pool(pool: ThreadPoolExecutor, in_flight: Iterable[Future[Any]]) -> None:
     """Cancel ``pool``'s queued work and return once ``in_flight`` has finished, joining no thread."""
     pool.shutdown(wait=False, cancel_futures=True)
-    # A future that shutdown cancelled never notifies its waiters: wait() on it would never return.
-    wait([future for future in in_flight if not future.cancelled()])
+    settle(in_flight)

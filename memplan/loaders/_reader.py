@@ -12,13 +12,13 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memplan._dtypes import TORCH_NAMES
 from memplan._fileio import read_exactly
-from memplan._threads import stop_pool
+from memplan._threads import settle, stop_pool
 from memplan.errors import CheckpointError
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
@@ -216,9 +216,7 @@ def _all_or_none(chunks: list[Future[None]]) -> None:
         for future in chunks:
             future.result()
     except BaseException:
-        for future in chunks:
-            future.cancel()
-        wait([future for future in chunks if not future.cancelled()])
+        settle(chunks)
         raise
 
 
