@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -149,6 +152,48 @@ def test_a_flipped_bit_is_caught_on_read(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(TierError, match="checksum"):
         tier.get("k")
+
+
+def _write_v1_blob(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """A blob as memplan before v2 wrote it: SHA-256 under the "sha256" key."""
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1)
+    metadata = {
+        "format": "memplan.tensor.v1",
+        "key": key,
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": json.dumps(list(tensor.shape)),
+        "nbytes": str(raw.numel()),
+        "sha256": hashlib.sha256(raw.numpy().data).hexdigest(),
+        "compression": "none",
+    }
+    header = {
+        "__metadata__": metadata,
+        "data": {"dtype": "U8", "shape": [raw.numel()], "data_offsets": [0, raw.numel()]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw.numpy().tobytes())
+
+
+def test_blobs_written_with_sha256_are_still_read_and_checked(tmp_path: Path) -> None:
+    tensor = torch.arange(1000, dtype=torch.int32)
+    path = tmp_path / (name_for_key("old") + ".safetensors")
+    _write_v1_blob(path, "old", tensor)
+    tier = get_tier("disk", tmp_path)
+    assert tier.keys() == ["old"] and torch.equal(tier.get("old"), tensor)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(TierError, match="checksum"):
+        tier.get("old")
+
+
+def test_a_blob_with_a_checksum_this_version_cannot_check_is_not_adopted(tmp_path: Path) -> None:
+    tier = get_tier("disk", tmp_path)
+    tier.put("k", torch.arange(10))
+    path = tmp_path / (name_for_key("k") + ".safetensors")
+    path.write_bytes(path.read_bytes().replace(b'"xxh3_128:', b'"md99_128:'))
+    assert get_tier("disk", tmp_path).keys() == []
 
 
 SPILLER = textwrap.dedent(
