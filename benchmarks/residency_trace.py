@@ -148,7 +148,7 @@ def disk_table(nbytes: int, runs: int) -> None:
     )
     mb = nbytes / (1 << 20)
     print(
-        f"\ndisk tier, {mb:.0f} MiB, cold cache, medians of {runs} (tier verifies SHA-256 on read, hashes on write):"
+        f"\ndisk tier, {mb:.0f} MiB, cold cache, medians of {runs} (tier checksums on write, verifies on read):"
     )
     print(f"  write: tier {mb / write_tier:7.0f} MiB/s, plain write+fsync {mb / write_plain:7.0f} MiB/s"
           f"  -> {write_plain / write_tier:.2f}x")  # fmt: skip
