@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import MemplanError
+from memplan.loaders._cpu_quantizers import int8_rowwise, nf4_parameter
 from memplan.planner.checkpoint import TensorInfo
 from memplan.planner.estimate import quantized_bytes
 from memplan.planner.strategies import Quantized
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INT8_THRESHOLD",
-    "int8_rowwise",
     "is_quantized_layer",
     "prequantized_weight",
     "quantize_weight",
@@ -163,43 +163,15 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) 
             return param.to(torch_device)  # type: ignore[no-any-return]
         weight_i8, scales = int8_rowwise(weight)
         return prequantized_weight(module, {"weight": weight_i8, "SCB": scales}, torch_device)
-    else:
-        old: Any = module.weight
-        param = bnb.nn.Params4bit(
-            weight, requires_grad=False, blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-        )  # fmt: skip
+    old: Any = module.weight
+    if torch_device.startswith("cpu") and old.quant_type == "nf4":
+        return nf4_parameter(weight, old)
+    param = bnb.nn.Params4bit(
+        weight, requires_grad=False, blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+    )  # fmt: skip
     return param.to(torch_device)  # type: ignore[no-any-return]
-
-
-_INT8_BLOCK_VALUES = 1 << 18  # 1 MiB of fp32 a block: fits a core's L2 with its fp16 twin
-
-
-def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' LLM.int8 weight format (int8 rows, one fp32 absmax per row: ``SCB``), bit for
-    bit as ``Int8Params`` makes it on the CPU, about 3x faster there: bnb computes in fp16, which
-    CPUs emulate, where each value here goes through fp16 once and the arithmetic runs in fp32,
-    the type bnb's mixed fp16 x fp32 product is promoted to anyway.
-
-    It runs a block of rows at a time through two small reused buffers, which stay in the CPU's
-    cache: whole-matrix fp32 temporaries made it memory-bound (5x slower on a 1B Llama)."""
-    import torch
-
-    rows, columns = weight.shape
-    quantized = torch.empty((rows, columns), dtype=torch.int8)
-    scales = torch.empty(rows, dtype=torch.float32)
-    block = max(1, _INT8_BLOCK_VALUES // max(columns, 1))
-    as_fp16 = torch.empty((min(block, rows), columns), dtype=torch.float16)
-    values = torch.empty((min(block, rows), columns), dtype=torch.float32)
-    for start in range(0, rows, block):
-        end = min(start + block, rows)
-        v = values[: end - start]
-        v.copy_(as_fp16[: end - start].copy_(weight[start:end]))
-        torch.amax(v.abs(), dim=1, out=scales[start:end])
-        v.mul_((127.0 / scales[start:end]).unsqueeze(-1)).round_()
-        quantized[start:end].copy_(v)
-    return quantized, scales
 
 
 def prequantized_weight(
