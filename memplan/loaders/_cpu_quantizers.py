@@ -73,21 +73,63 @@ def nf4_blockwise(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(full // blocksize + (n > full), dtype=torch.float32)
     step = max(1, _NF4_BLOCK_VALUES // blocksize) * blocksize  # whole blocks: pairs never straddle
-    values = torch.empty(min(step, full), dtype=torch.float32)
-    codes = torch.empty(min(step, full), dtype=torch.int32)
-    pairs = torch.empty(min(step, full) // 2, dtype=torch.int32)
+    buckets = _Buckets(bounds, min(step, full))
     for start in range(0, full, step):
         end = min(start + step, full)
-        v, c, p = values[: end - start], codes[: end - start], pairs[: (end - start) // 2]
+        v = buckets.values[: end - start]
         scale = absmax[start // blocksize : end // blocksize]
         v.copy_(flat[start:end])
         torch.amax(v.view(-1, blocksize).abs(), dim=-1, out=scale)
         v.view(-1, blocksize).mul_(1.0 / scale.clamp(min=1e-38).view(-1, 1)).clamp_(-1, 1)
-        torch.bucketize(v, bounds, out_int32=True, out=c)
+        c = buckets.of(v, exact_search=not bool(torch.isfinite(scale).all()))
+        p = buckets.pairs[: (end - start) // 2]
         packed[start // 2 : end // 2].copy_(torch.add(c[1::2], c[::2], alpha=16, out=p))
     if n > full:
         _nf4_last_block(flat[full:].float(), bounds, absmax, packed[full // 2 :])
     return packed.unsqueeze(1), absmax
+
+
+class _Buckets:
+    """``torch.bucketize(v, bounds)`` for values in [-1, 1], about 3x faster: a binary search
+    per value cost 15-25 ns here, most of an nf4 load.
+
+    [-1, 1] is cut into ``_CELLS`` cells, far narrower than the gaps between NF4's bucket bounds
+    (0.08 at least), so the values of a cell, and a cell's width to either side, cross at most one
+    bound: a value's bucket is its cell's first candidate, plus one when it lies above that
+    candidate's upper bound. Two table lookups and a comparison per value, same answer exactly
+    (checked once for every float32 in [-1, 1]; the tests check the neighbourhoods of every
+    bound and cell edge). Reused buffers of ``size`` values keep the work in cache."""
+
+    _CELLS = 512
+
+    def __init__(self, bounds: torch.Tensor, size: int) -> None:
+        import torch
+
+        self.bounds = bounds
+        below = torch.linspace(-1, 1, self._CELLS + 1, dtype=torch.float64) - 2 / self._CELLS
+        self.candidate = torch.bucketize(below.float(), bounds, out_int32=True)  # bounds under the cell
+        upper = torch.cat([bounds, torch.tensor([float("inf")])])  # the last bucket has none
+        self.upper = upper[self.candidate.long()]
+        self.values = torch.empty(size, dtype=torch.float32)
+        self.pairs = torch.empty(size // 2, dtype=torch.int32)
+        self._codes = torch.empty(size, dtype=torch.int32)
+        self._cells = torch.empty(size, dtype=torch.int32)
+        self._limits = torch.empty(size, dtype=torch.float32)
+
+    def of(self, v: torch.Tensor, *, exact_search: bool) -> torch.Tensor:
+        """The buckets of ``v`` (a prefix of ``values``); ``exact_search`` where NaN may be among
+        them (a block holding inf or NaN), which has no cell."""
+        import torch
+
+        codes = self._codes[: v.numel()]
+        if exact_search:
+            return torch.bucketize(v, self.bounds, out_int32=True, out=codes)
+        cells, limits = self._cells[: v.numel()], self._limits[: v.numel()]
+        half = self._CELLS / 2
+        cells.copy_(torch.mul(v, half, out=limits).add_(half))  # truncation is floor here: v >= -1
+        torch.index_select(self.upper, 0, cells, out=limits)
+        torch.index_select(self.candidate, 0, cells, out=codes)
+        return codes.add_(limits < v)
 
 
 def _nf4_last_block(
