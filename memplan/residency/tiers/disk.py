@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from memplan._fileio import read_exactly
+from memplan._fileio import read_exactly, write_new_file
 from memplan._threads import stop_pool
 from memplan.errors import CheckpointError, TierError
 from memplan.gpu.device import Device
@@ -187,16 +187,8 @@ class DiskTier(Tier):
         return None, nbytes
 
     def _write(self, temp: Path, header: bytes, payload: Any) -> None:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(payload) if isinstance(payload, bytes) else payload.numpy().data
-            for chunk in (memoryview(header), view):
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        view = memoryview(payload) if isinstance(payload, bytes) else payload.numpy().data
+        write_new_file(temp, [memoryview(header), view.cast("B")], fsync=self.fsync)
 
     def _sync_directory(self) -> None:
         if not self.fsync:
