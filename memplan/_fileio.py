@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,9 +84,7 @@ def _write_staged(fd: int, parts: Sequence[memoryview]) -> None:
     """``parts`` through an aligned buffer in whole aligned blocks; the file is cut back to its
     real length after its last block is written padded."""
     total = sum(len(part) for part in parts)
-    # Not closed here: on a failed write, a view of it lives on in the traceback, and closing it
-    # then raises BufferError over the real error. It is unmapped with its last reference.
-    stage = mmap.mmap(-1, min(_STAGE, -(-total // _ALIGN) * _ALIGN) or _ALIGN)
+    stage = _take_stage()
     filled = 0
     for part in parts:
         taken = 0
@@ -97,8 +96,29 @@ def _write_staged(fd: int, parts: Sequence[memoryview]) -> None:
                 _write_all(fd, memoryview(stage))
                 filled = 0
     if filled:
-        _write_all(fd, memoryview(stage)[: -(-filled // _ALIGN) * _ALIGN])
+        padded = -(-filled // _ALIGN) * _ALIGN
+        stage[filled:padded] = bytes(padded - filled)  # no earlier file's bytes, even for a moment
+        _write_all(fd, memoryview(stage)[:padded])
     os.ftruncate(fd, total)
+    _give_back(stage)  # only after a write that succeeded: a failed one's traceback may hold a view
+
+
+_stages: list[mmap.mmap] = []  # staging buffers kept for the next write: a fresh map costs a page
+_stages_lock = threading.Lock()  # fault per 4 KiB, more than the copy through it
+_KEPT_STAGES = 2
+
+
+def _take_stage() -> mmap.mmap:
+    with _stages_lock:
+        if _stages:
+            return _stages.pop()
+    return mmap.mmap(-1, _STAGE)
+
+
+def _give_back(stage: mmap.mmap) -> None:
+    with _stages_lock:
+        if len(_stages) < _KEPT_STAGES:
+            _stages.append(stage)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
