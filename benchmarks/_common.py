@@ -92,9 +92,10 @@ def _same_config(path: Path, config: Any) -> bool:
     }
 
 
-def drop_page_cache(path: Path) -> None:
-    """Evict ``path``'s files from the page cache (no root needed), so the next read is cold."""
-    for file in sorted(path.glob("*.safetensors")):
+def drop_page_cache(path: Path, pattern: str = "*.safetensors") -> None:
+    """Evict ``path``'s files (``pattern``) from the page cache (no root needed), so the next
+    read is cold."""
+    for file in sorted(path.glob(pattern)):
         fd = os.open(file, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -250,6 +250,8 @@ class Materializer:
         self.reader.read_ahead(
             name for b in items if not cached(b.source) for name in _reads(b, self.prequantized, tensors)
         )
+        if self.quant_cache is not None:
+            self.quant_cache.read_ahead([b.source for b in items if cached(b.source)])
         for binding in items:
             self.load(binding, device_for(binding.name))
 

@@ -90,3 +90,36 @@ def _key(file: Path) -> str:
 
     name = file.name.removesuffix(".safetensors")
     return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+
+
+def test_reads_ahead_stay_within_their_window_and_close_waits_for_them(
+    tiny_llama: Path, spill: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from memplan.loaders._qcache import QuantCache
+
+    estimate = importlib.import_module("memplan.planner.estimate")  # the package exports a function so named
+
+    quantized(tiny_llama, "int8")
+    (folder,) = spill.iterdir()
+    cache = QuantCache(folder)
+    weights = sorted({key.partition("/")[0] for key in cache.tier.keys()})  # noqa: SIM118
+    largest = max(cache._stored_bytes(w) for w in weights)
+    monkeypatch.setattr(estimate, "READ_AHEAD_BYTES", 2 * largest)
+    in_flight = []
+    real_read = cache._read
+
+    def watched(weight: str) -> dict[str, torch.Tensor] | None:
+        in_flight.append(cache._ahead_bytes)
+        return real_read(weight)
+
+    monkeypatch.setattr(cache, "_read", watched)
+    cache.read_ahead(weights)
+    states = [cache.get(w) for w in weights]
+    assert all(s is not None and {"weight", "SCB"} <= set(s) for s in states)
+    assert in_flight and max(in_flight) <= 2 * largest
+    cache.read_ahead(weights)
+    futures = [future for future, _ in cache._ahead.values()]
+    cache.close()
+    assert futures and all(f.done() for f in futures)
