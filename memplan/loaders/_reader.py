@@ -145,23 +145,34 @@ class TensorReader:
 
     def read_into(self, info: TensorInfo, out: torch.Tensor) -> None:
         """Fill the contiguous host tensor ``out`` (``info.nbytes`` long) with ``info``'s bytes."""
+        self.read_all_into([(info, out)])
+
+    def read_all_into(self, pairs: list[tuple[TensorInfo, torch.Tensor]]) -> None:
+        """:meth:`read_into` for every ``(info, out)`` pair, all their reads in flight together:
+        a module's tensors one after the other left the disk with one request for each tensor
+        of a chunk or less."""
         import torch
 
-        if info.nbytes == 0:
-            return
-        if info.file.suffix == ".bin":
-            self._copy_from_bin(info, out)
-            return
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        fd = self._fd(info.file)
+        ranges = []
+        for info, out in pairs:
+            if info.nbytes and info.file.suffix == ".bin":
+                self._copy_from_bin(info, out)
+            elif info.nbytes:
+                view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+                fd = self._fd(info.file)
+                ranges += [
+                    (fd, info, view, at, min(_CHUNK, info.nbytes - at))
+                    for at in range(0, info.nbytes, _CHUNK)
+                ]
         # Several reads in flight keep a cold disk busy; one synchronous stream reaches a fraction.
-        chunks = [(at, min(_CHUNK, info.nbytes - at)) for at in range(0, info.nbytes, _CHUNK)]
-        if len(chunks) == 1:
-            _read_range(fd, info, view, 0, info.nbytes)
-        else:
+        if len(ranges) == 1:
+            _read_range(*ranges[0])
+        elif ranges:
             pool = self._pool()
-            _all_or_none([pool.submit(_read_range, fd, info, view, at, n) for at, n in chunks])
-        self._count(info.nbytes)
+            _all_or_none([pool.submit(_read_range, *r) for r in ranges])
+        for info, _ in pairs:
+            if info.file.suffix != ".bin":
+                self._count(info.nbytes)
 
     def _copy_from_bin(self, info: TensorInfo, out: torch.Tensor) -> None:
         """A ``.bin`` holds pickled storages, not tensors at offsets: copy from its memory map."""

@@ -176,8 +176,13 @@ class ModuleStreamer:
         event = self._released.pop(slot, None)
         if event is not None:
             event.synchronize()  # the compute stream is done reading this slot's previous module
+        direct = []
         for b, view, file_dtype in zip(item.bindings, self._views(item, slot), item.file_dtypes, strict=True):
-            self._copy_in(item, b, view, file_dtype)
+            if self._reads_straight_in(b, view, file_dtype):
+                direct.append((self.materializer.reader.info(b.source), view))
+            else:
+                self._copy_in(item, b, view)
+        self.materializer.reader.read_all_into(direct)
         if self._stream is not None:
             self._stream.synchronize()
         seconds = time.perf_counter() - start
@@ -187,16 +192,14 @@ class ModuleStreamer:
             self.stats.fetch_seconds += seconds
         return seconds
 
-    def _copy_in(self, item: _Streamed, b: Binding, view: torch.Tensor, file_dtype: torch.dtype) -> None:
+    def _reads_straight_in(self, b: Binding, view: torch.Tensor, file_dtype: torch.dtype) -> bool:
+        """The file's bytes are the slot's: read from disk into the slot, no copy on the way."""
+        return self.source == "disk" and not self._cuda and view.dtype == file_dtype and b.conversion is None
+
+    def _copy_in(self, item: _Streamed, b: Binding, view: torch.Tensor) -> None:
         import torch
 
-        if self.source == "host":
-            src = item.host[b.name]
-        elif not self._cuda and view.dtype == file_dtype and b.conversion is None:
-            self.materializer.reader.read_into(self.materializer.reader.info(b.source), view)
-            return
-        else:
-            src = self.materializer.host_tensor(b)
+        src = item.host[b.name] if self.source == "host" else self.materializer.host_tensor(b)
         if self._stream is None:
             view.copy_(src)
             return

@@ -86,3 +86,27 @@ def test_a_failed_chunk_leaves_no_read_writing_into_the_callers_tensor(
     time.sleep(0.5)
     # The other two started (and were waited for) or were cancelled before they started.
     assert len(finished) == len(started) and all(at <= left for at in finished)
+
+
+def test_several_tensors_read_together_hold_what_each_read_alone_holds(tmp_path: Path) -> None:
+    """A streamed module's tensors are read in one go: more chunks than readers, small tensors
+    and empty ones among them, from two files."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {"a": torch.randn(3 << 20, generator=g), "b": torch.randn(7, generator=g)},
+        str(tmp_path / "one.safetensors"),
+    )
+    save_file(
+        {"c": torch.randn(9 << 20, generator=g), "d": torch.empty(0)}, str(tmp_path / "two.safetensors")
+    )
+    checkpoint = memplan.inspect(tmp_path)
+    names = ["c", "a", "d", "b"]
+    with TensorReader(checkpoint) as reader:
+        want = {name: reader.read(name) for name in names}
+        outs = {name: torch.full_like(want[name], float("nan")) for name in names}
+        reader.read_all_into([(checkpoint.tensors[name], outs[name]) for name in names])
+        assert reader.bytes_read == 2 * sum(t.nbytes for t in want.values())
+    for name in names:
+        assert torch.equal(outs[name], want[name])
