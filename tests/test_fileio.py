@@ -76,3 +76,12 @@ def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(OSError, match="No space"):
         _fileio.write_new_file(tmp_path / "f", _parts([10]), fsync=False)
+
+
+def test_parts_of_any_format_are_written_as_their_bytes(tmp_path: Path) -> None:
+    import numpy as np
+
+    floats = np.arange(3000, dtype=np.float32)
+    grid = np.arange(2 * 700, dtype=np.int64).reshape(2, 700)
+    _fileio.write_new_file(tmp_path / "f", [memoryview(floats), memoryview(grid)], fsync=False)
+    assert (tmp_path / "f").read_bytes() == floats.tobytes() + grid.tobytes()

@@ -201,8 +201,8 @@ class Materializer:
         return tensor
 
     def load(self, binding: Binding, device: Device) -> None:
-        module, attr = binding.owners[0]
-        if attr != "weight" or not is_quantized_layer(module):
+        module = binding.owners[0][0]
+        if not _quantized_weight(binding):
             host = self.host_tensor(binding)
             set_tensor(binding, self.placement.put(host, device, binding.name), trainable=self.trainable)
             return
@@ -250,10 +250,17 @@ class Materializer:
         self.reader.read_ahead(
             name for b in items if not cached(b.source) for name in _reads(b, self.prequantized, tensors)
         )
-        if self.quant_cache is not None:
-            self.quant_cache.read_ahead([b.source for b in items if cached(b.source)])
+        if self.quant_cache is not None:  # only layers this load quantizes ask the cache
+            self.quant_cache.read_ahead(
+                [b.source for b in items if cached(b.source) and _quantized_weight(b)]
+            )
         for binding in items:
             self.load(binding, device_for(binding.name))
+
+
+def _quantized_weight(binding: Binding) -> bool:
+    module, attr = binding.owners[0]
+    return attr == "weight" and is_quantized_layer(module)
 
 
 def _reads(binding: Binding, prequantized: bool, tensors: Mapping[str, object]) -> list[str]:

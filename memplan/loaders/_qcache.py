@@ -99,7 +99,8 @@ class QuantCache:
         them), several layers in flight, up to ``READ_AHEAD_BYTES`` not yet taken: a repeat load
         that read one layer at a time left a cold disk at a third of its speed."""
         with self._lock:
-            self._queue.extend(w for w in weights if self.has(w))
+            known = {*self._queue, *self._ahead}
+            self._queue.extend(w for w in dict.fromkeys(weights) if self.has(w) and w not in known)
         self._top_up()
 
     def _top_up(self) -> None:
@@ -128,6 +129,8 @@ class QuantCache:
             return None
         with self._lock:
             ahead = self._ahead.pop(weight, None)
+            if ahead is None and weight in self._queue:  # asked for before its turn: not read twice
+                self._queue.remove(weight)
         if ahead is None:
             return self._read(weight)
         try:

@@ -123,3 +123,39 @@ def test_reads_ahead_stay_within_their_window_and_close_waits_for_them(
     futures = [future for future, _ in cache._ahead.values()]
     cache.close()
     assert futures and all(f.done() for f in futures)
+
+
+def test_a_repeat_load_reads_from_the_cache_only_the_layers_it_quantizes(
+    tiny_llama: Path, spill: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers a load keeps in high precision (``skip_modules``) are in the cache from an earlier
+    load: reading them ahead read bytes nobody took, and held them, and their share of the
+    window, until the end of the load."""
+    from memplan.loaders._qcache import QuantCache
+
+    quantized(tiny_llama, "int8")
+    read, left = [], []
+    real_read, real_close = QuantCache._read, QuantCache.close
+
+    def watched_read(self: QuantCache, weight: str) -> dict[str, torch.Tensor] | None:
+        read.append(weight)
+        return real_read(self, weight)
+
+    def watched_close(self: QuantCache) -> None:
+        left.append((len(self._ahead), self._ahead_bytes, len(self._queue)))
+        real_close(self)
+
+    monkeypatch.setattr(QuantCache, "_read", watched_read)
+    monkeypatch.setattr(QuantCache, "close", watched_close)
+    model = _load_skipping(tiny_llama, ("down_proj",))
+    assert read and not [w for w in read if "down_proj" in w]
+    assert len(read) == len(set(read)) and left == [(0, 0, 0)]
+    assert model.memplan_report is not None
+
+
+def _load_skipping(path: Path, skip: tuple[str, ...]) -> torch.nn.Module:
+    chosen = memplan.plan(
+        memplan.inspect(path), memplan.probe(SPEC), Workload(context=64),
+        Policy(order=("int8",), allow_quantization=True, skip_modules=skip),
+    )  # fmt: skip
+    return memplan.load(path, plan=chosen, progress=False)

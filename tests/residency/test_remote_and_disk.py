@@ -247,3 +247,19 @@ def test_odd_payloads_survive_a_restart(tmp_path: Path) -> None:
     assert again.used == tier.used
     for key, t in tensors.items():
         assert same_bits(again.get(key), t)
+
+
+def test_a_ctrl_c_while_spilling_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memplan import _fileio
+
+    tier = get_tier("disk", tmp_path)
+
+    def interrupted(fd: int, data: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_fileio.os, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tier.put("k", torch.arange(10))
+    assert list(tmp_path.iterdir()) == [] and tier.keys() == []

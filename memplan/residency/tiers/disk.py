@@ -184,11 +184,14 @@ class DiskTier(Tier):
         except OSError as exc:
             self._remove_quietly(temp)
             raise TierError(self.name, key, f"cannot write {final}: {exc.strerror or exc}") from None
+        except BaseException:  # a Ctrl-C: no temporary left for the next start to clean up
+            self._remove_quietly(temp)
+            raise
         return None, nbytes
 
     def _write(self, temp: Path, header: bytes, payload: Any) -> None:
         view = memoryview(payload) if isinstance(payload, bytes) else payload.numpy().data
-        write_new_file(temp, [memoryview(header), view.cast("B")], fsync=self.fsync)
+        write_new_file(temp, [memoryview(header), view], fsync=self.fsync)
 
     def _sync_directory(self) -> None:
         if not self.fsync:
