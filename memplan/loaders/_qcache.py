@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import TYPE_CHECKING
 
 from memplan._threads import stop_pool
 from memplan.errors import TierError
+from memplan.loaders._readahead import ReadAhead
+from memplan.planner.estimate import READ_AHEAD_BYTES
 from memplan.planner.strategies import Quantized
 
 if TYPE_CHECKING:
@@ -82,12 +83,13 @@ class QuantCache:
         self.failed = False
         self._writer: ThreadPoolExecutor | None = None  # writes overlap the quantization of later layers
         self._pending: deque[Future[None]] = deque()
-        self._lock = threading.Lock()
-        self._reader: ThreadPoolExecutor | None = None  # reads ahead of get()
-        self._queue: deque[str] = deque()
-        self._ahead: dict[str, tuple[Future[dict[str, torch.Tensor] | None], int]] = {}
-        self._ahead_bytes = 0
-        self._abandoned: list[Future[dict[str, torch.Tensor] | None]] = []
+        self._ahead: ReadAhead[str, dict[str, torch.Tensor] | None] = ReadAhead(
+            self._read,
+            self._stored_bytes,
+            window=READ_AHEAD_BYTES,
+            threads=_AHEAD,
+            name="memplan-qcache-read",
+        )
         self._stored: dict[str, list[str]] = {}  # weight -> its state's names, as found at start
         for key in self.tier.keys():  # noqa: SIM118 - a tier is not iterable
             weight, _, name = key.partition("/")
@@ -98,24 +100,7 @@ class QuantCache:
         """Start reading the stored states of ``weights`` (the order :meth:`get` will ask for
         them), several layers in flight, up to ``READ_AHEAD_BYTES`` not yet taken: a repeat load
         that read one layer at a time left a cold disk at a third of its speed."""
-        with self._lock:
-            known = {*self._queue, *self._ahead}
-            self._queue.extend(w for w in dict.fromkeys(weights) if self.has(w) and w not in known)
-        self._top_up()
-
-    def _top_up(self) -> None:
-        from memplan.planner.estimate import READ_AHEAD_BYTES
-
-        with self._lock:
-            while self._queue:
-                size = self._stored_bytes(self._queue[0])
-                if self._ahead and self._ahead_bytes + size > READ_AHEAD_BYTES:
-                    return
-                weight = self._queue.popleft()
-                if self._reader is None:
-                    self._reader = ThreadPoolExecutor(_AHEAD, thread_name_prefix="memplan-qcache-read")
-                self._ahead[weight] = (self._reader.submit(self._read, weight), size)
-                self._ahead_bytes += size
+        self._ahead.extend(w for w in weights if self.has(w))
 
     def _stored_bytes(self, weight: str) -> int:
         try:
@@ -127,22 +112,7 @@ class QuantCache:
         """The stored state of ``weight``'s layer (names relative to the layer), or None."""
         if not self.has(weight):
             return None
-        with self._lock:
-            ahead = self._ahead.pop(weight, None)
-            if ahead is None and weight in self._queue:  # asked for before its turn: not read twice
-                self._queue.remove(weight)
-        if ahead is None:
-            return self._read(weight)
-        try:
-            return ahead[0].result()
-        except BaseException:
-            with self._lock:  # still reading, maybe (a Ctrl-C here): close() waits for it
-                self._abandoned.append(ahead[0])
-            raise
-        finally:
-            with self._lock:
-                self._ahead_bytes -= ahead[1]
-            self._top_up()
+        return self._ahead.take(weight)
 
     def _read(self, weight: str) -> dict[str, torch.Tensor] | None:
         try:
@@ -159,7 +129,7 @@ class QuantCache:
             return
         state = {name: t.detach().cpu() for name, t in layer.state_dict().items() if name != "bias"}
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="memplan-qcache")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="memplan-qcache-write")
         while len(self._pending) >= _MAX_PENDING:  # bounds the host copies of GPU states in the queue
             self._pending.popleft().result()
         self._pending.append(self._writer.submit(self._write, weight, state))
@@ -189,12 +159,7 @@ class QuantCache:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        with self._lock:
-            self._queue.clear()
-            ahead = [future for future, _ in self._ahead.values()] + self._abandoned
-            self._ahead, self._abandoned = {}, []
-        if self._reader is not None:  # reads and writes under way finish before the tier closes
-            stop_pool(self._reader, ahead)
+        self._ahead.close()  # reads and writes under way finish before the tier closes
         if self._writer is not None:
             stop_pool(self._writer, self._pending)
         self._pending.clear()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ from memplan._dtypes import TORCH_NAMES
 from memplan._fileio import read_exactly
 from memplan._threads import settle, stop_pool
 from memplan.errors import CheckpointError
+from memplan.loaders._readahead import ReadAhead
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
 from memplan.planner.estimate import READ_AHEAD_BYTES
@@ -63,54 +63,22 @@ class TensorReader:
     ) -> None:
         self.checkpoint = checkpoint
         self.bytes_read = 0
-        self.window = window
         self._on_bytes = on_bytes
         self._fds: dict[Path, int] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._ahead_pool: ThreadPoolExecutor | None = None
-        self._queue: deque[str] = deque()
-        self._ahead: dict[str, Future[torch.Tensor]] = {}
-        self._ahead_bytes = 0
-        self._abandoned: list[Future[torch.Tensor]] = []  # taken, then left by a failure or a Ctrl-C
+        self._ahead: ReadAhead[str, torch.Tensor] = ReadAhead(
+            lambda name: self._read_new(self.info(name)),
+            self._size,
+            window=window,
+            threads=_AHEAD,
+            name="memplan-ahead",
+        )
 
     def read_ahead(self, names: Iterable[str]) -> None:
         """Read ``names`` (in this order) ahead of :meth:`read` asking for them."""
-        with self._lock:
-            self._queue.extend(n for n in names if n not in self._ahead)
-        self._top_up()
-
-    def _top_up(self) -> None:
-        with self._lock:
-            while self._queue:
-                info = self.checkpoint.tensors.get(self._queue[0])
-                if info is None or info.name in self._ahead:
-                    self._queue.popleft()
-                    continue
-                if self._ahead and self._ahead_bytes + info.nbytes > self.window:
-                    return  # full: a tensor larger than the window is read only when alone
-                name = self._queue.popleft()
-                if self._ahead_pool is None:
-                    self._ahead_pool = ThreadPoolExecutor(_AHEAD, thread_name_prefix="memplan-ahead")
-                self._ahead[name] = self._ahead_pool.submit(self._read_new, info)
-                self._ahead_bytes += info.nbytes
-
-    def _take_ahead(self, name: str) -> torch.Tensor | None:
-        with self._lock:
-            future = self._ahead.pop(name, None)
-        if future is None:
-            return None
-        try:
-            return future.result()
-        except BaseException:
-            with self._lock:  # still reading, maybe (a Ctrl-C here): close() waits for it
-                self._abandoned.append(future)
-            raise
-        finally:
-            with self._lock:
-                self._ahead_bytes -= self.checkpoint.tensors[name].nbytes
-            self._top_up()
+        self._ahead.extend(names)
 
     def _fd(self, file: Path) -> int:
         with self._lock:
@@ -133,8 +101,11 @@ class TensorReader:
     def read(self, name: str) -> torch.Tensor:
         """A new host tensor with ``name``'s data, in the file's dtype and shape."""
 
-        ahead = self._take_ahead(name)
-        return ahead if ahead is not None else self._read_new(self.info(name))
+        return self._ahead.take(name)
+
+    def _size(self, name: str) -> int | None:
+        info = self.checkpoint.tensors.get(name)
+        return None if info is None else info.nbytes
 
     def _read_new(self, info: TensorInfo) -> torch.Tensor:
         import torch
@@ -196,13 +167,7 @@ class TensorReader:
             return self._executor
 
     def close(self) -> None:
-        with self._lock:
-            self._queue.clear()
-            pool, self._ahead_pool, self._ahead_bytes = self._ahead_pool, None, 0
-            ahead, self._ahead = list(self._ahead.values()) + self._abandoned, {}
-            self._abandoned = []
-        if pool is not None:  # first: its reads use the chunk pool and the descriptors
-            stop_pool(pool, ahead)
+        self._ahead.close()  # first: its reads use the chunk pool and the descriptors
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
             self._bins = {}

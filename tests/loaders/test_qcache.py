@@ -95,34 +95,33 @@ def _key(file: Path) -> str:
 def test_reads_ahead_stay_within_their_window_and_close_waits_for_them(
     tiny_llama: Path, spill: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib
-
     from memplan.loaders._qcache import QuantCache
-
-    estimate = importlib.import_module("memplan.planner.estimate")  # the package exports a function so named
 
     quantized(tiny_llama, "int8")
     (folder,) = spill.iterdir()
+    started, finished = [], []
+    real_read = QuantCache._read
+
+    def watched(self: QuantCache, weight: str) -> dict[str, torch.Tensor] | None:
+        started.append(self._ahead.held)
+        state = real_read(self, weight)
+        finished.append(weight)
+        return state
+
+    monkeypatch.setattr(QuantCache, "_read", watched)
     cache = QuantCache(folder)
     weights = sorted({key.partition("/")[0] for key in cache.tier.keys()})  # noqa: SIM118
     largest = max(cache._stored_bytes(w) for w in weights)
-    monkeypatch.setattr(estimate, "READ_AHEAD_BYTES", 2 * largest)
-    in_flight = []
-    real_read = cache._read
-
-    def watched(weight: str) -> dict[str, torch.Tensor] | None:
-        in_flight.append(cache._ahead_bytes)
-        return real_read(weight)
-
-    monkeypatch.setattr(cache, "_read", watched)
+    cache._ahead.window = 2 * largest
     cache.read_ahead(weights)
     states = [cache.get(w) for w in weights]
     assert all(s is not None and {"weight", "SCB"} <= set(s) for s in states)
-    assert in_flight and max(in_flight) <= 2 * largest
+    assert started and max(started) <= 2 * largest
+    started.clear()
     cache.read_ahead(weights)
-    futures = [future for future, _ in cache._ahead.values()]
+    assert cache._ahead.in_flight
     cache.close()
-    assert futures and all(f.done() for f in futures)
+    assert len(finished) - len(weights) == len(started)  # every read started has finished
 
 
 def test_a_repeat_load_reads_from_the_cache_only_the_layers_it_quantizes(
@@ -142,7 +141,7 @@ def test_a_repeat_load_reads_from_the_cache_only_the_layers_it_quantizes(
         return real_read(self, weight)
 
     def watched_close(self: QuantCache) -> None:
-        left.append((len(self._ahead), self._ahead_bytes, len(self._queue)))
+        left.append((self._ahead.in_flight, self._ahead.held, self._ahead.queued))
         real_close(self)
 
     monkeypatch.setattr(QuantCache, "_read", watched_read)

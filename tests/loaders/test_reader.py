@@ -27,11 +27,11 @@ def test_read_ahead_fills_a_bounded_window_and_reads_the_same_bytes(tiny_llama: 
         while reader.bytes_read == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert reader.bytes_read > 0  # read before anyone asked
-        assert reader._ahead_bytes <= largest  # the window holds at most one largest tensor here
+        assert reader._ahead.held <= largest  # the window holds at most one largest tensor here
         for name in names:
-            assert reader._ahead_bytes <= largest
+            assert reader._ahead.held <= largest
             assert torch.equal(reader.read(name), want[name])
-        assert not reader._ahead and reader.bytes_read == checkpoint.nbytes
+        assert reader._ahead.in_flight == 0 and reader.bytes_read == checkpoint.nbytes
 
 
 def test_a_tensor_nobody_asked_to_read_ahead_is_read_directly(tiny_llama: Path) -> None:
@@ -49,7 +49,7 @@ def test_closing_with_reads_still_queued_returns(tiny_llama: Path) -> None:
     checkpoint = memplan.inspect(tiny_llama)
     reader = TensorReader(checkpoint)
     reader.read_ahead(list(checkpoint.tensors))
-    assert len(reader._ahead) > 8  # the reading threads: some reads are queued behind them
+    assert reader._ahead.in_flight > 8  # the reading threads: some reads are queued behind them
     closer = threading.Thread(target=reader.close, daemon=True)
     closer.start()
     closer.join(timeout=30)
@@ -110,3 +110,19 @@ def test_several_tensors_read_together_hold_what_each_read_alone_holds(tmp_path:
         assert reader.bytes_read == 2 * sum(t.nbytes for t in want.values())
     for name in names:
         assert torch.equal(outs[name], want[name])
+
+
+def test_a_tensor_read_before_its_turn_is_not_read_again_for_nobody(tiny_llama: Path) -> None:
+    """Queued to read ahead, then asked for out of turn: read once, and its turn later reads nothing."""
+    checkpoint = memplan.inspect(tiny_llama)
+    first, second, third = sorted(checkpoint.tensors.values(), key=lambda t: -t.nbytes)[:3]
+    with TensorReader(checkpoint, window=first.nbytes) as reader:  # one tensor in flight at a time
+        reader.read_ahead([first.name, second.name, third.name])
+        reader.read(third.name)  # before its turn
+        reader.read(first.name)
+        reader.read(second.name)
+        asked = first.nbytes + second.nbytes + third.nbytes
+        deadline = time.monotonic() + 1
+        while reader.bytes_read == asked and time.monotonic() < deadline:
+            time.sleep(0.01)  # a read of the third for nobody would have started by now
+        assert reader.bytes_read == asked

@@ -1,0 +1,119 @@
+"""Reading ahead of a consumer that asks for things in a known order, within a byte window.
+
+Both the checkpoint reader and the quantized-weights cache know, before a load starts, what it
+will ask for and in which order: reading those ahead, several at a time, keeps a cold disk busy
+while the consumer converts, quantizes or places what it already has. The window bounds the host
+memory this holds; the planner counts it (:data:`~memplan.planner.estimate.READ_AHEAD_BYTES`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+from memplan._threads import stop_pool
+
+__all__ = ["ReadAhead"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class ReadAhead(Generic[K, V]):
+    """``read(key)`` run ahead of :meth:`take`, in queue order, ``threads`` at once, with at most
+    ``window`` bytes (by ``size(key)``) read and not yet taken. Thread-safe; :meth:`close` waits
+    for the reads under way."""
+
+    def __init__(
+        self,
+        read: Callable[[K], V],
+        size: Callable[[K], int | None],
+        *,
+        window: int,
+        threads: int,
+        name: str,
+    ) -> None:
+        self.window = window
+        self._read = read
+        self._size = size
+        self._threads = threads
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._queue: deque[tuple[K, int]] = deque()
+        self._queued: set[K] = set()  # what the queue holds that has not been taken out of turn
+        self._in_flight: dict[K, tuple[Future[V], int]] = {}
+        self._abandoned: list[Future[V]] = []  # taken, then left by a failure or a Ctrl-C
+        self.held = 0  # bytes read or being read, not yet taken
+
+    def extend(self, keys: Iterable[K]) -> None:
+        """Queue ``keys`` (those not queued or in flight already); a key ``size`` has no size for
+        is left out, for :meth:`take` to read (or fail on) itself."""
+        sized = [(key, self._size(key)) for key in dict.fromkeys(keys)]
+        with self._lock:
+            for key, size in sized:
+                if size is not None and key not in self._queued and key not in self._in_flight:
+                    self._queue.append((key, size))
+                    self._queued.add(key)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        with self._lock:
+            while self._queue:
+                key, size = self._queue[0]
+                if key not in self._queued:  # taken out of turn: nobody will ask again
+                    self._queue.popleft()
+                    continue
+                if self._in_flight and self.held + size > self.window:
+                    return  # full: a key larger than the window is read only when alone
+                self._queue.popleft()
+                self._queued.discard(key)
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix=self._name)
+                self._in_flight[key] = (self._pool.submit(self._read, key), size)
+                self.held += size
+
+    def take(self, key: K) -> V:
+        """``key``'s value: the read ahead's, or read now (and dropped from the queue) when its
+        turn has not come."""
+        with self._lock:
+            ahead = self._in_flight.pop(key, None)
+            if ahead is None:
+                self._queued.discard(key)
+        if ahead is None:
+            return self._read(key)
+        future, size = ahead
+        try:
+            return future.result()
+        except BaseException:
+            with self._lock:  # still reading, maybe (a Ctrl-C here): close() waits for it
+                self._abandoned.append(future)
+            raise
+        finally:
+            with self._lock:
+                self.held -= size
+            self._top_up()
+
+    @property
+    def in_flight(self) -> int:
+        """Reads started and not yet taken."""
+        return len(self._in_flight)
+
+    @property
+    def queued(self) -> int:
+        """Keys waiting for room in the window."""
+        return len(self._queued)
+
+    def close(self) -> None:
+        """Drop the queue; cancel reads not started and return once the rest have finished."""
+        with self._lock:
+            self._queue.clear()
+            self._queued.clear()
+            pool, self._pool, self.held = self._pool, None, 0
+            running = [future for future, _ in self._in_flight.values()] + self._abandoned
+            self._in_flight, self._abandoned = {}, []
+        if pool is not None:
+            stop_pool(pool, running)

@@ -1,0 +1,70 @@
+"""ReadAhead: what the reader and the quantized-weights cache share."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from memplan.loaders._readahead import ReadAhead
+
+
+def _gated(read: list[str], gate: threading.Event) -> ReadAhead[str, str]:
+    def value(key: str) -> str:
+        gate.wait(10)
+        read.append(key)
+        if key == "bad":
+            raise OSError("unreadable")
+        return key.upper()
+
+    return ReadAhead(value, lambda key: None if key == "unknown" else 10, window=20, threads=4, name="t")
+
+
+def test_keys_are_read_in_order_within_the_window_and_each_once() -> None:
+    read: list[str] = []
+    gate = threading.Event()
+    ahead = _gated(read, gate)
+    ahead.extend(["a", "b", "c", "a", "d"])
+    assert (ahead.in_flight, ahead.held, ahead.queued) == (2, 20, 2)
+    gate.set()
+    assert ahead.take("c") == "C"  # out of turn: read now, and never again
+    assert [ahead.take(k) for k in "abd"] == ["A", "B", "D"]
+    ahead.close()
+    assert sorted(read) == ["a", "b", "c", "d"]
+    assert (ahead.in_flight, ahead.held, ahead.queued) == (0, 0, 0)
+
+
+def test_a_failed_read_is_raised_to_the_taker_and_frees_its_share_of_the_window() -> None:
+    read: list[str] = []
+    gate = threading.Event()
+    gate.set()
+    ahead = _gated(read, gate)
+    ahead.extend(["bad", "unknown", "b", "c"])
+    with pytest.raises(OSError, match="unreadable"):
+        ahead.take("bad")
+    assert ahead.take("unknown") == "UNKNOWN"  # no size: never read ahead, read when asked
+    assert ahead.take("b") == "B" and ahead.take("c") == "C"
+    assert ahead.held == 0
+    ahead.close()
+    assert read.count("unknown") == 1
+
+
+def test_close_cancels_what_has_not_started_and_waits_for_the_rest() -> None:
+    read: list[str] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def value(key: str) -> None:
+        started.set()
+        gate.wait(10)
+        read.append(key)
+
+    ahead = ReadAhead(value, lambda _: 1, window=100, threads=1, name="t")
+    ahead.extend(["a", "b", "c"])
+    assert started.wait(10)
+    closer = threading.Thread(target=ahead.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for "a", which has started
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive() and read == ["a"]
