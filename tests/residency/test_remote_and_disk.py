@@ -154,6 +154,27 @@ def test_a_flipped_bit_is_caught_on_read(tmp_path: Path) -> None:
         tier.get("k")
 
 
+@pytest.mark.parametrize("flip_at", [None, 5 << 20, 37 << 20])
+def test_a_tensor_read_in_several_chunks_comes_back_whole_and_checked(
+    tmp_path: Path, flip_at: int | None
+) -> None:
+    """Above one read request (16 MiB) the tier reads chunks in parallel and hashes them as they land."""
+    tier = get_tier("disk", tmp_path)
+    tensor = torch.randint(0, 255, (40 << 20,), dtype=torch.uint8)
+    tier.put("k", tensor)
+    if flip_at is None:
+        assert torch.equal(tier.get("k"), tensor)
+        return
+    path = tmp_path / (name_for_key("k") + ".safetensors")
+    with path.open("r+b") as file:
+        file.seek(-(40 << 20) + flip_at, 2)
+        byte = file.read(1)[0]
+        file.seek(-1, 1)
+        file.write(bytes([byte ^ 0x10]))
+    with pytest.raises(TierError, match="checksum"):
+        tier.get("k")
+
+
 def _write_v1_blob(path: Path, key: str, tensor: torch.Tensor) -> None:
     """A blob as memplan before v2 wrote it: SHA-256 under the "sha256" key."""
     raw = tensor.contiguous().view(torch.uint8).reshape(-1)

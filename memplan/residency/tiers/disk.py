@@ -70,6 +70,13 @@ def _read(path: Path, offset: int, nbytes: int, algorithm: str) -> tuple[torch.T
     view = out.numpy().data
     digest = _wire.hasher(algorithm)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    if nbytes <= _CHUNK:  # one request: starting reader threads for it would cost more than it
+        try:
+            read_exactly(fd, view, offset, file=path)
+        finally:
+            os.close(fd)
+        digest.update(view)
+        return out, digest.hexdigest()
     pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="memplan-spill-read")
     pending: deque[tuple[Future[None], int, int]] = deque()
     try:
