@@ -46,7 +46,9 @@ class ReadAhead(Generic[K, V]):
         self._queue: deque[tuple[K, int]] = deque()
         self._queued: set[K] = set()  # what the queue holds that has not been taken out of turn
         self._in_flight: dict[K, tuple[Future[V], int]] = {}
-        self._abandoned: list[Future[V]] = []  # taken, then left by a failure or a Ctrl-C
+        # Reads nobody will take: left by a failure or a Ctrl-C, or let go by restart(), with
+        # the bytes they still hold in the window; close() waits for them.
+        self._abandoned: list[tuple[Future[V], int]] = []
         self.held = 0  # bytes read or being read, not yet taken
 
     def extend(self, keys: Iterable[K]) -> None:
@@ -60,8 +62,22 @@ class ReadAhead(Generic[K, V]):
                     self._queued.add(key)
         self._top_up()
 
+    def restart(self, keys: Iterable[K]) -> None:
+        """Read ahead ``keys``, in this order, instead of what was queued: reads in flight that
+        ``keys`` lacks are let go (their bytes leave the window once they land)."""
+        wanted = list(dict.fromkeys(keys))
+        keep = set(wanted)
+        with self._lock:
+            self._queue.clear()
+            self._queued.clear()
+            for key in [k for k in self._in_flight if k not in keep]:
+                self._abandoned.append(self._in_flight.pop(key))
+        self.extend(wanted)
+
     def _top_up(self) -> None:
         with self._lock:
+            self.held -= sum(size for future, size in self._abandoned if future.done())
+            self._abandoned = [(future, size) for future, size in self._abandoned if not future.done()]
             while self._queue:
                 key, size = self._queue[0]
                 if key not in self._queued:  # taken out of turn: nobody will ask again
@@ -90,7 +106,7 @@ class ReadAhead(Generic[K, V]):
             return future.result()
         except BaseException:
             with self._lock:  # still reading, maybe (a Ctrl-C here): close() waits for it
-                self._abandoned.append(future)
+                self._abandoned.append((future, 0))  # its bytes leave the window below
             raise
         finally:
             with self._lock:
@@ -113,7 +129,7 @@ class ReadAhead(Generic[K, V]):
             self._queue.clear()
             self._queued.clear()
             pool, self._pool, self.held = self._pool, None, 0
-            running = [future for future, _ in self._in_flight.values()] + self._abandoned
+            running = [future for future, _ in [*self._in_flight.values(), *self._abandoned]]
             self._in_flight, self._abandoned = {}, []
         if pool is not None:
             stop_pool(pool, running)

@@ -77,8 +77,22 @@ class TensorReader:
         )
 
     def read_ahead(self, names: Iterable[str]) -> None:
-        """Read ``names`` (in this order) ahead of :meth:`read` asking for them."""
-        self._ahead.extend(names)
+        """Read ``names`` (in this order) ahead of :meth:`read` asking for them, instead of what
+        was queued before: reads under way that ``names`` lacks are let go."""
+        self._ahead.restart(names)
+
+    def start_reading(self) -> None:
+        """Read the first window's worth of the checkpoint, in file order, before the load says
+        what it reads: its model is built meanwhile, and :meth:`read_ahead` then takes over.
+        For a load that reads every tensor, which the checkpoint's own order starts well."""
+        head: list[str] = []
+        total = 0
+        for info in sorted(self.checkpoint.tensors.values(), key=lambda t: (str(t.file), t.offset)):
+            total += info.nbytes
+            if head and total > self._ahead.window:
+                break
+            head.append(info.name)
+        self._ahead.restart(head)
 
     def _fd(self, file: Path) -> int:
         with self._lock:

@@ -257,17 +257,20 @@ def carry_out(
     reuses, or else keeps, the quantized weights (``options.quant_cache``)."""
     checkpoint: Checkpoint = reader.checkpoint
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
-    model = build_skeleton(checkpoint, model_cls, dtype)
-    prequantized = isinstance(strategy, Quantized) and strategy.prequantized
     cache = (
         open_quant_cache(checkpoint.fingerprint, strategy, strategy.dtype, enabled=options.quant_cache)
         if isinstance(strategy, Quantized)
         else None
     )
+    prequantized = isinstance(strategy, Quantized) and strategy.prequantized
     materializer = Materializer(
         reader, placement, dtype, prequantized=prequantized, trainable=options.trainable, quant_cache=cache
     )
+    model: nn.Module | None = None
     try:
+        if not isinstance(strategy, Streamed) and not (cache is not None and cache.complete):
+            reader.start_reading()  # every tensor will be read: the disk need not wait for the model
+        model = build_skeleton(checkpoint, model_cls, dtype)
         bound = _bindings(model, strategy, reader, dtype)
         states = [n for n in checkpoint.tensors if is_quant_state(n)] if prequantized else []
         unused = unused_tensors(model, checkpoint, bound.keys, also_used=states)
@@ -277,7 +280,8 @@ def carry_out(
         if isinstance(strategy, Sharded | Streamed):
             model.hf_device_map = _hf_device_map(strategy, checkpoint, bound.bindings + bound.missing, rename)  # type: ignore[assignment]
     except BaseException:
-        _strip(model)
+        if model is not None:
+            _strip(model)
         if cache is not None:
             cache.close()  # unfinished: never marked complete, so never trusted
         raise

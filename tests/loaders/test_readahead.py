@@ -68,3 +68,18 @@ def test_close_cancels_what_has_not_started_and_waits_for_the_rest() -> None:
     gate.set()
     closer.join(10)
     assert not closer.is_alive() and read == ["a"]
+
+
+def test_restart_keeps_reads_still_wanted_and_lets_the_others_go() -> None:
+    read: list[str] = []
+    gate = threading.Event()
+    ahead = _gated(read, gate)
+    ahead.extend(["a", "b", "c"])  # a and b fill the window
+    ahead.restart(["b", "d"])
+    assert (ahead.in_flight, ahead.queued) == (1, 1)  # b kept, a let go, c dropped, d waits
+    assert ahead.held == 20  # a's bytes stay counted until its read lands
+    gate.set()
+    assert ahead.take("b") == "B" and ahead.take("d") == "D"
+    assert ahead.held == 0
+    ahead.close()
+    assert sorted(read) == ["a", "b", "d"]
