@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TensorReader", "torch_dtype"]
 
-_CHUNK = 8 << 20
+_CHUNK = 16 << 20  # 8 MiB requests read the same shards a fifth slower here
 _READERS = 8
+_FILES_PER_THREAD = 4  # descriptors each reading thread keeps open, the most recently used
 _AHEAD = 8  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
 
@@ -64,7 +65,10 @@ class TensorReader:
         self.checkpoint = checkpoint
         self.bytes_read = 0
         self._on_bytes = on_bytes
-        self._fds: dict[Path, int] = {}
+        # Each thread reads through descriptors of its own: the kernel keeps one read-ahead state
+        # per open file, which parallel reads at distant offsets through one descriptor defeat
+        # (a fifth slower on the same shards here).
+        self._fds: dict[int, dict[Path, int]] = {}  # thread -> file -> descriptor, oldest use first
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -95,15 +99,19 @@ class TensorReader:
         self._ahead.restart(head)
 
     def _fd(self, file: Path) -> int:
+        """This thread's descriptor of ``file``; only this thread uses or closes it until close()."""
         with self._lock:
-            if file not in self._fds:
+            mine = self._fds.setdefault(threading.get_ident(), {})
+            fd = mine.pop(file, None)
+            if fd is None:
+                if len(mine) >= _FILES_PER_THREAD:
+                    os.close(mine.pop(next(iter(mine))))
                 try:
-                    self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except OSError as exc:
                     raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
-                if hasattr(os, "posix_fadvise"):  # a load reads front to back: a larger kernel read-ahead
-                    os.posix_fadvise(self._fds[file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return self._fds[file]
+            mine[file] = fd
+            return fd
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -144,20 +152,22 @@ class TensorReader:
                 self._copy_from_bin(info, out)
             elif info.nbytes:
                 view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-                fd = self._fd(info.file)
                 ranges += [
-                    (fd, info, view, at, min(_CHUNK, info.nbytes - at))
-                    for at in range(0, info.nbytes, _CHUNK)
+                    (info, view, at, min(_CHUNK, info.nbytes - at)) for at in range(0, info.nbytes, _CHUNK)
                 ]
         # Several reads in flight keep a cold disk busy; one synchronous stream reaches a fraction.
         if len(ranges) == 1:
-            _read_range(*ranges[0])
+            self._read_range(*ranges[0])
         elif ranges:
             pool = self._pool()
-            _all_or_none([pool.submit(_read_range, *r) for r in ranges])
+            _all_or_none([pool.submit(self._read_range, *r) for r in ranges])
         for info, _ in pairs:
             if info.file.suffix != ".bin":
                 self._count(info.nbytes)
+
+    def _read_range(self, info: TensorInfo, view: memoryview, start: int, length: int) -> None:
+        fd = self._fd(info.file)
+        read_exactly(fd, view[start : start + length], info.offset + start, file=info.file, tensor=info.name)
 
     def _copy_from_bin(self, info: TensorInfo, out: torch.Tensor) -> None:
         """A ``.bin`` holds pickled storages, not tensors at offsets: copy from its memory map."""
@@ -183,7 +193,8 @@ class TensorReader:
     def close(self) -> None:
         self._ahead.close()  # first: its reads use the chunk pool and the descriptors
         with self._lock:
-            fds, self._fds = list(self._fds.values()), {}
+            fds = [fd for mine in self._fds.values() for fd in mine.values()]
+            self._fds = {}
             self._bins = {}
             executor, self._executor = self._executor, None
         if executor is not None:  # idle: every chunk read belongs to a read that has returned
@@ -208,7 +219,3 @@ def _all_or_none(chunks: list[Future[None]]) -> None:
     except BaseException:
         settle(chunks)
         raise
-
-
-def _read_range(fd: int, info: TensorInfo, view: memoryview, start: int, length: int) -> None:
-    read_exactly(fd, view[start : start + length], info.offset + start, file=info.file, tensor=info.name)

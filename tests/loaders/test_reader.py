@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import memplan
+from memplan.loaders import _reader
 from memplan.loaders._reader import TensorReader
 
 
@@ -153,3 +155,35 @@ def test_a_full_load_starts_reading_before_its_model_is_built(
     assert seen == [True]
     with TensorReader(memplan.inspect(tiny_llama)) as reader:
         assert torch.equal(model.model.norm.weight, reader.read("model.norm.weight"))
+
+
+def _open_files() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile, or the listing's own descriptor
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_reading_thread_keeps_a_few_shards_open_and_close_gives_all_back(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = memplan.inspect(tiny_llama)
+    shards = {str(t.file.resolve()) for t in checkpoint.tensors.values()}
+    monkeypatch.setattr(_reader, "_FILES_PER_THREAD", len(shards) - 1)
+    with TensorReader(checkpoint) as reader:
+        for name in checkpoint.tensors:  # small tensors: read on this thread
+            reader.read(name)
+        assert len([f for f in _open_files() if f in shards]) == len(shards) - 1
+        threads = [
+            threading.Thread(target=lambda: [reader.read(n) for n in checkpoint.tensors]) for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert reader.bytes_read == 4 * checkpoint.nbytes
+    assert not [f for f in _open_files() if f in shards]
