@@ -270,9 +270,11 @@ class ModuleStreamer:
             self._schedule((index + self.depth) % len(self._items))
 
     def close(self) -> None:
-        """Remove the hooks and stop the prefetch thread (the arena goes with the placement)."""
+        """Remove the hooks, stop the prefetch thread and close the checkpoint's descriptors
+        (the arena goes with the placement)."""
         for handle in self._handles:
             handle.remove()
         with self._lock:
             in_flight = [future for _, future in self._inflight.values()]
         stop_pool(self._pool, in_flight)
+        self.materializer.reader.close()  # fills reopened them after the load closed its reader

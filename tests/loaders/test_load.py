@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,6 +184,33 @@ def test_streamed_load_keeps_the_arena_bounded_and_logits_exact(
     assert stats.fetches >= 2 * 3  # three streamed layers, twice
     assert allocator.usage(CUDA0).peak <= chosen.estimate.on(CUDA0).peak  # type: ignore[union-attr]
     assert 0.0 <= stats.hidden_fraction <= 1.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_streamed_model_gives_its_shards_descriptors_back_when_it_goes(tiny_llama: Path) -> None:
+    """Streamed layers read the checkpoint at every forward, long after the load: a model
+    server that loads and drops such models must not run out of descriptors."""
+    shards = {str(t.file.resolve()) for t in memplan.inspect(tiny_llama).tensors.values()}
+
+    def held() -> int:
+        gc.collect()
+        return sum(1 for fd in os.listdir("/proc/self/fd") if _target(fd) in shards)
+
+    before = held()
+    strategy = Streamed(CUDA0, "disk", resident_layers=1, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    chosen = plan_only(tiny_llama, "streamed-disk", tight_spec(tiny_llama, strategy), prefetch_depth=1)
+    model = memplan.load(tiny_llama, plan=chosen, progress=False)
+    logits(model)
+    assert held() > before  # its streamed layers read through them
+    del model
+    assert held() == before
+
+
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""  # closed meanwhile, or the listing's own descriptor
 
 
 def test_offloaded_layers_visit_the_execution_device(tiny_llama: Path, want: torch.Tensor) -> None:
