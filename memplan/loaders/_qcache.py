@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from memplan._threads import stop_pool
 from memplan.errors import TierError
-from memplan.loaders._readahead import ReadAhead
+from memplan.loaders._readahead import ReadAhead, Window
 from memplan.planner.estimate import READ_AHEAD_BYTES
 from memplan.planner.strategies import Quantized
 
@@ -52,9 +52,10 @@ def _root() -> Path:
 
 
 def open_quant_cache(
-    fingerprint: str, strategy: Quantized, dtype: str, *, enabled: bool = True
+    fingerprint: str, strategy: Quantized, dtype: str, *, window: Window, enabled: bool = True
 ) -> QuantCache | None:
-    """The cache for this checkpoint and quantization, or None when caching is off or impossible."""
+    """The cache for this checkpoint and quantization, or None when caching is off or impossible;
+    it reads ahead within ``window``, the checkpoint reader's."""
     if not enabled or not _enabled() or strategy.prequantized:
         return None
     import bitsandbytes
@@ -62,7 +63,7 @@ def open_quant_cache(
     key = f"{fingerprint}/{strategy.method}/{strategy.double_quant}/{dtype}/{bitsandbytes.__version__}"
     folder = _root() / hashlib.sha256(key.encode()).hexdigest()[:24]
     try:
-        return QuantCache(folder)
+        return QuantCache(folder, window=window)
     except TierError:  # an unwritable cache costs speed, never the load
         return None
 
@@ -70,7 +71,9 @@ def open_quant_cache(
 class QuantCache:
     """The quantized states of one checkpoint's layers, by weight name."""
 
-    def __init__(self, folder: Path, cap: int = DEFAULT_CAP) -> None:
+    def __init__(
+        self, folder: Path, cap: int = DEFAULT_CAP, *, window: Window | int = READ_AHEAD_BYTES
+    ) -> None:
         from memplan.residency.tiers.disk import DiskTier
 
         self.folder = folder
@@ -86,7 +89,7 @@ class QuantCache:
         self._ahead: ReadAhead[str, dict[str, torch.Tensor] | None] = ReadAhead(
             self._read,
             self._stored_bytes,
-            window=READ_AHEAD_BYTES,
+            window=window,
             threads=_AHEAD,
             name="memplan-qcache-read",
         )
@@ -98,8 +101,8 @@ class QuantCache:
 
     def read_ahead(self, weights: list[str]) -> None:
         """Start reading the stored states of ``weights`` (the order :meth:`get` will ask for
-        them), several layers in flight, up to ``READ_AHEAD_BYTES`` not yet taken: a repeat load
-        that read one layer at a time left a cold disk at a third of its speed."""
+        them), several layers in flight, within the window shared with the checkpoint reader: a
+        repeat load that read one layer at a time left a cold disk at a third of its speed."""
         self._ahead.extend(w for w in weights if self.has(w))
 
     def _stored_bytes(self, weight: str) -> int:

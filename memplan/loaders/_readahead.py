@@ -12,31 +12,59 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from memplan._threads import stop_pool
 
-__all__ = ["ReadAhead"]
+__all__ = ["ReadAhead", "Window"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class Window:
+    """A byte budget that several :class:`ReadAhead` share: a repeat quantized load reads the
+    cache's states and the checkpoint's other tensors ahead at once, and the planner counts
+    one window, not one for each."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.held = 0
+        self._lock = threading.Lock()
+        self._members: list[ReadAhead[Any, Any]] = []
+
+    def _claim(self, nbytes: int) -> bool:
+        """Count ``nbytes`` in if they fit; a read larger than the window is made when it is empty."""
+        with self._lock:
+            if self.held and self.held + nbytes > self.size:
+                return False
+            self.held += nbytes
+            return True
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+            members = list(self._members)
+        for member in members:  # room made by one member may be what another waits for
+            member._top_up()
+
+
 class ReadAhead(Generic[K, V]):
     """``read(key)`` run ahead of :meth:`take`, in queue order, ``threads`` at once, with at most
-    ``window`` bytes (by ``size(key)``) read and not yet taken. Thread-safe; :meth:`close` waits
-    for the reads under way."""
+    ``window`` bytes (by ``size(key)``; a :class:`Window` others may share) read and not yet
+    taken. Thread-safe; :meth:`close` waits for the reads under way."""
 
     def __init__(
         self,
         read: Callable[[K], V],
         size: Callable[[K], int | None],
         *,
-        window: int,
+        window: int | Window,
         threads: int,
         name: str,
     ) -> None:
-        self.window = window
+        self.window = window if isinstance(window, Window) else Window(window)
+        self.window._members.append(self)
         self._read = read
         self._size = size
         self._threads = threads
@@ -70,21 +98,27 @@ class ReadAhead(Generic[K, V]):
         with self._lock:
             self._queue.clear()
             self._queued.clear()
-            for key in [k for k in self._in_flight if k not in keep]:
-                self._abandoned.append(self._in_flight.pop(key))
+            let_go = [self._in_flight.pop(k) for k in list(self._in_flight) if k not in keep]
+            self._abandoned += let_go
+        for future, _ in let_go:  # once it lands, its bytes leave the window
+            future.add_done_callback(lambda _: self._top_up())
         self.extend(wanted)
 
     def _top_up(self) -> None:
         with self._lock:
-            self.held -= sum(size for future, size in self._abandoned if future.done())
+            landed = sum(size for future, size in self._abandoned if future.done())
             self._abandoned = [(future, size) for future, size in self._abandoned if not future.done()]
+            self.held -= landed
+        if landed:
+            self.window._release(landed)
+        with self._lock:
             while self._queue:
                 key, size = self._queue[0]
                 if key not in self._queued:  # taken out of turn: nobody will ask again
                     self._queue.popleft()
                     continue
-                if self._in_flight and self.held + size > self.window:
-                    return  # full: a key larger than the window is read only when alone
+                if not self.window._claim(size):
+                    return  # full: a release tops this up again
                 self._queue.popleft()
                 self._queued.discard(key)
                 if self._pool is None:
@@ -111,7 +145,7 @@ class ReadAhead(Generic[K, V]):
         finally:
             with self._lock:
                 self.held -= size
-            self._top_up()
+            self.window._release(size)  # tops this up, and any other reader sharing the window
 
     @property
     def in_flight(self) -> int:
@@ -128,8 +162,12 @@ class ReadAhead(Generic[K, V]):
         with self._lock:
             self._queue.clear()
             self._queued.clear()
-            pool, self._pool, self.held = self._pool, None, 0
-            running = [future for future, _ in [*self._in_flight.values(), *self._abandoned]]
+            pool, self._pool = self._pool, None
+            dropped = [*self._in_flight.values(), *self._abandoned]
             self._in_flight, self._abandoned = {}, []
         if pool is not None:
-            stop_pool(pool, running)
+            stop_pool(pool, [future for future, _ in dropped])
+        freed = sum(size for _, size in dropped)  # a take() under way frees its own
+        with self._lock:
+            self.held -= freed
+        self.window._release(freed)

@@ -19,7 +19,7 @@ from memplan._dtypes import TORCH_NAMES
 from memplan._fileio import read_exactly
 from memplan._threads import settle, stop_pool
 from memplan.errors import CheckpointError
-from memplan.loaders._readahead import ReadAhead
+from memplan.loaders._readahead import ReadAhead, Window
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
 from memplan.planner.estimate import READ_AHEAD_BYTES
@@ -80,6 +80,11 @@ class TensorReader:
             name="memplan-ahead",
         )
 
+    @property
+    def window(self) -> Window:
+        """The read-ahead's byte budget, which a quantized-weights cache shares."""
+        return self._ahead.window
+
     def read_ahead(self, names: Iterable[str]) -> None:
         """Read ``names`` (in this order) ahead of :meth:`read` asking for them, instead of what
         was queued before: reads under way that ``names`` lacks are let go."""
@@ -93,7 +98,7 @@ class TensorReader:
         total = 0
         for info in sorted(self.checkpoint.tensors.values(), key=lambda t: (str(t.file), t.offset)):
             total += info.nbytes
-            if head and total > self._ahead.window:
+            if head and total > self._ahead.window.size:
                 break
             head.append(info.name)
         self._ahead.restart(head)

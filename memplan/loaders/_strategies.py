@@ -257,11 +257,10 @@ def carry_out(
     reuses, or else keeps, the quantized weights (``options.quant_cache``)."""
     checkpoint: Checkpoint = reader.checkpoint
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
-    cache = (
-        open_quant_cache(checkpoint.fingerprint, strategy, strategy.dtype, enabled=options.quant_cache)
-        if isinstance(strategy, Quantized)
-        else None
-    )
+    cache = None
+    if isinstance(strategy, Quantized):
+        fingerprint, window, enabled = checkpoint.fingerprint, reader.window, options.quant_cache
+        cache = open_quant_cache(fingerprint, strategy, strategy.dtype, window=window, enabled=enabled)
     prequantized = isinstance(strategy, Quantized) and strategy.prequantized
     materializer = Materializer(
         reader, placement, dtype, prequantized=prequantized, trainable=options.trainable, quant_cache=cache

@@ -112,7 +112,7 @@ def test_reads_ahead_stay_within_their_window_and_close_waits_for_them(
     cache = QuantCache(folder)
     weights = sorted({key.partition("/")[0] for key in cache.tier.keys()})  # noqa: SIM118
     largest = max(cache._stored_bytes(w) for w in weights)
-    cache._ahead.window = 2 * largest
+    cache._ahead.window.size = 2 * largest
     cache.read_ahead(weights)
     states = [cache.get(w) for w in weights]
     assert all(s is not None and {"weight", "SCB"} <= set(s) for s in states)

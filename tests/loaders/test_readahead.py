@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from memplan.loaders._readahead import ReadAhead
+from memplan.loaders._readahead import ReadAhead, Window
 
 
 def _gated(read: list[str], gate: threading.Event) -> ReadAhead[str, str]:
@@ -83,3 +83,23 @@ def test_restart_keeps_reads_still_wanted_and_lets_the_others_go() -> None:
     assert ahead.held == 0
     ahead.close()
     assert sorted(read) == ["a", "b", "d"]
+
+
+def test_read_aheads_sharing_a_window_hold_it_together_and_make_room_for_each_other() -> None:
+    window = Window(20)
+    read: list[str] = []
+    first, second = (
+        ReadAhead(lambda k: read.append(k) or k, lambda _: 10, window=window, threads=2, name="t")
+        for _ in range(2)
+    )
+    first.extend(["a1", "a2", "a3"])
+    second.extend(["b1", "b2"])
+    assert (first.in_flight, second.in_flight, window.held) == (2, 0, 20)
+    assert first.take("a1") == "a1"  # its room goes to whichever reader is first to claim it
+    assert window.held == 20 and first.in_flight + second.in_flight == 2
+    for key in ("a2", "a3", "b1", "b2"):
+        assert (first if key[0] == "a" else second).take(key) == key
+        assert window.held <= 20
+    first.close()
+    second.close()
+    assert window.held == 0 and sorted(read) == ["a1", "a2", "a3", "b1", "b2"]
