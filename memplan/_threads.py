@@ -9,11 +9,12 @@ threads exit by themselves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
-__all__ = ["settle", "stop_pool"]
+__all__ = ["after_all", "settle", "stop_pool"]
 
 
 def settle(futures: Iterable[Future[Any]]) -> None:
@@ -27,3 +28,25 @@ def stop_pool(pool: ThreadPoolExecutor, in_flight: Iterable[Future[Any]]) -> Non
     """Cancel ``pool``'s queued work and return once ``in_flight`` has finished, joining no thread."""
     pool.shutdown(wait=False, cancel_futures=True)
     settle(in_flight)
+
+
+def after_all(futures: Iterable[Future[Any]], then: Callable[[], None]) -> None:
+    """Call ``then`` once every one of ``futures`` is done, without waiting here: now if they
+    are, else on the thread that finishes the last. For cleanups a garbage collection may run,
+    on any thread, the one running those futures too, where waiting for them would wait forever."""
+    left = list(futures)
+    if not left:
+        then()
+        return
+    count = [len(left)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            count[0] -= 1
+            last = count[0] == 0
+        if last:
+            then()
+
+    for future in left:
+        future.add_done_callback(one_done)

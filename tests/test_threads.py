@@ -70,3 +70,19 @@ def test_periodic_started_while_a_cut_short_stop_ends_its_pass_runs_again() -> N
         assert any(at > restarted for at in passes), "no pass ran after start()"
     finally:
         worker.stop()
+
+
+def test_after_all_calls_once_every_future_is_done_and_waits_for_none() -> None:
+    from concurrent.futures import Future
+
+    from memplan._threads import after_all
+
+    called: list[str] = []
+    futures: list[Future[None]] = [Future(), Future()]
+    after_all(futures, lambda: called.append("then"))  # returns at once
+    futures[0].set_result(None)
+    assert called == []
+    futures[1].set_exception(OSError("failed"))  # done is done, however it ended
+    assert called == ["then"]
+    after_all([], lambda: called.append("now"))
+    assert called == ["then", "now"]

@@ -62,6 +62,7 @@ class ReadAhead(Generic[K, V]):
         window: int | Window,
         threads: int,
         name: str,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         self.window = window if isinstance(window, Window) else Window(window)
         self.window._members.append(self)
@@ -69,6 +70,7 @@ class ReadAhead(Generic[K, V]):
         self._size = size
         self._threads = threads
         self._name = name
+        self._initializer = initializer  # run by each reading thread as it starts
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._queue: deque[tuple[K, int]] = deque()
@@ -122,7 +124,9 @@ class ReadAhead(Generic[K, V]):
                 self._queue.popleft()
                 self._queued.discard(key)
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix=self._name)
+                    self._pool = ThreadPoolExecutor(
+                        self._threads, thread_name_prefix=self._name, initializer=self._initializer
+                    )
                 self._in_flight[key] = (self._pool.submit(self._read, key), size)
                 self.held += size
 

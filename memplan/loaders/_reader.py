@@ -32,6 +32,7 @@ __all__ = ["TensorReader", "torch_dtype"]
 _CHUNK = 16 << 20  # 8 MiB requests read the same shards a fifth slower here
 _READERS = 8
 _FILES_PER_THREAD = 4  # descriptors each reading thread keeps open, the most recently used
+_PROC_FDS = Path("/proc/self/fd")  # where a descriptor opens again as the same file (Linux)
 _AHEAD = 8  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
 
@@ -65,10 +66,7 @@ class TensorReader:
         self.checkpoint = checkpoint
         self.bytes_read = 0
         self._on_bytes = on_bytes
-        # Each thread reads through descriptors of its own: the kernel keeps one read-ahead state
-        # per open file, which parallel reads at distant offsets through one descriptor defeat
-        # (a fifth slower on the same shards here).
-        self._fds: dict[int, dict[Path, int]] = {}  # thread -> file -> descriptor, oldest use first
+        self._files = _Descriptors()
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -78,6 +76,7 @@ class TensorReader:
             window=window,
             threads=_AHEAD,
             name="memplan-ahead",
+            initializer=self._files.own_thread,
         )
 
     @property
@@ -90,33 +89,20 @@ class TensorReader:
         was queued before: reads under way that ``names`` lacks are let go."""
         self._ahead.restart(names)
 
-    def start_reading(self) -> None:
-        """Read the first window's worth of the checkpoint, in file order, before the load says
-        what it reads: its model is built meanwhile, and :meth:`read_ahead` then takes over.
-        For a load that reads every tensor, which the checkpoint's own order starts well."""
+    def start_reading(self, names: Iterable[str]) -> None:
+        """Read the first window's worth of ``names`` the checkpoint has, in this order, before
+        the load says what it reads: the load maps its names meanwhile, and :meth:`read_ahead`
+        then takes over. For a load that reads every tensor, in its model's own order."""
         head: list[str] = []
         total = 0
-        for info in sorted(self.checkpoint.tensors.values(), key=lambda t: (str(t.file), t.offset)):
+        for info in (self.checkpoint.tensors.get(name) for name in names):
+            if info is None:
+                continue
             total += info.nbytes
             if head and total > self._ahead.window.size:
                 break
             head.append(info.name)
         self._ahead.restart(head)
-
-    def _fd(self, file: Path) -> int:
-        """This thread's descriptor of ``file``; only this thread uses or closes it until close()."""
-        with self._lock:
-            mine = self._fds.setdefault(threading.get_ident(), {})
-            fd = mine.pop(file, None)
-            if fd is None:
-                if len(mine) >= _FILES_PER_THREAD:
-                    os.close(mine.pop(next(iter(mine))))
-                try:
-                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except OSError as exc:
-                    raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
-            mine[file] = fd
-            return fd
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -171,7 +157,7 @@ class TensorReader:
                 self._count(info.nbytes)
 
     def _read_range(self, info: TensorInfo, view: memoryview, start: int, length: int) -> None:
-        fd = self._fd(info.file)
+        fd = self._files.fd(info.file)
         read_exactly(fd, view[start : start + length], info.offset + start, file=info.file, tensor=info.name)
 
     def _copy_from_bin(self, info: TensorInfo, out: torch.Tensor) -> None:
@@ -192,26 +178,87 @@ class TensorReader:
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(_READERS, thread_name_prefix="memplan-read")
+                self._executor = ThreadPoolExecutor(
+                    _READERS, thread_name_prefix="memplan-read", initializer=self._files.own_thread
+                )
             return self._executor
 
     def close(self) -> None:
         self._ahead.close()  # first: its reads use the chunk pool and the descriptors
         with self._lock:
-            fds = [fd for mine in self._fds.values() for fd in mine.values()]
-            self._fds = {}
             self._bins = {}
             executor, self._executor = self._executor, None
         if executor is not None:  # idle: every chunk read belongs to a read that has returned
             stop_pool(executor, ())
-        for fd in fds:
-            os.close(fd)
+        self._files.close()
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Descriptors:
+    """The checkpoint's open files. Each file is opened once and held until :meth:`close`, so a
+    file replaced on disk (a new download renamed over it) goes on being read as it was; one
+    opened again after close() must be the file first opened, or reading it fails.
+
+    Threads of the reader's own pools read through descriptors of their own, opened again from
+    the held one (so the same file): the kernel keeps one read-ahead state per open file, which
+    parallel reads at distant offsets through one descriptor defeat (a fifth slower on the same
+    shards here). Other threads (a forward's, a ``state_dict()`` caller's) share the held one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[Path, int] = {}
+        self._identity: dict[Path, tuple[int, int, int, int]] = {}  # kept across close()
+        self._own: set[int] = set()
+        self._mine: dict[int, dict[Path, int]] = {}  # own thread -> file -> fd, oldest use first
+
+    def own_thread(self) -> None:
+        """Called by each thread of the reader's pools as it starts."""
+        with self._lock:
+            self._own.add(threading.get_ident())
+
+    def fd(self, file: Path) -> int:
+        """A descriptor of ``file`` for this thread to read through until close()."""
+        with self._lock:
+            held = self._held.get(file)
+            if held is None:
+                held = self._held[file] = self._open(file)
+            me = threading.get_ident()
+            if me not in self._own or not _PROC_FDS.is_dir():
+                return held
+            mine = self._mine.setdefault(me, {})
+            fd = mine.pop(file, None)
+            if fd is None:
+                if len(mine) >= _FILES_PER_THREAD:
+                    os.close(mine.pop(next(iter(mine))))  # this thread's own: nobody else reads it
+                fd = os.open(_PROC_FDS / str(held), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            mine[file] = fd
+            return fd
+
+    def _open(self, file: Path) -> int:
+        try:
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
+        found = os.fstat(fd)
+        identity = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+        if self._identity.setdefault(file, identity) != identity:
+            os.close(fd)
+            changed = "changed on disk since it was first read (replaced or rewritten): load the model again"
+            raise CheckpointError(file, changed)
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            fds = [*self._held.values(), *(fd for mine in self._mine.values() for fd in mine.values())]
+            self._held, self._mine, self._own = {}, {}, set()
+        for fd in fds:
+            os.close(fd)
 
 
 def _all_or_none(chunks: list[Future[None]]) -> None:

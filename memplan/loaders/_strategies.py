@@ -267,9 +267,10 @@ def carry_out(
     )
     model: nn.Module | None = None
     try:
-        if not isinstance(strategy, Streamed) and not (cache is not None and cache.complete):
-            reader.start_reading()  # every tensor will be read: the disk need not wait for the model
         model = build_skeleton(checkpoint, model_cls, dtype)
+        if not isinstance(strategy, Streamed) and not (cache is not None and cache.complete):
+            # Every tensor will be read: the disk need not wait for the names to be mapped.
+            reader.start_reading(model.state_dict(keep_vars=True))
         bound = _bindings(model, strategy, reader, dtype)
         states = [n for n in checkpoint.tensors if is_quant_state(n)] if prequantized else []
         unused = unused_tensors(model, checkpoint, bound.keys, also_used=states)

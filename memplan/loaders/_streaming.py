@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from memplan._threads import stop_pool
+from memplan._threads import after_all
 from memplan.gpu.device import Device
 from memplan.loaders._materialize import Binding, Materializer, set_tensor
 from memplan.loaders._placement import Placement
@@ -108,6 +108,8 @@ class ModuleStreamer:
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=where) for _ in range(slots)]
         self._free: deque[int] = deque(range(slots))
         self._inflight: dict[int, tuple[int, Future[float]]] = {}
+        self._fills: set[Future[float]] = set()  # every fill not yet done, taken or not
+        self._fills_lock = threading.Lock()
         self._bound: dict[int, int] = {}
         self._released: dict[int, Any] = {}  # slot -> CUDA event recorded when its module finished
         self._lock = threading.Lock()
@@ -213,7 +215,15 @@ class ModuleStreamer:
         if index in self._inflight or index in self._bound or not self._free:
             return
         slot = self._free.popleft()
-        self._inflight[index] = (slot, self._pool.submit(self._fill, index, slot))
+        future = self._pool.submit(self._fill, index, slot)
+        self._inflight[index] = (slot, future)
+        with self._fills_lock:
+            self._fills.add(future)  # until done, whoever took it or gave its slot up
+        future.add_done_callback(self._filled)
+
+    def _filled(self, future: Future[float]) -> None:
+        with self._fills_lock:  # not self._lock: this may run in _schedule, which holds it
+            self._fills.discard(future)
 
     def _take(self, index: int) -> int:
         """The slot ``index`` is (being) filled into, bound to it; waits for the fill."""
@@ -270,11 +280,14 @@ class ModuleStreamer:
             self._schedule((index + self.depth) % len(self._items))
 
     def close(self) -> None:
-        """Remove the hooks, stop the prefetch thread and close the checkpoint's descriptors
-        (the arena goes with the placement)."""
+        """Remove the hooks and stop the prefetch thread; once the fills under way are done,
+        close the checkpoint's descriptors (the arena goes with the placement). Waits for
+        nothing: a garbage collection unloading the model may run this on the prefetch thread."""
         for handle in self._handles:
             handle.remove()
-        with self._lock:
-            in_flight = [future for _, future in self._inflight.values()]
-        stop_pool(self._pool, in_flight)
-        self.materializer.reader.close()  # fills reopened them after the load closed its reader
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._fills_lock:
+            fills = list(self._fills)
+        running = [future for future in fills if not future.cancel()]  # cancel() runs _filled
+        # The fills reopened the descriptors after the load closed its reader.
+        after_all(running, self.materializer.reader.close)

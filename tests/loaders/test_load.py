@@ -6,7 +6,11 @@ import gc
 import json
 import math
 import os
+import shutil
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
@@ -203,6 +207,101 @@ def test_a_streamed_model_gives_its_shards_descriptors_back_when_it_goes(tiny_ll
     logits(model)
     assert held() > before  # its streamed layers read through them
     del model
+    assert held() == before
+
+
+def _replace_shards_with_other_weights(folder: Path) -> None:
+    """Every shard swapped for one with the same layout and other values, as a new download
+    into the same folder would do (a new file renamed over the old)."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in folder.glob("*.safetensors"):
+        other = {name: t + 1 for name, t in load_file(shard).items()}
+        save_file(other, shard.with_suffix(".new"), metadata={"format": "pt"})
+        os.replace(shard.with_suffix(".new"), shard)
+
+
+def _streamed_disk(path: Path) -> torch.nn.Module:
+    strategy = Streamed(CUDA0, "disk", resident_layers=1, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    chosen = plan_only(path, "streamed-disk", tight_spec(path, strategy), prefetch_depth=1)
+    return memplan.load(path, plan=chosen, progress=False)
+
+
+def test_a_streamed_model_whose_shards_are_replaced_keeps_its_weights_or_says_so(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    """Streamed layers are read at every forward: files swapped under a running model must not
+    mix other weights into it silently."""
+    first, second = shutil.copytree(tiny_llama, tmp_path / "a"), shutil.copytree(tiny_llama, tmp_path / "b")
+    running = _streamed_disk(first)
+    assert torch.equal(logits(running), want)
+    _replace_shards_with_other_weights(first)
+    assert torch.equal(logits(running), want)  # it goes on reading the files it opened
+    not_yet_run = _streamed_disk(second)
+    _replace_shards_with_other_weights(second)
+    with pytest.raises(memplan.CheckpointError, match="changed"):
+        logits(not_yet_run)
+
+
+def test_a_streamed_model_unloaded_on_its_own_prefetch_thread_does_not_hang(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The garbage collector unloads a dropped model on whichever thread it interrupts, the
+    prefetch thread too (seen: a thread starting for a fill's reads): waiting there for the
+    fills waited for itself."""
+    from memplan.loaders._streaming import ModuleStreamer
+
+    model = _streamed_disk(tiny_llama)
+    streamer = model.memplan_streamer
+    real_fill = ModuleStreamer._fill
+
+    def fill(self: ModuleStreamer, index: int, slot: int) -> float:
+        if self is streamer:
+            self.close()  # as a collection on this thread would
+        return real_fill(self, index, slot)
+
+    monkeypatch.setattr(ModuleStreamer, "_fill", fill)
+    with streamer._lock:
+        streamer._schedule(1)  # a prefetch, as a forward's pre-hook starts one
+        _, prefetch = streamer._inflight[1]
+    wait([prefetch], timeout=30)
+    assert prefetch.done(), "unloading on the prefetch thread waited for itself"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_fill_that_outlives_its_models_unloading_leaves_no_descriptor_open(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward interrupted (Ctrl-C) while its fill was still reading, then the model dropped:
+    the descriptors are closed once that fill lands, not under it, and not never."""
+    from memplan.loaders._streaming import ModuleStreamer
+
+    shards = {str(t.file.resolve()) for t in memplan.inspect(tiny_llama).tensors.values()}
+
+    def held() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd") if _target(fd) in shards)
+
+    gc.collect()
+    before = held()
+    model = _streamed_disk(tiny_llama)
+    streamer = model.memplan_streamer
+    release, real_fill = threading.Event(), ModuleStreamer._fill
+
+    def slow_fill(self: ModuleStreamer, index: int, slot: int) -> float:
+        release.wait(30)
+        return real_fill(self, index, slot)
+
+    monkeypatch.setattr(ModuleStreamer, "_fill", slow_fill)
+    with streamer._lock:
+        streamer._schedule(1)
+        _, fill = streamer._inflight.pop(1)  # taken by a forward that Ctrl-C then interrupted
+    del model, streamer
+    gc.collect()  # unloads it: returns at once, the fill still under way
+    release.set()
+    wait([fill], timeout=30)
+    deadline = time.monotonic() + 5
+    while held() > before and time.monotonic() < deadline:
+        time.sleep(0.01)  # the close runs on the fill's thread just after it lands
     assert held() == before
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -131,31 +133,51 @@ def test_a_tensor_read_before_its_turn_is_not_read_again_for_nobody(tiny_llama: 
         assert reader.bytes_read == asked
 
 
-def test_a_full_load_starts_reading_before_its_model_is_built(
+def test_a_full_load_starts_reading_before_it_maps_its_names(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Building the model and mapping its names take a while (0.14 s for a 1B Llama): the disk
-    works meanwhile."""
+    """Mapping the checkpoint's names onto the model takes a while (0.09 s for a 1B Llama,
+    transformers' conversion rules): the disk works meanwhile."""
     from memplan.loaders import _strategies
 
     reading = threading.Event()
-    real_read, real_build = TensorReader._read_new, _strategies.build_skeleton
+    real_read, real_bindings = TensorReader._read_new, _strategies._bindings
     seen = []
 
     def read_new(self: TensorReader, info: object) -> torch.Tensor:
         reading.set()
         return real_read(self, info)  # type: ignore[arg-type]
 
-    def build(*args: object, **kwargs: object) -> torch.nn.Module:
+    def bindings(*args: object, **kwargs: object) -> object:
         seen.append(reading.wait(10))
-        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+        return real_bindings(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(TensorReader, "_read_new", read_new)
-    monkeypatch.setattr(_strategies, "build_skeleton", build)
+    monkeypatch.setattr(_strategies, "_bindings", bindings)
     model = memplan.load(tiny_llama, progress=False)
     assert seen == [True]
     with TensorReader(memplan.inspect(tiny_llama)) as reader:
         assert torch.equal(model.model.norm.weight, reader.read("model.norm.weight"))
+
+
+def test_reading_early_reads_nothing_the_model_does_not_take(tiny_llama: Path, tmp_path: Path) -> None:
+    """A tensor the model has no place for, first in the file (safetensors sorts names), is not
+    read: the early reads follow the model's names, not the file's order."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "extra")
+    first = min(folder.glob("*.safetensors"))
+    tensors = load_file(first)
+    tensors["a_head_nobody_loads.weight"] = torch.ones(256, 1024, dtype=torch.bfloat16)
+    save_file(tensors, first, metadata={"format": "pt"})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["a_head_nobody_loads.weight"] = first.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    checkpoint = memplan.inspect(folder)
+    model = memplan.load(folder, progress=False)
+    unused = checkpoint.tensors["a_head_nobody_loads.weight"].nbytes
+    assert model.memplan_report.unused_tensors == ("a_head_nobody_loads.weight",)
+    assert model.memplan_report.bytes_read == checkpoint.nbytes - unused
 
 
 def _open_files() -> list[str]:
@@ -169,24 +191,32 @@ def _open_files() -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-def test_a_reading_thread_keeps_a_few_shards_open_and_close_gives_all_back(
+def test_reading_threads_keep_a_few_shards_open_each_and_close_gives_all_back(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One descriptor per shard, shared by callers' threads; the reader's own threads open a
+    few more each (their own kernel read-ahead), and close() gives every one back."""
     checkpoint = memplan.inspect(tiny_llama)
     shards = {str(t.file.resolve()) for t in checkpoint.tensors.values()}
-    monkeypatch.setattr(_reader, "_FILES_PER_THREAD", len(shards) - 1)
+    monkeypatch.setattr(_reader, "_FILES_PER_THREAD", 1)
+
+    def held() -> int:
+        return len([f for f in _open_files() if f in shards])
+
     gc.collect()  # a streamed model left by another test closes its reader when collected
-    before = len([f for f in _open_files() if f in shards])  # other tests' streamed models hold some
+    before = held()  # other tests' live streamed models hold some
     with TensorReader(checkpoint) as reader:
-        for name in checkpoint.tensors:  # small tensors: read on this thread
-            reader.read(name)
-        assert len([f for f in _open_files() if f in shards]) == before + len(shards) - 1
-        threads = [
+        callers = [
             threading.Thread(target=lambda: [reader.read(n) for n in checkpoint.tensors]) for _ in range(3)
         ]
-        for thread in threads:
+        for thread in callers:
             thread.start()
-        for thread in threads:
+        for thread in callers:
             thread.join()
+        assert held() == before + len(shards)
+        reader.read_ahead(checkpoint.tensors)
+        for name in checkpoint.tensors:
+            reader.read(name)
+        assert before + len(shards) < held() <= before + len(shards) + _reader._AHEAD
         assert reader.bytes_read == 4 * checkpoint.nbytes
-    assert len([f for f in _open_files() if f in shards]) == before
+    assert held() == before
