@@ -33,6 +33,8 @@ _CHUNK = 16 << 20  # 8 MiB requests read the same shards a fifth slower here
 _READERS = 8
 _FILES_PER_THREAD = 4  # descriptors each reading thread keeps open, the most recently used
 _PROC_FDS = Path("/proc/self/fd")  # where a descriptor opens again as the same file (Linux)
+_REOPEN = _PROC_FDS.is_dir()
+_CHANGED = "changed on disk since it was first read (replaced or rewritten): load the model again"
 _AHEAD = 8  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
 
@@ -152,6 +154,8 @@ class TensorReader:
         elif ranges:
             pool = self._pool()
             _all_or_none([pool.submit(self._read_range, *r) for r in ranges])
+        for file in {info.file for info, _ in pairs if info.nbytes}:
+            self._files.check(file)
         for info, _ in pairs:
             if info.file.suffix != ".bin":
                 self._count(info.nbytes)
@@ -164,7 +168,9 @@ class TensorReader:
         """A ``.bin`` holds pickled storages, not tensors at offsets: copy from its memory map."""
         with self._lock:
             if info.file not in self._bins:
+                self._files.fd(info.file)  # the file as first seen, or an error
                 self._bins[info.file] = load_bin(info.file)
+                self._files.check(info.file, by_path=True)  # and it was that file torch mapped
             source = self._bins[info.file][info.name]
         out.copy_(source.reshape(out.shape))
         self._count(info.nbytes)
@@ -199,10 +205,25 @@ class TensorReader:
         self.close()
 
 
+def _open_shard(file: Path, path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
+
+
+def _identity(file: int | Path) -> tuple[int, ...]:
+    """What changes when a file is replaced or written to. Not ctime: the file a model holds
+    open changes its ctime when a new download is renamed over it, and it still reads right."""
+    found = os.stat(file)
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+
+
 class _Descriptors:
     """The checkpoint's open files. Each file is opened once and held until :meth:`close`, so a
     file replaced on disk (a new download renamed over it) goes on being read as it was; one
-    opened again after close() must be the file first opened, or reading it fails.
+    opened again after close(), or rewritten in place, must still be the file first opened
+    (:meth:`check` after each read), or reading it fails.
 
     Threads of the reader's own pools read through descriptors of their own, opened again from
     the held one (so the same file): the kernel keeps one read-ahead state per open file, which
@@ -213,7 +234,7 @@ class _Descriptors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[Path, int] = {}
-        self._identity: dict[Path, tuple[int, int, int, int]] = {}  # kept across close()
+        self._identity: dict[Path, tuple[int, ...]] = {}  # kept across close()
         self._own: set[int] = set()
         self._mine: dict[int, dict[Path, int]] = {}  # own thread -> file -> fd, oldest use first
 
@@ -229,29 +250,38 @@ class _Descriptors:
             if held is None:
                 held = self._held[file] = self._open(file)
             me = threading.get_ident()
-            if me not in self._own or not _PROC_FDS.is_dir():
+            if me not in self._own or not _REOPEN:
                 return held
             mine = self._mine.setdefault(me, {})
             fd = mine.pop(file, None)
             if fd is None:
                 if len(mine) >= _FILES_PER_THREAD:
                     os.close(mine.pop(next(iter(mine))))  # this thread's own: nobody else reads it
-                fd = os.open(_PROC_FDS / str(held), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = _open_shard(file, _PROC_FDS / str(held))
             mine[file] = fd
             return fd
 
     def _open(self, file: Path) -> int:
-        try:
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
-        found = os.fstat(fd)
-        identity = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
-        if self._identity.setdefault(file, identity) != identity:
+        fd = _open_shard(file, file)
+        if self._identity.setdefault(file, _identity(fd)) != _identity(fd):
             os.close(fd)
-            changed = "changed on disk since it was first read (replaced or rewritten): load the model again"
-            raise CheckpointError(file, changed)
+            raise CheckpointError(file, _CHANGED)
         return fd
+
+    def check(self, file: Path, *, by_path: bool = False) -> None:
+        """Raise if ``file`` (the one held, or ``by_path`` the one its name now leads to) has
+        changed since it was first opened: bytes just read from a file rewritten in place may
+        be the new ones, or a mix."""
+        with self._lock:
+            held = self._held.get(file)
+            if held is None:
+                return
+            try:
+                now = _identity(file) if by_path else _identity(held)
+            except OSError:  # gone since: whatever was read came from elsewhere
+                now = ()
+            if now != self._identity[file]:
+                raise CheckpointError(file, _CHANGED)
 
     def close(self) -> None:
         with self._lock:

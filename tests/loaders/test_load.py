@@ -305,6 +305,39 @@ def test_a_fill_that_outlives_its_models_unloading_leaves_no_descriptor_open(
     assert held() == before
 
 
+def test_a_streamed_model_whose_shards_are_rewritten_in_place_says_so(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    """Written over in place (``cp`` onto it, ``rsync --inplace``): the same open file now holds
+    other bytes, so the files it holds open do not protect it; each read checks the file."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "a")
+    running = _streamed_disk(folder)
+    assert torch.equal(logits(running), want)
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
+    _replace_shards_with_other_weights(other)
+    for shard in folder.glob("*.safetensors"):
+        shutil.copyfile(other / shard.name, shard)  # same inode, new bytes
+    with pytest.raises(memplan.CheckpointError, match="changed"):
+        logits(running)
+
+
+def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_says_so(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(tiny_llama / "config.json", folder)
+    state = {k: v for shard in sorted(tiny_llama.glob("*.safetensors")) for k, v in load_file(shard).items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    model = _streamed_disk(folder)
+    torch.save({k: v + 1 for k, v in state.items()}, folder / "new.bin")
+    os.replace(folder / "new.bin", folder / "pytorch_model.bin")
+    with pytest.raises(memplan.CheckpointError, match="changed"):
+        logits(model)
+
+
 def _target(fd: str) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")

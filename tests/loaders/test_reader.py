@@ -220,3 +220,17 @@ def test_reading_threads_keep_a_few_shards_open_each_and_close_gives_all_back(
         assert before + len(shards) < held() <= before + len(shards) + _reader._AHEAD
         assert reader.bytes_read == 4 * checkpoint.nbytes
     assert held() == before
+
+
+def test_a_reading_thread_that_cannot_open_its_own_descriptor_names_the_shard(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reopening through /proc can fail on its own (no descriptors left, permissions changed)."""
+    monkeypatch.setattr(_reader, "_REOPEN", True)
+    monkeypatch.setattr(_reader, "_PROC_FDS", tmp_path / "no-such-dir")
+    checkpoint = memplan.inspect(tiny_llama)
+    name = next(iter(checkpoint.tensors))
+    with TensorReader(checkpoint) as reader:
+        reader.read_ahead([name])  # read on the reader's own thread
+        with pytest.raises(memplan.CheckpointError, match=checkpoint.tensors[name].file.name):
+            reader.read(name)
