@@ -324,14 +324,12 @@ def test_a_streamed_model_whose_shards_are_rewritten_in_place_says_so(
 def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_says_so(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    from safetensors.torch import load_file
+    from tests.loaders.test_sources import save_bin
 
     folder = tmp_path / "bin"
-    folder.mkdir()
-    shutil.copy(tiny_llama / "config.json", folder)
-    state = {k: v for shard in sorted(tiny_llama.glob("*.safetensors")) for k, v in load_file(shard).items()}
-    torch.save(state, folder / "pytorch_model.bin")
+    save_bin(tiny_llama, folder, 1)
     model = _streamed_disk(folder)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
     torch.save({k: v + 1 for k, v in state.items()}, folder / "new.bin")
     os.replace(folder / "new.bin", folder / "pytorch_model.bin")
     with pytest.raises(memplan.CheckpointError, match="changed"):
