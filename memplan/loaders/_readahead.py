@@ -79,7 +79,6 @@ class ReadAhead(Generic[K, V]):
         # Reads nobody will take: left by a failure or a Ctrl-C, or let go by restart(), with
         # the bytes they still hold in the window; close() waits for them.
         self._abandoned: list[tuple[Future[V], int]] = []
-        self.held = 0  # bytes read or being read, not yet taken
 
     def extend(self, keys: Iterable[K]) -> None:
         """Queue ``keys`` (those not queued or in flight already); a key ``size`` has no size for
@@ -110,7 +109,6 @@ class ReadAhead(Generic[K, V]):
         with self._lock:
             landed = sum(size for future, size in self._abandoned if future.done())
             self._abandoned = [(future, size) for future, size in self._abandoned if not future.done()]
-            self.held -= landed
         if landed:
             self.window._release(landed)
         with self._lock:
@@ -128,7 +126,6 @@ class ReadAhead(Generic[K, V]):
                         self._threads, thread_name_prefix=self._name, initializer=self._initializer
                     )
                 self._in_flight[key] = (self._pool.submit(self._read, key), size)
-                self.held += size
 
     def take(self, key: K) -> V:
         """``key``'s value: the read ahead's, or read now (and dropped from the queue) when its
@@ -147,9 +144,13 @@ class ReadAhead(Generic[K, V]):
                 self._abandoned.append((future, 0))  # its bytes leave the window below
             raise
         finally:
-            with self._lock:
-                self.held -= size
             self.window._release(size)  # tops this up, and any other reader sharing the window
+
+    @property
+    def held(self) -> int:
+        """Bytes this holds in the window: reads in flight, and reads let go not yet landed."""
+        with self._lock:
+            return sum(size for _, size in [*self._in_flight.values(), *self._abandoned])
 
     @property
     def in_flight(self) -> int:
@@ -171,7 +172,4 @@ class ReadAhead(Generic[K, V]):
             self._in_flight, self._abandoned = {}, []
         if pool is not None:
             stop_pool(pool, [future for future, _ in dropped])
-        freed = sum(size for _, size in dropped)  # a take() under way frees its own
-        with self._lock:
-            self.held -= freed
-        self.window._release(freed)
+        self.window._release(sum(size for _, size in dropped))  # a take() under way frees its own

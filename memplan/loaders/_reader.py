@@ -1,9 +1,9 @@
-"""Tensor bytes straight from safetensors files into tensors, one ``preadv`` per tensor.
+"""Tensor bytes straight from safetensors files into tensors, by positional reads.
 
 The header was validated by :func:`memplan.inspect`; this reads the data it points at into a
 buffer the caller owns (a fresh host tensor, an arena slot, a pinned staging buffer), so a load
-never holds an mmap of the whole file nor a second copy of a tensor. Positional reads let the
-prefetch thread and the loader share file descriptors.
+never holds an mmap of the whole file nor a second copy of a tensor. A tensor larger than one
+request is read in parallel chunks; positional reads let threads share descriptors.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def torch_dtype(name: str, *, tensor: str = "", file: Path | None = None) -> tor
 class TensorReader:
     """Reads tensors of one checkpoint; counts bytes read; thread-safe; close() or ``with``.
 
-    :meth:`read_ahead` starts reading the tensors a load will ask for next, in file order, into
+    :meth:`read_ahead` starts reading the tensors a load will ask for next, in that order, into
     tensors the reader owns, up to ``window`` bytes ahead of the consumer: while the consumer
     casts, converts, quantizes or copies one tensor, the next ones are already coming off the
     disk, several requests in flight. The window bounds the host memory this takes; the planner
@@ -115,7 +115,6 @@ class TensorReader:
 
     def read(self, name: str) -> torch.Tensor:
         """A new host tensor with ``name``'s data, in the file's dtype and shape."""
-
         return self._ahead.take(name)
 
     def _size(self, name: str) -> int | None:
@@ -263,7 +262,8 @@ class _Descriptors:
 
     def _open(self, file: Path) -> int:
         fd = _open_shard(file, file)
-        if self._identity.setdefault(file, _identity(fd)) != _identity(fd):
+        found = _identity(fd)
+        if self._identity.setdefault(file, found) != found:
             os.close(fd)
             raise CheckpointError(file, _CHANGED)
         return fd
