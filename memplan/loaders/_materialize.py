@@ -42,6 +42,9 @@ class Binding:
     is_buffer: bool
     source: str  # the checkpoint tensor it is read from (a conversion: the first of those it reads)
     conversion: Conversion | None = None  # transformers' converter, for tensors fused or split on load
+    # A buffer keeps the dtype the model built it in (transformers casts a loaded tensor to the
+    # model's own); None: a floating parameter takes the load's dtype, an integer one the file's.
+    dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,40 @@ def in_module(name: str, module: str) -> bool:
 def _binding(owners: list[tuple[nn.Module, str]], names: list[str], keys: KeyMap, is_buffer: bool) -> Binding:
     """The binding for a tensor known by ``names`` (tied: several); no source if the checkpoint lacks it."""
     tensor = getattr(owners[0][0], owners[0][1])
+    shape, dtype = tuple(tensor.shape), tensor.dtype if is_buffer else None
     for name in names:
         if name in keys.plain:
-            return Binding(owners, name, tuple(tensor.shape), is_buffer, keys.plain[name])
+            return Binding(owners, name, shape, is_buffer, keys.plain[name], dtype=dtype)
         if name in keys.fused:
             conversion = keys.fused[name]
-            return Binding(owners, name, tuple(tensor.shape), is_buffer, conversion.names[0], conversion)
-    return Binding(owners, names[0], tuple(tensor.shape), is_buffer, "")
+            return Binding(owners, name, shape, is_buffer, conversion.names[0], conversion, dtype)
+    return Binding(owners, names[0], shape, is_buffer, "", dtype=dtype)
+
+
+def _buffer_bindings(model: nn.Module, keys: KeyMap) -> list[Binding]:
+    """Buffers the model takes from the checkpoint: those still on meta, and every persistent one
+    the checkpoint holds. A persistent buffer's ``__init__`` value (BatchNorm's running statistics,
+    BART's ``final_logits_bias``, a MoE router's correction bias) is a placeholder the file's value
+    replaces, as in ``from_pretrained``; it goes to meta until that value lands. Buffers outside
+    the state dict (rotary tables) and persistent ones the checkpoint lacks keep their own."""
+    found = []
+    for module_name, module in model.named_modules():
+        for attr, buffer in module._buffers.items():
+            full = f"{module_name}.{attr}" if module_name else attr
+            if buffer is None:
+                continue
+            stored = attr not in module._non_persistent_buffers_set and (
+                full in keys.plain or full in keys.fused
+            )
+            if buffer.device.type == "meta" or stored:
+                found.append(_binding([(module, attr)], [full], keys, True))
+                module._buffers[attr] = buffer.to("meta")
+    return found
 
 
 def bindings(model: nn.Module, reader: TensorReader, keys: KeyMap) -> Bound:
-    """Every parameter (and every buffer still on meta) of ``model``, in checkpoint file order, named
-    onto the checkpoint by ``keys``.
+    """Every parameter and buffer ``model`` takes from the checkpoint, in checkpoint file order,
+    named onto the checkpoint by ``keys``.
 
     A tensor of the model's body the checkpoint lacks is a :class:`CheckpointError` now, before
     anything is read; parameters of a new head (outside the base model) are ``missing``.
@@ -92,11 +117,7 @@ def bindings(model: nn.Module, reader: TensorReader, keys: KeyMap) -> Bound:
     found: list[Binding] = []
     for owners, names in _grouped_params(model).values():
         found.append(_binding(owners, names, keys, False))
-    for module_name, module in model.named_modules():
-        for attr, buffer in module._buffers.items():
-            full = f"{module_name}.{attr}" if module_name else attr
-            if buffer is not None and buffer.device.type == "meta":
-                found.append(_binding([(module, attr)], [full], keys, True))
+    found += _buffer_bindings(model, keys)
     missing = [b for b in found if not b.source]
     loaded = {id(module) for b in found if b.source for module, _ in b.owners}
     for binding in missing:
@@ -184,7 +205,7 @@ class Materializer:
         (a converted tensor: its sources read, cast and put through transformers' converter)."""
         info = self.reader.info(binding.source)
         if binding.conversion is None:
-            tensor = self._read(info.name)
+            tensor = self._read(info.name, binding.dtype)
         else:
             tensor = binding.conversion.take(binding.name, self._read)
         if tuple(tensor.shape) != binding.shape:
@@ -194,11 +215,12 @@ class Materializer:
             )
         return tensor
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` in ``dtype``, or (None) in the load's dtype if it is floating."""
         tensor = self.reader.read(name)
-        if tensor.is_floating_point() and tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
-        return tensor
+        if dtype is None and tensor.is_floating_point():
+            dtype = self.dtype
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def load(self, binding: Binding, device: Device) -> None:
         module = binding.owners[0][0]

@@ -94,8 +94,11 @@ class ModuleStreamer:
         self._items = []
         for module, binds in modules:
             files = [self._file_dtype(b.source) for b in binds]
-            # Floating weights run in the compute dtype; integer tensors keep the file's.
-            dtypes = [materializer.dtype if d.is_floating_point else d for d in files]
+            # Floating weights run in the compute dtype, integer tensors keep the file's, buffers their own.
+            dtypes = [
+                b.dtype or (materializer.dtype if d.is_floating_point else d)
+                for b, d in zip(binds, files, strict=True)
+            ]
             offsets = _layout(binds, dtypes)
             meta = [getattr(b.owners[0][0], b.owners[0][1]) for b in binds]
             self._items.append(_Streamed(module, binds, offsets[:-1], offsets[-1], meta, dtypes, files))

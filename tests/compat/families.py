@@ -22,6 +22,7 @@ __all__ = [
     "inputs_for",
     "owning_memory",
     "save_family",
+    "train_buffers",
 ]
 
 _TEXT = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -156,8 +157,25 @@ def save_family(family: Family, path: Path) -> Path:
 
     torch.manual_seed(0)
     model = getattr(transformers, family.model)(family.build_config())
+    train_buffers(model)
     model.save_pretrained(path)
     return path
+
+
+def train_buffers(model: torch.nn.Module) -> list[str]:
+    """Move every persistent floating buffer off its ``__init__`` value, as training moves
+    BatchNorm's running statistics or a router's correction bias (kept positive, as a running
+    variance must be); the names moved. A load that keeps the init values then differs."""
+    moved = []
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            for attr, buffer in module._buffers.items():
+                if buffer is None or attr in module._non_persistent_buffers_set:
+                    continue
+                if buffer.is_floating_point():
+                    buffer.add_(torch.rand_like(buffer) + 0.5)
+                    moved.append(f"{module_name}.{attr}" if module_name else attr)
+    return moved
 
 
 def owning_memory(model: torch.nn.Module) -> torch.nn.Module:
