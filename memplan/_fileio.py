@@ -1,21 +1,82 @@
 """File I/O shared by the checkpoint reader, the disk tier and the quantized-weights cache:
-positional reads that fill a caller's buffer, and new files written past the page cache."""
+positional reads that fill a caller's buffer, new files written past the page cache, and what a
+file is (to tell a file that changed from one that did not)."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import os
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from memplan.errors import CheckpointError
 
-__all__ = ["read_exactly", "write_new_file"]
+__all__ = ["FileIdentity", "content_identity", "content_key", "read_exactly", "write_new_file"]
 
 _ALIGN = 4096  # O_DIRECT wants buffer, offset and length on the device's logical block size
 _STAGE = 8 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What the kernel says a file is, without reading it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    links: int
+
+    @classmethod
+    def of(cls, file: int | Path) -> FileIdentity:
+        """The identity of an open descriptor, or of the file a path leads to."""
+        found = os.stat(file)
+        return cls(
+            found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_nlink
+        )
+
+    def same_bytes(self, now: FileIdentity) -> bool:
+        """Whether ``now`` (this file, looked at again) may still hold the bytes it held.
+
+        The mtime alone misses a same-size rewrite whose writer put the mtime back (``os.utime``,
+        or a filesystem whose mtime ticks every 1-2 s); the ctime moves on every write. It also
+        moves when the link count does (a new download renamed over the file, an unlink), which
+        leaves the bytes a holder of the file reads as they were."""
+        if (self.device, self.inode, self.size, self.mtime_ns) != (
+            now.device,
+            now.inode,
+            now.size,
+            now.mtime_ns,
+        ):
+            return False
+        return self.ctime_ns == now.ctime_ns or self.links != now.links
+
+
+def content_key(file: Path) -> str:
+    """What the bytes of ``file`` are, as far as can be told without reading them.
+
+    A Hugging Face cache blob is named by the sha256 of its bytes, which the hub checked when it
+    downloaded them: that name is the key (a new revision sharing the file shares it). Any other
+    file is known by (device, inode, size, mtime, ctime): a file replaced or written to gets
+    another key (the ctime cannot be set back, nor survive an inode reused), and a copy of the
+    same bytes elsewhere does too: a miss, never a wrong hit."""
+    real = Path(os.path.realpath(file))
+    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+        return f"sha256:{real.name}"
+    i = FileIdentity.of(real)
+    return f"stat:{i.device}:{i.inode}:{i.size}:{i.mtime_ns}:{i.ctime_ns}"
+
+
+def content_identity(keys: Iterable[str]) -> str:
+    """One key for the bytes of several files, from their :func:`content_key`s in order."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def read_exactly(fd: int, view: memoryview, offset: int, *, file: Path, tensor: str | None = None) -> None:

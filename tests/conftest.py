@@ -9,13 +9,19 @@ import pytest
 
 
 def save_tiny_llama(
-    path: Path, *, tie: bool = False, max_shard_size: str = "200KB", layers: int = 4, intermediate: int = 160
+    path: Path,
+    *,
+    tie: bool = False,
+    max_shard_size: str = "200KB",
+    layers: int = 4,
+    intermediate: int = 160,
+    seed: int = 0,
 ) -> Path:
     """A random-init transformers Llama saved with save_pretrained (safetensors, sharded)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tie, max_position_embeddings=256,

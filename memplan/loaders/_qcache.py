@@ -6,9 +6,15 @@ serialises it (``weight`` with ``SCB``, or the packed ``weight`` with its ``absm
 to a temporary name, fsynced, renamed, and checksummed on read. A repeat load builds the layers
 from those states, exactly as a pre-quantized checkpoint is loaded.
 
-One folder per (checkpoint fingerprint, method, double quant, compute dtype, bitsandbytes
-version) under ``<spill dir>/quantized``; folders not used for longest are removed when the cache
-grows past its cap. ``MEMPLAN_QUANT_CACHE=0`` (or ``memplan.load(quant_cache=False)``) turns it off.
+One folder per (checkpoint content, method, double quant, compute dtype, bitsandbytes version)
+under ``<spill dir>/quantized``; folders not used for longest are removed when the cache grows past
+its cap. ``MEMPLAN_QUANT_CACHE=0`` (or ``memplan.load(quant_cache=False)``) turns it off.
+
+The content is what the checkpoint's files hold (:func:`~memplan._fileio.content_key`: a Hugging
+Face blob's sha256 name, else each file's device, inode, size, mtime and ctime), never its shape
+fingerprint: a fine-tune, another revision or another seed of one shape has other weights. The
+files are looked at again when the load ends; if they changed meanwhile, the load fails (a
+reading load) or leaves nothing behind (a writing one).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memplan._fileio import content_identity, content_key
 from memplan._threads import stop_pool
-from memplan.errors import TierError
+from memplan.errors import CheckpointError, TierError
 from memplan.loaders._readahead import ReadAhead, Window
 from memplan.planner.estimate import READ_AHEAD_BYTES
 from memplan.planner.strategies import Quantized
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from memplan.planner.checkpoint import Checkpoint
     from memplan.residency.tiers.disk import DiskTier
 
 __all__ = ["QuantCache", "open_quant_cache"]
@@ -39,6 +47,7 @@ DEFAULT_CAP = 64 << 30
 _MAX_PENDING = 16  # layers waiting to be written
 _AHEAD = 4  # layers being read at once
 _COMPLETE = "complete"  # a marker: every layer of the load was written
+_CHANGED = "changed on disk during the load (rewritten or replaced): load the model again"
 
 
 def _enabled() -> bool:
@@ -52,18 +61,24 @@ def _root() -> Path:
 
 
 def open_quant_cache(
-    fingerprint: str, strategy: Quantized, dtype: str, *, window: Window, enabled: bool = True
+    checkpoint: Checkpoint, strategy: Quantized, dtype: str, *, window: Window, enabled: bool = True
 ) -> QuantCache | None:
-    """The cache for this checkpoint and quantization, or None when caching is off or impossible;
-    it reads ahead within ``window``, the checkpoint reader's."""
+    """The cache for this checkpoint's content and quantization, or None when caching is off or
+    impossible; it reads ahead within ``window``, the checkpoint reader's."""
     if not enabled or not _enabled() or strategy.prequantized:
         return None
     import bitsandbytes
 
-    key = f"{fingerprint}/{strategy.method}/{strategy.double_quant}/{dtype}/{bitsandbytes.__version__}"
+    files = checkpoint.files
+    try:
+        keys = [content_key(f) for f in files]
+    except OSError as exc:
+        raise CheckpointError(files[0], f"cannot stat: {exc.strerror}") from exc
+    content = content_identity(keys)
+    key = f"{content}/{strategy.method}/{strategy.double_quant}/{dtype}/{bitsandbytes.__version__}"
     folder = _root() / hashlib.sha256(key.encode()).hexdigest()[:24]
     try:
-        return QuantCache(folder, window=window)
+        return QuantCache(folder, window=window, files=dict(zip(files, keys, strict=True)))
     except TierError:  # an unwritable cache costs speed, never the load
         return None
 
@@ -72,11 +87,13 @@ class QuantCache:
     """The quantized states of one checkpoint's layers, by weight name."""
 
     def __init__(
-        self, folder: Path, cap: int = DEFAULT_CAP, *, window: Window | int = READ_AHEAD_BYTES
-    ) -> None:
+        self, folder: Path, cap: int = DEFAULT_CAP, *, window: Window | int = READ_AHEAD_BYTES,
+        files: dict[Path, str] | None = None,
+    ) -> None:  # fmt: skip
         from memplan.residency.tiers.disk import DiskTier
 
         self.folder = folder
+        self.files = files or {}  # the checkpoint's files and their content keys, as the load began
         self.complete = (folder / _COMPLETE).is_file()
         # Each file is fsynced by the background writer, where the wait overlaps the quantization
         # of later layers; one os.sync() before the marker left the load waiting for the disk to
@@ -151,11 +168,28 @@ class QuantCache:
 
     def finish(self) -> None:
         """Mark the cache whole once every layer of a load that succeeded is written and fsynced:
-        a load that failed or crashed part way leaves it unused, to be written again."""
+        a load that failed or crashed part way leaves it unused, to be written again. A
+        checkpoint that changed during the load is a :class:`CheckpointError`, and what this
+        load wrote under its old content is removed."""
         self._drain()
+        changed = self._changed_file()
+        if changed is not None:
+            if not self.complete:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise CheckpointError(changed, _CHANGED)
         if not self.complete and self.writes and not self.failed:
             (self.folder / _COMPLETE).touch()
         os.utime(self.folder)  # recently used: evicted last
+
+    def _changed_file(self) -> Path | None:
+        for file, key in self.files.items():
+            try:
+                if content_key(file) == key:
+                    continue
+            except OSError:
+                pass
+            return file
+        return None
 
     def _drain(self) -> None:
         while self._pending:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memplan._dtypes import TORCH_NAMES
-from memplan._fileio import read_exactly
+from memplan._fileio import FileIdentity, read_exactly
 from memplan._threads import settle, stop_pool
 from memplan.errors import CheckpointError
 from memplan.loaders._readahead import ReadAhead, Window
@@ -211,13 +211,6 @@ def _open_shard(file: Path, path: Path) -> int:
         raise CheckpointError(file, f"cannot open shard: {exc.strerror}") from exc
 
 
-def _identity(file: int | Path) -> tuple[int, ...]:
-    """What changes when a file is replaced or written to. Not ctime: the file a model holds
-    open changes its ctime when a new download is renamed over it, and it still reads right."""
-    found = os.stat(file)
-    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
-
-
 class _Descriptors:
     """The checkpoint's open files. Each file is opened once and held until :meth:`close`, so a
     file replaced on disk (a new download renamed over it) goes on being read as it was; one
@@ -233,7 +226,7 @@ class _Descriptors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[Path, int] = {}
-        self._identity: dict[Path, tuple[int, ...]] = {}  # kept across close()
+        self._identity: dict[Path, FileIdentity] = {}  # kept across close()
         self._own: set[int] = set()
         self._mine: dict[int, dict[Path, int]] = {}  # own thread -> file -> fd, oldest use first
 
@@ -262,8 +255,8 @@ class _Descriptors:
 
     def _open(self, file: Path) -> int:
         fd = _open_shard(file, file)
-        found = _identity(fd)
-        if self._identity.setdefault(file, found) != found:
+        found = FileIdentity.of(fd)
+        if not self._identity.setdefault(file, found).same_bytes(found):
             os.close(fd)
             raise CheckpointError(file, _CHANGED)
         return fd
@@ -277,11 +270,12 @@ class _Descriptors:
             if held is None:
                 return
             try:
-                now = _identity(file) if by_path else _identity(held)
-            except OSError:  # gone since: whatever was read came from elsewhere
-                now = ()
-            if now != self._identity[file]:
+                now = FileIdentity.of(file if by_path else held)
+            except OSError as exc:  # gone since: whatever was read came from elsewhere
+                raise CheckpointError(file, _CHANGED) from exc
+            if not self._identity[file].same_bytes(now):
                 raise CheckpointError(file, _CHANGED)
+            self._identity[file] = now  # a link count that moved: its ctime is the one to compare
 
     def close(self) -> None:
         with self._lock:

@@ -259,8 +259,8 @@ def carry_out(
     dtype = torch_dtype(strategy.dtype, file=checkpoint.path)
     cache = None
     if isinstance(strategy, Quantized):
-        fingerprint, window, enabled = checkpoint.fingerprint, reader.window, options.quant_cache
-        cache = open_quant_cache(fingerprint, strategy, strategy.dtype, window=window, enabled=enabled)
+        window, enabled = reader.window, options.quant_cache
+        cache = open_quant_cache(checkpoint, strategy, strategy.dtype, window=window, enabled=enabled)
     prequantized = isinstance(strategy, Quantized) and strategy.prequantized
     materializer = Materializer(
         reader, placement, dtype, prequantized=prequantized, trainable=options.trainable, quant_cache=cache

@@ -324,6 +324,26 @@ def test_a_streamed_model_whose_shards_are_rewritten_in_place_says_so(
         logits(running)
 
 
+def test_a_shard_rewritten_in_place_with_its_mtime_put_back_says_so(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    """Same inode, same size, mtime put back (``os.utime``; a filesystem whose mtime ticks every
+    second or two hides it alike): the ctime, which every write moves, tells."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "a")
+    running = _streamed_disk(folder)
+    assert torch.equal(logits(running), want)
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
+    _replace_shards_with_other_weights(other)
+    for shard in folder.glob("*.safetensors"):
+        before = shard.stat()
+        with shard.open("r+b") as f:
+            f.write((other / shard.name).read_bytes())
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(memplan.CheckpointError, match="changed"):
+        logits(running)
+
+
 def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_says_so(
     tiny_llama: Path, tmp_path: Path
 ) -> None:

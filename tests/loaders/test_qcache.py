@@ -4,13 +4,17 @@ never correctness."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import memplan
-from memplan import Policy, Workload
+from memplan import CheckpointError, Policy, Workload
+from memplan.testing.hf_cache import cache_repo
+from tests.conftest import save_tiny_llama
 from tests.loaders.test_load import logits
 
 SPEC = "cuda:0=1GiB,cpu=8GiB"
@@ -158,3 +162,85 @@ def _load_skipping(path: Path, skip: tuple[str, ...]) -> torch.nn.Module:
         Policy(order=("int8",), allow_quantization=True, skip_modules=skip),
     )  # fmt: skip
     return memplan.load(path, plan=chosen, progress=False)
+
+
+# --- keyed by what the weights are, not by their shape (trust issue 20.1, 20.2) -----------------
+
+
+def uncached(path: Path, method: str) -> torch.Tensor:
+    return logits(quantized(path, method, quant_cache=False))
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_two_models_of_one_shape_never_share_quantized_weights(
+    tmp_path: Path, spill: Path, method: str
+) -> None:
+    """A base model and its fine-tune, two revisions, two seeds: one shape, other weights."""
+    base = save_tiny_llama(tmp_path / "base", seed=0)
+    tuned = save_tiny_llama(tmp_path / "tuned", seed=1)
+    assert memplan.inspect(base).fingerprint == memplan.inspect(tuned).fingerprint
+    quantized(base, method)
+    model = quantized(tuned, method)
+    assert torch.equal(logits(model), uncached(tuned, method))
+    assert model.memplan_report.bytes_read == memplan.inspect(tuned).nbytes  # nothing came from base's
+    assert len(list(spill.iterdir())) == 2
+
+
+def test_a_checkpoint_saved_again_at_the_same_path_is_quantized_again(tmp_path: Path, spill: Path) -> None:
+    path = save_tiny_llama(tmp_path / "model", seed=0)
+    quantized(path, "int8")
+    shutil.rmtree(path)
+    save_tiny_llama(path, seed=1)
+    model = quantized(path, "int8")
+    assert torch.equal(logits(model), uncached(path, "int8"))
+    assert model.memplan_report.bytes_read == memplan.inspect(path).nbytes
+
+
+def test_a_shard_rewritten_with_its_mtime_put_back_is_quantized_again(tmp_path: Path, spill: Path) -> None:
+    """Same inode, same size, mtime restored (``os.utime``, a coarse-mtime filesystem): the ctime moved."""
+    path = save_tiny_llama(tmp_path / "model", seed=0)
+    quantized(path, "int8")
+    other = save_tiny_llama(tmp_path / "other", seed=1)
+    for shard in path.glob("*.safetensors"):
+        before = shard.stat()
+        with shard.open("r+b") as f:  # in place: the same inode
+            f.write((other / shard.name).read_bytes())
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (shard.stat().st_ino, shard.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert torch.equal(logits(quantized(path, "int8")), uncached(other, "int8"))
+
+
+def test_the_same_blobs_in_another_hugging_face_cache_share_the_quantized_weights(
+    tiny_llama: Path, tmp_path: Path, spill: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob is named by the sha256 of its bytes: a second download of them is the same content."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = quantized(cache_repo(tmp_path / "hub-a", "org/tiny", tiny_llama), "int8")
+    again = quantized(cache_repo(tmp_path / "hub-b", "org/tiny", tiny_llama), "int8")
+    assert len(list(spill.iterdir())) == 1
+    assert again.memplan_report.bytes_read < first.memplan_report.bytes_read
+    assert torch.equal(logits(again), logits(first))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["writing", "reading"])
+def test_a_checkpoint_changed_during_a_quantized_load_fails_it(
+    tmp_path: Path, spill: Path, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    from memplan.loaders import _materialize
+
+    path = save_tiny_llama(tmp_path / "model")
+    if cached:
+        quantized(path, "int8")
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    real = _materialize.Materializer.load
+
+    def touching(self: _materialize.Materializer, binding: object, device: object) -> None:
+        os.utime(shard)  # as a writer would, mid-load
+        real(self, binding, device)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_materialize.Materializer, "load", touching)
+    with pytest.raises(CheckpointError, match="changed") as caught:
+        quantized(path, "int8")
+    assert Path(caught.value.file) == shard
+    written = [f for f in spill.iterdir() if (f / "complete").is_file()] if spill.is_dir() else []
+    assert len(written) == (1 if cached else 0)  # only the first load's, under the old content
