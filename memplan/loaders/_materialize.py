@@ -13,6 +13,7 @@ from memplan.errors import CheckpointError
 from memplan.gpu.device import Device
 from memplan.loaders._conversion import Conversion, KeyMap
 from memplan.loaders._placement import Placement
+from memplan.loaders._prequantized import DamagedState
 from memplan.loaders._quantize import is_quantized_layer, prequantized_weight, quantize_weight, quantized_size
 from memplan.loaders._reader import TensorReader
 from memplan.planner.checkpoint import Checkpoint
@@ -230,7 +231,16 @@ class Materializer:
             return
         if self.prequantized:  # as saved quantized in the checkpoint
             stored = self._stored_quantized(binding.source)
-            set_tensor(binding, self._from_states(module, stored, device, binding), trainable=self.trainable)
+            try:
+                param = self._from_states(module, stored, device, binding)
+            except DamagedState as damaged:
+                layer = binding.source.removesuffix(".weight")
+                name = f"{layer}.{damaged.name}"
+                file = self.reader.info(
+                    name if name in self.reader.checkpoint.tensors else binding.source
+                ).file
+                raise CheckpointError(file, damaged.reason, name) from damaged
+            set_tensor(binding, param, trainable=self.trainable)
             return
         cached = self.quant_cache.get(binding.source) if self.quant_cache is not None else None
         if cached is not None:  # as an earlier load quantized it

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from memplan.errors import MemplanError
 from memplan.loaders._cpu_quantizers import int8_rowwise, nf4_parameter
+from memplan.loaders._prequantized import check_states
 from memplan.planner.checkpoint import TensorInfo
 from memplan.planner.estimate import quantized_bytes
 from memplan.planner.strategies import Quantized
@@ -178,8 +179,11 @@ def prequantized_weight(
     module: nn.Module, stored: dict[str, torch.Tensor], torch_device: str
 ) -> nn.Parameter:
     """The layer's parameter from what a bitsandbytes checkpoint stored (``weight`` and its
-    states by their names relative to the layer), as transformers' bnb deserialisers build it."""
+    states by their names relative to the layer), as transformers' bnb deserialisers build it;
+    :class:`DamagedState` if they do not make one."""
     bnb = _bnb()
+    int8 = isinstance(module, bnb.nn.Linear8bitLt)
+    check_states("int8" if int8 else str(getattr(module.weight, "quant_type", "")), stored)
     weight = stored["weight"]
     if isinstance(module, bnb.nn.Linear8bitLt):
         kwargs = dict(module.weight.__dict__)

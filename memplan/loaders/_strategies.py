@@ -20,6 +20,7 @@ from memplan.loaders._materialize import (
     unused_tensors,
 )
 from memplan.loaders._placement import Placement
+from memplan.loaders._prequantized import stored_layers
 from memplan.loaders._qcache import open_quant_cache
 from memplan.loaders._quantize import record_quantization, replace_linears, summary, transformers_choice
 from memplan.loaders._reader import TensorReader, torch_dtype
@@ -192,7 +193,7 @@ def _bindings(model: nn.Module, strategy: Strategy, reader: TensorReader, dtype:
     if isinstance(strategy, Quantized):
         stored = reader.checkpoint.architecture.quantization
         if strategy.prequantized and stored is not None:
-            layers = _model_modules(keys, _stored_layers(reader.checkpoint))
+            layers = _model_modules(keys, stored_layers(reader.checkpoint, stored.method))
             # The 4-bit layers compute in the dtype the checkpoint was saved to compute in.
             compute = getattr(torch, stored.compute_dtype or "", None)
             compute = compute if isinstance(compute, torch.dtype) else dtype
@@ -223,16 +224,6 @@ def _renamer(everything: list[Binding]) -> Rename:
     """Checkpoint module names (the planner's) -> the model's, as the checkpoint's names were converted."""
     names = prefix_map((b.source, b.name) for b in everything if b.conversion is None)
     return lambda module: names.get(module, module)
-
-
-def _stored_layers(checkpoint: Checkpoint) -> set[str]:
-    """The layers a bitsandbytes checkpoint stores quantized: those with states beside their weight."""
-    return {
-        name.removesuffix(suffix).removesuffix(".weight")
-        for name in checkpoint.tensors
-        for suffix in (".SCB", ".weight.absmax")
-        if name.endswith(suffix)
-    }
 
 
 @dataclass(frozen=True)

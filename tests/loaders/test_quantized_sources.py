@@ -123,3 +123,74 @@ def test_a_prequantized_nf4_checkpoint_computes_in_its_stored_compute_dtype(
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.compute_dtype == torch.bfloat16
     assert torch.equal(logits(model), transformers_logits(tmp_path / "nf4"))
+
+
+# --- damaged pre-quantized checkpoints (trust issue 20.3, 20.5) ----------------------------------
+
+
+def _damaged(folder: Path, to: Path, *, drop: str = "", method: str = "") -> Path:
+    """A copy of ``folder`` without the first tensor ending in ``drop``, or with a
+    quantization_config for ``method`` over tensors of another."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, to)
+    (weights,) = to.glob("*.safetensors")
+    tensors = load_file(weights)
+    if drop:
+        del tensors[next(n for n in sorted(tensors) if n.endswith(drop) and ".layers.1." in n)]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    if method:
+        config = json.loads((to / "config.json").read_text())
+        config["quantization_config"] = bnb_config(method).to_dict()  # type: ignore[attr-defined]
+        (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
+DAMAGES = [
+    ("nf4-dq", ".weight.nested_absmax", "", "weight.nested_absmax"),
+    ("nf4-dq", ".weight.nested_quant_map", "", "weight.nested_quant_map"),
+    ("nf4", ".weight.quant_map", "", "weight.quant_map"),
+    ("nf4", ".weight.quant_state.bitsandbytes__nf4", "", "quant_state.bitsandbytes__nf4"),
+    ("nf4", ".weight.absmax", "", "weight.absmax"),
+    ("int8", ".SCB", "", "SCB"),
+    ("int8", "", "nf4", ".SCB"),  # int8 tensors under an nf4 config
+    ("nf4", "", "int8", ".weight.absmax"),  # nf4 tensors under an int8 config
+]
+
+
+@pytest.mark.parametrize(("kind", "drop", "method", "named"), DAMAGES)
+def test_a_damaged_prequantized_checkpoint_is_refused_naming_the_tensor(
+    saved_quantized: tuple[str, Path], tmp_path: Path, kind: str, drop: str, method: str, named: str
+) -> None:
+    saved, folder = saved_quantized
+    if saved != kind:
+        pytest.skip(f"this damage is to a {kind} checkpoint")
+    damaged = _damaged(folder, tmp_path / "damaged", drop=drop, method=method)
+    with pytest.raises(memplan.CheckpointError) as caught:
+        memplan.load(damaged, progress=False)
+    assert caught.value.tensor is not None and caught.value.tensor.endswith(named)
+    assert Path(caught.value.file).parent == damaged
+
+
+def test_a_layer_whose_packed_state_says_nested_needs_its_nested_states(
+    saved_quantized: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Both nested tensors gone, so every name a layer of the method needs is there: only the
+    packed quant_state, read with the layer, says the layer is nested. Built anyway, bitsandbytes
+    would take the uint8 absmax for its scales."""
+    from safetensors.torch import load_file
+
+    from memplan.loaders._prequantized import DamagedState, check_states
+
+    saved, folder = saved_quantized
+    if saved != "nf4-dq":
+        pytest.skip("a double-quant checkpoint")
+    (weights,) = folder.glob("*.safetensors")
+    layer = "model.layers.1.mlp.down_proj."
+    states = {k.removeprefix(layer): v for k, v in load_file(weights).items() if k.startswith(layer)}
+    check_states("nf4", states)
+    del states["weight.nested_absmax"], states["weight.nested_quant_map"]
+    with pytest.raises(DamagedState, match="says the layer is nested"):
+        check_states("nf4", states)
