@@ -314,13 +314,20 @@ def _checked_shard(directory: Path, index_path: Path, file: str, tensor: str) ->
         raise CheckpointError(
             str(index_path), f"shard {file!r} is outside the model directory", tensor=tensor
         )
-    shard = directory / file
-    if not shard.is_file():
-        missing = (
-            f"links to {os.readlink(shard)}, which is missing" if shard.is_symlink() else "does not exist"
-        )
-        raise CheckpointError(str(shard), f"shard named by the index {missing}", tensor=tensor)
-    return shard
+    return _regular(directory / file, "shard named by the index ", tensor)
+
+
+def _missing(path: Path) -> str:
+    return f"links to {os.readlink(path)}, which is missing" if path.is_symlink() else "does not exist"
+
+
+def _regular(file: Path, what: str = "", tensor: str | None = None) -> Path:
+    """``file``, which must be a regular file (or a link to one): reading a FIFO's header, or a
+    device's, would wait forever or read what is no checkpoint."""
+    if not file.is_file():
+        why = "not a regular file" if file.exists() else _missing(file)
+        raise CheckpointError(str(file), what + why, tensor=tensor)
+    return file
 
 
 # Weight formats in the order transformers prefers them: (index, single file, other files).
@@ -333,19 +340,16 @@ _FORMATS = (
 def _discover(path: Path) -> tuple[Path, list[Path], dict[str, Path] | None]:
     """(model directory, weight files, tensor->file map from an index or None)."""
     if not path.exists():
-        why = f"links to {os.readlink(path)}, which is missing" if path.is_symlink() else "does not exist"
-        raise CheckpointError(str(path), why)
-    if path.is_file():
-        return path.parent, [path], None
+        raise CheckpointError(str(path), _missing(path))
+    if not path.is_dir():
+        return path.parent, [_regular(path)], None
     for index_name, single_name, pattern in _FORMATS:
-        if (path / index_name).is_file():
-            weight_map = _index_shards(path, path / index_name)
+        if (path / index_name).exists():
+            weight_map = _index_shards(path, _regular(path / index_name))
             return path, sorted(set(weight_map.values())), weight_map
-        if (path / single_name).is_file():
-            return path, [path / single_name], None
-        found = sorted(path.glob(pattern))
+        found = [path / single_name] if (path / single_name).exists() else sorted(path.glob(pattern))
         if found:
-            return path, found, None
+            return path, [_regular(f) for f in found], None
     raise CheckpointError(
         str(path),
         f"no {INDEX_NAME}, {SINGLE_NAME}, *.safetensors, {BIN_INDEX_NAME} or {BIN_SINGLE_NAME} file here",

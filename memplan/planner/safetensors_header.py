@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_prefix(path: Path) -> tuple[bytes, int]:
     try:
-        with open(path, "rb", buffering=0) as f:  # two small reads: buffering would read ahead
-            size = os.fstat(f.fileno()).st_size
+        # Not blocking: a FIFO put in the file's place since it was found must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb", buffering=0) as f:  # two small reads: buffering would read ahead
+            found = os.fstat(f.fileno())
+            if not stat.S_ISREG(found.st_mode):
+                raise CheckpointError(str(path), "not a regular file")
+            size = found.st_size
             if size < 8:
                 raise CheckpointError(
                     str(path), f"file is {size} bytes, shorter than the 8-byte header length"

@@ -296,3 +296,61 @@ def test_policy_and_workload_take_a_torch_dtype(small: Path) -> None:
 def test_a_policy_computes_only_in_a_float_dtype_torch_runs(dtype: object) -> None:
     with pytest.raises(memplan.MemplanError, match="dtype"):
         Policy(dtype=dtype)  # type: ignore[arg-type]
+
+
+# --- weights files that are no regular files (trust issue 20.6) ------------------------------
+
+
+def _inspect_within(path: Path, seconds: float) -> BaseException | None:
+    """What inspect(path) raised, run on a thread; a writer opened on every FIFO left in ``path``
+    frees a thread stuck opening one, so a hang fails the test instead of the suite."""
+    import os
+    import stat
+    import threading
+
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            memplan.inspect(path)
+            raised.append(None)
+        except BaseException as exc:  # handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in (p for p in path.iterdir() if stat.S_ISFIFO(p.lstat().st_mode)):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"inspect({path}) hung on a FIFO")
+    return raised[0]
+
+
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "model-00001-of-00001.safetensors", "pytorch_model.bin"]
+)
+def test_a_fifo_in_a_weights_files_place_is_refused_not_waited_on(tmp_path: Path, name: str) -> None:
+    import os
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(small_config(1)))
+    os.mkfifo(folder / name)
+    raised = _inspect_within(folder, 10)
+    assert isinstance(raised, CheckpointError), raised
+    assert raised.file == str(folder / name) and "not a regular file" in str(raised)
+
+
+def test_a_fifo_named_by_the_index_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    folder = write_checkpoint(tmp_path / "model", [0], small_config(1))
+    os.rename(folder / "model.safetensors", folder / "a.safetensors")
+    os.mkfifo(folder / "b.safetensors")
+    weight_map = {"model.embed_tokens.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    raised = _inspect_within(folder, 10)
+    assert isinstance(raised, CheckpointError), raised
+    assert raised.file == str(folder / "b.safetensors") and "not a regular file" in str(raised)
