@@ -5,10 +5,12 @@ import it when they are used.
 """
 
 from memplan.errors import (
+    AlreadyManaged,
     CheckpointError,
     ContextTooLong,
     DeviceOutOfMemory,
     DoesNotFit,
+    EntryInUse,
     InvalidDevice,
     InvalidSize,
     MemplanError,
@@ -46,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Allocator",
+    "AlreadyManaged",
     "Checkpoint",
     "CheckpointError",
     "ContextTooLong",
@@ -54,6 +57,7 @@ __all__ = [
     "DeviceMemory",
     "DeviceOutOfMemory",
     "DoesNotFit",
+    "EntryInUse",
     "Estimate",
     "Fallback",
     "Full",

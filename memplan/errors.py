@@ -124,6 +124,29 @@ class PinViolation(MemplanError):
         super().__init__(f"entry {key!r} is pinned: {reason}")
 
 
+class EntryInUse(MemplanError):
+    """The entry is leased, or needed by a resident entry, so it cannot be moved or removed."""
+
+    def __init__(self, entry: str, reason: str) -> None:
+        self.entry = entry
+        self.reason = reason
+        super().__init__(f"entry {entry!r} is in use: {reason}")
+
+
+class AlreadyManaged(MemplanError):
+    """A module or tensor registered while already under a residency manager's charge, as part
+    of entry ``owner``: two entries moving one tensor would break each other's leases."""
+
+    def __init__(self, entry: str, owner: str, tensor: str) -> None:
+        self.entry = entry
+        self.owner = owner
+        self.tensor = tensor
+        super().__init__(
+            f"cannot register {entry!r}: {tensor!r} already belongs to entry {owner!r}; "
+            "register each module once (or unregister the other first)"
+        )
+
+
 class TierError(MemplanError):
     """A tier operation failed; ``tier`` and ``key`` say where."""
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memplan._periodic import Periodic
-from memplan.errors import MemplanError, PinViolation, TierError, TierFull
+from memplan.errors import AlreadyManaged, EntryInUse, MemplanError, PinViolation, TierError, TierFull
 from memplan.gpu.device import Device
 from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
@@ -39,15 +39,6 @@ from memplan.residency.tiers.base import Tier
 __all__ = ["EntryInUse", "EntryInfo", "ManagerStats", "Move", "ResidencyManager"]
 
 log = logging.getLogger(__name__)
-
-
-class EntryInUse(MemplanError):
-    """The entry is leased, or needed by a resident entry, so it cannot be moved or removed."""
-
-    def __init__(self, entry: str, reason: str) -> None:
-        self.entry = entry
-        self.reason = reason
-        super().__init__(f"entry {entry!r} is in use: {reason}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +195,8 @@ class ResidencyManager:
                 for need in needs:
                     self._entry(need)
             group = Group(name, obj, dedup=self.dedup)
+            with self._state:
+                self._refuse_managed(name, group)
             entry = _Entry(name, group, policy, tuple(needs), tier=-1, last_use=self.clock())
             target = tier or policy.pinned_tier
             if target:
@@ -218,6 +211,20 @@ class ResidencyManager:
             group.drop_originals()
             _release_load_budget(obj)
             return self.info(name)
+
+    def _refuse_managed(self, name: str, group: Group) -> None:
+        """Refuse a group holding a module (the same one, a submodule or a parent of one) or a
+        tensor an entry already manages: demoting that entry would empty the other's module
+        under its lease. Caller holds the state lock."""
+        owners = {id(slot.owner) for r in group.records for slot in r.slots if slot.owner is not None}
+        tensors = {id(tensor) for tensor in group.originals.values()}
+        for other in self._entries.values():
+            for record in other.group.records:
+                for slot in record.slots:
+                    if slot.owner is None:
+                        continue
+                    if id(slot.owner) in owners or id(getattr(slot.owner, slot.attr, None)) in tensors:
+                        raise AlreadyManaged(name, other.name, record.path)
 
     def _place_new(self, entry: _Entry, order: Sequence[int]) -> None:
         last: TierError | None = None

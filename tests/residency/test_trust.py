@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from memplan import (
+    AlreadyManaged,
     Device,
     MemplanError,
     PinViolation,
@@ -344,3 +345,46 @@ def test_using_an_entry_pinned_where_it_cannot_run_is_an_error(tmp_path: Path) -
     with pytest.raises(PinViolation, match="disk"), rm.use("d"):
         pass
     assert rm.info("d").leases == 0
+
+
+# --- one tensor, one entry (trust issue 20.7) ----------------------------------------------------
+
+
+def _two_layers() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda model: model,  # the same module again
+        lambda model: model[1],  # one of its submodules
+        lambda model: torch.nn.Sequential(model),  # a module holding it
+        lambda model: {"w": model[0].weight},  # one of its tensors, in a mapping
+    ],
+    ids=["same", "submodule", "parent", "tensor"],
+)
+def test_what_an_entry_manages_cannot_be_registered_again(second: Any) -> None:
+    rm = ResidencyManager(gpu_and_host())
+    model = _two_layers()
+    x = torch.randn(2, 8)
+    expected = model(x)
+    rm.register("a", model)
+    with pytest.raises(AlreadyManaged) as refused:
+        rm.register("b", second(model))
+    assert (refused.value.entry, refused.value.owner) == ("b", "a")
+    assert rm.names() == ["a"]
+    with rm.use("a") as used:  # "a" is untouched and still works
+        assert torch.equal(used(x), expected)
+
+
+def test_demoting_an_entry_never_empties_a_module_leased_under_another_name() -> None:
+    """The fault the refusal prevents: "b" leased, "a" (the same module) demoted to meta."""
+    rm = ResidencyManager(gpu_and_host())
+    model = _two_layers()
+    rm.register("a", model)
+    with pytest.raises(AlreadyManaged):
+        rm.register("b", model)
+    rm.demote("a", "host")
+    with rm.use("a") as used:
+        assert not any(p.is_meta for p in used.parameters())
