@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from memplan._bnb import quiet_bitsandbytes
 from memplan.errors import DoesNotFit, ForwardCheckFailed, MemplanError
 from memplan.gpu import Inventory, probe
 from memplan.monitor import parse_address
@@ -118,7 +119,7 @@ def _forward_check(model: Any, tokens: int) -> dict[str, Any]:
         return {"skipped": inputs}
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_bitsandbytes():
             out = model(**inputs)
     except Exception as exc:  # the boundary: the model's own error, as one line
         raise ForwardCheckFailed(f"{type(exc).__name__}: {exc}") from exc

@@ -140,3 +140,42 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
         return saved[name]
 
     return get
+
+
+# bitsandbytes runs a 4-bit layer on the CPU one of two ways. Where the CPU has AVX512-BF16, the
+# first forward repacks the weight for a native kernel (``Linear4bit.support_avx512bf16_for_cpu``,
+# set from ``has_avx512bf16()`` when the layer is built); elsewhere the generic path dequantizes.
+BNB_CPU_PATHS = ["generic", "avx512-bf16"]
+
+
+@pytest.fixture(params=BNB_CPU_PATHS)
+def bnb_cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each 4-bit test runs on both CPU paths: the generic one on any CPU (the layers built in
+    the test are told the CPU lacks the feature), the repacked one where the CPU has it."""
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    if request.param == "generic":
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
+    elif not bitsandbytes.functional.has_avx512bf16():
+        pytest.skip(
+            "bitsandbytes' repacked 4-bit CPU kernel is native code for CPUs with AVX512-BF16, which "
+            "this one lacks; test_4bit_layers_left_to_repack_are_the_ones_bitsandbytes_can_repack "
+            "checks the repacking itself here"
+        )
+    return str(request.param)
+
+
+def generic_where_bnb_cannot_repack(model: object) -> object:
+    """transformers+bitsandbytes as it would run if it kept the 4-bit layers bitsandbytes cannot
+    repack (inputs that are no whole number of quantization blocks, outputs that are no whole
+    number of 32-row blocks) on the generic path, as memplan does: unfixed, their first forward
+    fails on an AVX512-BF16 CPU. A restatement of bitsandbytes' own limits, not memplan's code."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():  # type: ignore[attr-defined]
+        if isinstance(module, bnb.nn.Linear4bit):
+            rows, inputs = module.weight.quant_state.shape
+            if inputs % module.weight.quant_state.blocksize or rows % 32:
+                module.support_avx512bf16_for_cpu = False
+    return model

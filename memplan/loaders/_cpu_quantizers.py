@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from memplan._bnb import import_bitsandbytes
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -47,9 +49,7 @@ def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bitsandbytes() -> Any:
-    import bitsandbytes.functional
-
-    return bitsandbytes
+    return import_bitsandbytes("quantized loading")
 
 
 def _nf4_code() -> torch.Tensor:

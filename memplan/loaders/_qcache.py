@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memplan._bnb import import_bitsandbytes
 from memplan._fileio import content_identity, content_key
 from memplan._threads import stop_pool
 from memplan.errors import CheckpointError, TierError
@@ -67,8 +68,7 @@ def open_quant_cache(
     impossible; it reads ahead within ``window``, the checkpoint reader's."""
     if not enabled or not _enabled() or strategy.prequantized:
         return None
-    import bitsandbytes
-
+    bitsandbytes = import_bitsandbytes("quantized loading")
     files = checkpoint.files
     try:
         keys = [content_key(f) for f in files]

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any
 
-from memplan.errors import MemplanError
+from memplan._bnb import import_bitsandbytes
 from memplan.loaders._cpu_quantizers import int8_rowwise, nf4_parameter
 from memplan.loaders._prequantized import check_states
 from memplan.planner.checkpoint import TensorInfo
@@ -39,11 +39,7 @@ INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold; transformers' default too
 
 
 def _bnb() -> Any:
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise MemplanError("quantized loading needs bitsandbytes: pip install 'memplan[quant]'") from exc
-    return bitsandbytes
+    return import_bitsandbytes("quantized loading")
 
 
 def _is_conv1d(module: nn.Module) -> bool:

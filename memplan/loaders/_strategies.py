@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memplan.gpu.device import Device
+from memplan.loaders._bnb_cpu import prepare_4bit_layers_for_cpu
 from memplan.loaders._conversion import KeyMap, key_map, prefix_map
 from memplan.loaders._heads import initialize_new
 from memplan.loaders._hooks import Hooks
@@ -281,7 +282,11 @@ def carry_out(
             cache.finish()
         finally:
             cache.close()
-    notes = (summary(model, strategy.method),) if isinstance(strategy, Quantized) else ()
+    notes: tuple[str, ...] = ()
+    if isinstance(strategy, Quantized):
+        handles, kept = prepare_4bit_layers_for_cpu(model)
+        hooks.handles.extend(handles)
+        notes = (summary(model, strategy.method), *kept)
     return Loaded(model, unused, fresh, notes)
 
 

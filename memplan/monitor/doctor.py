@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from memplan._bnb import import_bitsandbytes
 from memplan.units import format_size
 
 __all__ = ["Environment", "Finding", "diagnose", "model_findings"]
@@ -64,9 +65,21 @@ def _swap() -> tuple[int, int]:
 
 
 def _bitsandbytes() -> str:
-    import bitsandbytes
+    return str(import_bitsandbytes("quantized loading").__version__)
 
-    return str(bitsandbytes.__version__)
+
+def _bnb_kernels() -> str:
+    """What the missing ``kernels`` package costs, where it costs anything: bitsandbytes looks for
+    the kernels-community 4-bit CPU gemm only on CPUs with AVX512-BF16 (and logs its absence)."""
+    import importlib.util
+
+    functional: Any = import_bitsandbytes("quantized loading").functional
+    if not functional.has_avx512bf16() or importlib.util.find_spec("kernels") is not None:
+        return ""
+    return (
+        "this CPU has AVX512-BF16 and the `kernels` package is not installed: 4-bit layers run "
+        "bitsandbytes' own native CPU kernel, not the kernels-community one (`pip install kernels`)"
+    )
 
 
 def _memlock() -> int:
@@ -90,6 +103,7 @@ class Environment:
     physical_ram: Callable[[], int] = _physical_ram
     swap: Callable[[], tuple[int, int]] = _swap
     bitsandbytes: Callable[[], str] = _bitsandbytes
+    bnb_kernels: Callable[[], str] = _bnb_kernels
     memlock: Callable[[], int] = _memlock
     spill_dir: Path = field(default_factory=_spill_dir)
 
@@ -189,7 +203,9 @@ def _bnb(env: Environment) -> Finding:
         return Finding(
             "bitsandbytes", "warn", f"not usable: {type(exc).__name__}: {exc}", "pip install 'memplan[quant]'"
         )
-    return Finding("bitsandbytes", "ok", f"bitsandbytes {version}: int8 and nf4 available")
+    note = env.bnb_kernels()
+    detail = f"bitsandbytes {version}: int8 and nf4 available" + (f"; note: {note}" if note else "")
+    return Finding("bitsandbytes", "ok", detail)
 
 
 def _pinned(env: Environment) -> Finding:

@@ -90,7 +90,9 @@ def blockwise_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
-def test_quantized_load_matches_transformers_bitsandbytes(blockwise_llama: Path, method: str) -> None:
+def test_quantized_load_matches_transformers_bitsandbytes(
+    blockwise_llama: Path, method: str, bnb_cpu_path: str
+) -> None:
     tiny_llama = blockwise_llama
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig

@@ -35,7 +35,9 @@ def quantized(path: Path, method: str, **load: object) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
-def test_a_repeat_quantized_load_reads_the_stored_states(tiny_llama: Path, spill: Path, method: str) -> None:
+def test_a_repeat_quantized_load_reads_the_stored_states(
+    tiny_llama: Path, spill: Path, method: str, bnb_cpu_path: str
+) -> None:
     first = quantized(tiny_llama, method)
     want = logits(first)
     (folder,) = spill.iterdir()

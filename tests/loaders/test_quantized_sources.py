@@ -12,6 +12,7 @@ import torch
 import memplan
 from memplan import Policy, Workload
 from memplan.errors import UnsupportedQuantization
+from tests.conftest import generic_where_bnb_cannot_repack
 
 IDS = torch.tensor([[1, 17, 33, 4, 250, 9, 77]])
 SPEC = "cuda:0=1GiB,cpu=8GiB"
@@ -25,7 +26,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 def transformers_logits(path: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    return logits(AutoModelForCausalLM.from_pretrained(path).eval())
+    return logits(generic_where_bnb_cannot_repack(AutoModelForCausalLM.from_pretrained(path).eval()))
 
 
 def bnb_config(kind: str) -> object:
@@ -69,7 +70,9 @@ def test_a_prequantized_checkpoint_is_planned_at_its_stored_size(saved_quantized
     assert "pre-quantized" in chosen.explain() and "never re-quantized" in chosen.explain()
 
 
-def test_a_prequantized_checkpoint_loads_like_transformers(saved_quantized: tuple[str, Path]) -> None:
+def test_a_prequantized_checkpoint_loads_like_transformers(
+    saved_quantized: tuple[str, Path], bnb_cpu_path: str
+) -> None:
     _, folder = saved_quantized
     model = memplan.load(folder, progress=False)
     assert model.memplan_report.strategy.prequantized  # type: ignore[union-attr]
@@ -93,7 +96,7 @@ def test_another_quantization_method_is_planned_and_refused_by_name(tiny_llama: 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_a_quantized_memplan_model_saves_a_checkpoint_transformers_reloads(
-    tiny_llama: Path, tmp_path: Path, method: str
+    tiny_llama: Path, tmp_path: Path, method: str, bnb_cpu_path: str
 ) -> None:
     chosen = memplan.plan(
         memplan.inspect(tiny_llama), memplan.probe(SPEC), Workload(context=64),
@@ -109,7 +112,7 @@ def test_a_quantized_memplan_model_saves_a_checkpoint_transformers_reloads(
 
 
 def test_a_prequantized_nf4_checkpoint_computes_in_its_stored_compute_dtype(
-    tiny_llama: Path, tmp_path: Path
+    tiny_llama: Path, tmp_path: Path, bnb_cpu_path: str
 ) -> None:
     """An fp32 model saved as nf4 with bnb_4bit_compute_dtype=bfloat16 computes in bfloat16."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -1,0 +1,103 @@
+"""4-bit layers on a CPU with AVX512-BF16, where bitsandbytes repacks each weight on its first
+forward (``Linear4bit.forward`` -> ``_convert_weight_packed_for_cpu``) for a native kernel.
+
+Two things go wrong there with bitsandbytes 0.50 alone, and memplan's layers avoid both:
+
+- A layer whose ``(out, in)`` the packed layout cannot take (inputs that are no whole number of
+  quantization blocks, outputs no whole number of 32-row blocks) fails its first forward
+  (transformers+bitsandbytes fails the same way). memplan keeps it on the generic CPU path.
+- ``Linear4bit._save_to_state_dict`` undoes the repacking in place, and its inverse loses what
+  the repacking changed: a plain layer's scales are saved in the packed (transposed, bfloat16)
+  order, a double-quant layer's are quantized again from bfloat16 values. Saving changed the
+  live model's next outputs and wrote other weights than were loaded. memplan's layers keep the
+  quantization state they had before the repacking (its tensors, not copies: a few percent of the
+  layer) and save from it, leaving the live layer packed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from memplan.loaders._quantize import _bnb
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+
+__all__ = ["prepare_4bit_layers_for_cpu"]
+
+_REPACK_ROWS = 32  # output rows per block of the packed layout (bitsandbytes' block_n)
+_UNPACKED = "_memplan_unpacked_state"  # the layer's quantization state before the repacking
+
+
+def prepare_4bit_layers_for_cpu(model: nn.Module) -> tuple[list[RemovableHandle], tuple[str, ...]]:
+    """Make every 4-bit layer of ``model`` safe on either CPU path: the hooks that keep each
+    layer's state as it was before repacking, and a note naming the layers kept on the generic
+    path and why (none where the CPU lacks the feature)."""
+    bnb = _bnb()
+    handles, kept = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            why = _cannot_repack(module)
+            if why is not None:
+                module.support_avx512bf16_for_cpu = False
+                kept.append(f"{name} ({why})")
+        handles.append(module.register_forward_pre_hook(_keep_unpacked_state))
+        module._save_to_state_dict = functools.partial(_save_unpacked, module)
+    return handles, _note(kept)
+
+
+def _note(kept: list[str]) -> tuple[str, ...]:
+    if not kept:
+        return ()
+    shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+    return (
+        f"{len(kept)} 4-bit layers kept on bitsandbytes' generic CPU path, which its AVX512-BF16 "
+        f"repacking cannot take: {shown}",
+    )
+
+
+def _cannot_repack(module: nn.Module) -> str | None:
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
+        return None
+    outputs, inputs = (int(n) for n in state.shape)
+    if inputs % state.blocksize:
+        return f"{inputs} inputs, not a multiple of the blocksize {state.blocksize}"
+    if outputs % _REPACK_ROWS:
+        return f"{outputs} outputs, not a multiple of {_REPACK_ROWS}"
+    return None
+
+
+def _keep_unpacked_state(module: nn.Module, args: Any) -> None:
+    """Before a forward that may repack: a shallow copy of the state, which keeps the tensors
+    the repacking replaces (it sets new ones on the state; it changes none in place)."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and not getattr(state, "packing_format_for_cpu", False):
+        setattr(module, _UNPACKED, copy.copy(state))
+
+
+def _save_unpacked(
+    module: nn.Module, destination: OrderedDict[str, Any], prefix: str, keep_vars: bool
+) -> None:
+    """``Linear4bit._save_to_state_dict`` as it would be had the layer never been repacked."""
+    import torch
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    state = getattr(module.weight, "quant_state", None)
+    unpacked = getattr(module, _UNPACKED, None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False) or unpacked is None:
+        type(module)._save_to_state_dict(module, destination, prefix, keep_vars)
+        return
+    torch.nn.Module._save_to_state_dict(module, destination, prefix, keep_vars)
+    # The weight's reshuffle is exact; the scales the inverse gives are not, and are not used.
+    packed: Any = module.weight
+    data, _ = _convert_weight_packed_for_cpu_inverse(packed.data, copy.copy(state))
+    destination[prefix + "weight"] = data
+    for name, value in unpacked.as_dict(packed=True).items():
+        destination[prefix + "weight." + name] = value if keep_vars else value.detach()
