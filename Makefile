@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build keeps CI small; on a GPU machine pass your own, e.g. `make test TORCH=torch`.
 TORCH  ?= torch==2.13.0+cpu
+# Where the pinned wheel is not to be had, the CPU build from PyTorch's own CPU wheel index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= dev
 BIN    := $(VENV)/bin
 
@@ -12,7 +14,10 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" || { \
+	  echo "make: $(TORCH) is not available here; installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
+	  $(BIN)/python -m pip install --quiet torch --index-url "$(TORCH_CPU_INDEX)"; }
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: $(BIN)/.installed

@@ -27,6 +27,9 @@ LLAMA_QUICK = dict(
 )  # fmt: skip
 
 
+_WRITTEN_HERE = ".written-by-memplan-benchmarks"  # marks a folder make_checkpoint may overwrite
+
+
 def make_llama(path: Path, shape: dict[str, int], *, shard_bytes: int = 512 << 20) -> Path:
     """Random bf16 weights for a Llama ``shape``: :func:`make_checkpoint`."""
     from transformers import LlamaConfig
@@ -39,7 +42,9 @@ def make_checkpoint(path: Path, model_class: str, config: Any, *, shard_bytes: i
     safetensors with an index, tied weights once (as save_pretrained saves them).
 
     Tensors are drawn shard by shard, so writing a 1B model never holds it whole in memory.
-    Reused if ``path`` already holds a checkpoint of this config.
+    Used as it is if ``path`` already holds a checkpoint of this config; written only into a new
+    or empty folder, or one this function wrote before: any other folder is refused, never
+    overwritten (``--model-dir`` pointed at a user's own model replaced it).
     """
     import torch
     import transformers
@@ -48,7 +53,15 @@ def make_checkpoint(path: Path, model_class: str, config: Any, *, shard_bytes: i
     config.dtype = "bfloat16"
     if (path / "model.safetensors.index.json").exists() and _same_config(path, config):
         return path
+    if path.exists() and any(path.iterdir()) and not (path / _WRITTEN_HERE).exists():
+        raise SystemExit(
+            f"{path} holds files this benchmark did not write and no checkpoint of its config: "
+            "point --model-dir at a new folder (it is never overwritten)"
+        )
     path.mkdir(parents=True, exist_ok=True)
+    (path / _WRITTEN_HERE).touch()
+    for stale in path.glob("*.safetensors"):  # an earlier config's shards, written here
+        stale.unlink()
     with torch.device("meta"):
         model = getattr(transformers, model_class)(config)
     tied = set(model.all_tied_weights_keys)  # saved under the name they are tied to

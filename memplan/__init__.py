@@ -15,6 +15,7 @@ from memplan.errors import (
     InvalidSize,
     MemplanError,
     MissingDependency,
+    ModelNotFound,
     PinViolation,
     PlanFormatError,
     PlanMismatch,
@@ -22,9 +23,10 @@ from memplan.errors import (
     SimulationSpecError,
     TierError,
     TierFull,
+    UnsupportedQuantization,
 )
 from memplan.gpu import Allocator, Device, DeviceMemory, Inventory, probe
-from memplan.loaders import Fallback, LoadReport, load
+from memplan.loaders import Fallback, LoadReport, load, remove_hooks
 from memplan.planner import (
     Checkpoint,
     Corrections,
@@ -67,6 +69,7 @@ __all__ = [
     "LoadReport",
     "MemplanError",
     "MissingDependency",
+    "ModelNotFound",
     "Overheads",
     "PinViolation",
     "Plan",
@@ -82,6 +85,7 @@ __all__ = [
     "Streamed",
     "TierError",
     "TierFull",
+    "UnsupportedQuantization",
     "Workload",
     "__version__",
     "estimate",
@@ -92,4 +96,5 @@ __all__ = [
     "parse_size",
     "plan",
     "probe",
+    "remove_hooks",
 ]

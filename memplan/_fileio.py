@@ -4,6 +4,7 @@ file is (to tell a file that changed from one that did not)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -16,7 +17,14 @@ from pathlib import Path
 
 from memplan.errors import CheckpointError
 
-__all__ = ["FileIdentity", "content_identity", "content_key", "read_exactly", "write_new_file"]
+__all__ = [
+    "FileIdentity",
+    "content_identity",
+    "content_key",
+    "private_dirs",
+    "read_exactly",
+    "write_new_file",
+]
 
 _ALIGN = 4096  # O_DIRECT wants buffer, offset and length on the device's logical block size
 _STAGE = 8 << 20
@@ -77,6 +85,21 @@ def content_key(file: Path) -> str:
 def content_identity(keys: Iterable[str]) -> str:
     """One key for the bytes of several files, from their :func:`content_key`s in order."""
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def private_dirs(path: Path) -> None:
+    """Create ``path`` and every missing folder above it readable by the owner alone (0700);
+    ``mkdir(mode=0o700, parents=True)`` gives the parents it creates the default mode."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            folder.mkdir(mode=0o700)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
 
 
 def read_exactly(fd: int, view: memoryview, offset: int, *, file: Path, tensor: str | None = None) -> None:

@@ -88,6 +88,14 @@ class CheckpointError(MemplanError):
         super().__init__(f"{where}: {reason}")
 
 
+class ModelNotFound(CheckpointError):
+    """A repo id that is neither in the local cache nor downloadable now."""
+
+    def __init__(self, repo_id: str, reason: str) -> None:
+        self.repo_id = repo_id
+        super().__init__(repo_id, reason)
+
+
 class DoesNotFit(MemplanError):
     """No strategy fits: ``needed`` bytes on ``device`` where ``available`` are free."""
 

@@ -33,3 +33,22 @@ def test_benchmark_quick_run(script: str) -> None:
     if script == "gpu_check.py" and "no CUDA device here" in result.stdout:
         return  # it checks real GPUs only; here it must say so and pass
     assert "x" in result.stdout or "%" in result.stdout  # each prints ratios against its peer
+
+
+def test_a_model_dir_the_benchmark_did_not_write_is_never_overwritten(tmp_path: Path) -> None:
+    """``--model-dir`` pointed at a user's own model (another config) is refused, untouched."""
+    from transformers import LlamaConfig
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from _common import LLAMA_QUICK, make_checkpoint, make_llama
+
+    theirs = tmp_path / "their-model"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "llama", "hidden_size": 4096}')
+    (theirs / "model.safetensors").write_bytes(b"their weights")
+    with pytest.raises(SystemExit, match="did not write"):
+        make_llama(theirs, LLAMA_QUICK)
+    assert (theirs / "model.safetensors").read_bytes() == b"their weights"
+    ours = make_llama(tmp_path / "ours", LLAMA_QUICK)  # a folder it wrote: written again for a new config
+    other = dict(LLAMA_QUICK, num_hidden_layers=LLAMA_QUICK["num_hidden_layers"] + 1)
+    assert make_checkpoint(ours, "LlamaForCausalLM", LlamaConfig(**other)) == ours

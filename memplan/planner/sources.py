@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from memplan.errors import CheckpointError, MissingDependency
+from memplan.errors import CheckpointError, MissingDependency, ModelNotFound
 
 __all__ = ["ModelNotFound", "hub_cache_dir", "looks_like_repo_id", "resolve"]
 
@@ -21,14 +21,6 @@ __all__ = ["ModelNotFound", "hub_cache_dir", "looks_like_repo_id", "resolve"]
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _CONFIGS = ["*.json"]
 _FORMATS = (["*.safetensors"], ["*.bin"])
-
-
-class ModelNotFound(CheckpointError):
-    """A repo id that is neither in the local cache nor downloadable now."""
-
-    def __init__(self, repo_id: str, reason: str) -> None:
-        self.repo_id = repo_id
-        super().__init__(repo_id, reason)
 
 
 def looks_like_repo_id(text: str) -> bool:

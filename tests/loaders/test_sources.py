@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import memplan
+from memplan import ModelNotFound
 from memplan.cli import main
-from memplan.planner.sources import ModelNotFound
 from memplan.testing.hf_cache import cache_repo
 
 IDS = torch.tensor([[1, 17, 33, 4, 250, 9, 77]])

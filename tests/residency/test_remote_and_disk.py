@@ -130,6 +130,23 @@ def test_spill_directory_and_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(file.stat().st_mode) == 0o600
 
 
+def test_every_folder_memplan_creates_for_its_spills_is_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quantized-weights cache opens spill/quantized/<key>: spill/ and quantized/ were left
+    at the default mode (755), which doctor then warned about."""
+    from memplan.monitor.doctor import Environment, diagnose
+
+    monkeypatch.setenv("MEMPLAN_SPILL_DIR", str(tmp_path / "cache" / "spill"))
+    get_tier("disk", tmp_path / "cache" / "spill" / "quantized" / "abc")
+    for folder in ("cache", "cache/spill", "cache/spill/quantized", "cache/spill/quantized/abc"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+    (spill,) = [
+        f for f in diagnose(Environment(spill_dir=tmp_path / "cache" / "spill")) if f.check == "spill dir"
+    ]
+    assert spill.status == "ok", spill
+
+
 def test_start_up_adopts_whole_files_and_removes_partial_ones(tmp_path: Path) -> None:
     tier = get_tier("disk", tmp_path)
     tier.put("good", torch.arange(100))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from memplan._fileio import read_exactly, write_new_file
+from memplan._fileio import private_dirs, read_exactly, write_new_file
 from memplan._threads import stop_pool
 from memplan.errors import CheckpointError, TierError
 from memplan.gpu.device import Device
@@ -128,7 +128,7 @@ class DiskTier(Tier):
 
     def _prepare_directory(self) -> None:
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dirs(self.path)
             if self.path.stat().st_mode & 0o077:
                 self.path.chmod(0o700)
         except OSError as exc:
