@@ -51,6 +51,7 @@ def make_checkpoint(path: Path, model_class: str, config: Any, *, shard_bytes: i
     from safetensors.torch import save_file
 
     config.dtype = "bfloat16"
+    config.architectures = [model_class]  # as save_pretrained writes it: the class loads with its head
     if (path / "model.safetensors.index.json").exists() and _same_config(path, config):
         return path
     if path.exists() and any(path.iterdir()) and not (path / _WRITTEN_HERE).exists():

@@ -119,8 +119,18 @@ def _one_device(
     return lambda _: strategy.device
 
 
-def _model_device_map(strategy: Sharded, rename: Rename) -> tuple[tuple[str, Device], ...]:
-    return tuple((rename(module), device) for module, device in strategy.device_map)
+def _model_device_map(model: nn.Module, strategy: Sharded, rename: Rename) -> tuple[tuple[str, Device], ...]:
+    """The plan's device map by the model's module names, less modules the model lacks: a
+    checkpoint's head that a base model does not take (its tensors are unused, and warned about)."""
+    found = []
+    for module, device in strategy.device_map:
+        name = rename(module)
+        try:
+            _submodule(model, name)
+        except AttributeError:
+            continue
+        found.append((name, device))
+    return tuple(found)
 
 
 def _sharded(
@@ -128,7 +138,7 @@ def _sharded(
     rename: Rename,
 ) -> DeviceFor:  # fmt: skip
     placement = materializer.placement
-    device_map = _model_device_map(strategy, rename)
+    device_map = _model_device_map(model, strategy, rename)
     run_on = _prefix_lookup(device_map, strategy.execution_device)
     offloaded = _outermost([m for m, d in device_map if strategy.offloaded and not d.is_accelerator])
     streamed, resident = _split(everything, offloaded)
@@ -270,7 +280,9 @@ def carry_out(
         device_for = _place(model, strategy, materializer, bound.bindings, hooks, rename)
         fresh = initialize_new(model, bound.missing, materializer, device_for)
         if isinstance(strategy, Sharded | Streamed):
-            model.hf_device_map = _hf_device_map(strategy, checkpoint, bound.bindings + bound.missing, rename)  # type: ignore[assignment]
+            model.hf_device_map = _hf_device_map(
+                model, strategy, checkpoint, bound.bindings + bound.missing, rename
+            )  # type: ignore[assignment]
     except BaseException:
         if model is not None:
             _strip(model)
@@ -306,14 +318,15 @@ def _place(
 
 
 def _hf_device_map(
-    strategy: Sharded | Streamed, checkpoint: Checkpoint, everything: list[Binding], rename: Rename
-) -> dict[str, int | str]:
+    model: nn.Module, strategy: Sharded | Streamed, checkpoint: Checkpoint, everything: list[Binding],
+    rename: Rename,
+) -> dict[str, int | str]:  # fmt: skip
     """Where each module's weights rest, in accelerate's format (``model.hf_device_map``): a CUDA
     index, ``"cpu"``, ``"mps"``, or ``"disk"``; modules streamed or offloaded rest where they are kept."""
     if isinstance(strategy, Sharded):
         found = {
             module: "cpu" if strategy.offloaded and not device.is_accelerator else _accelerate(device)
-            for module, device in _model_device_map(strategy, rename)
+            for module, device in _model_device_map(model, strategy, rename)
         }
         rest = _accelerate(strategy.execution_device)
     else:

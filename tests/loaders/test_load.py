@@ -414,3 +414,22 @@ def test_cli_load_runs_a_forward_and_prints_the_report(
     assert out["forward"]["shape"] == [1, 5, 512]
     assert main(["load", str(tiny_llama), "--simulate", "cpu=8GiB"]) == 0
     assert "full on cpu" in capsys.readouterr().out
+
+
+def test_an_offloaded_base_model_skips_the_head_its_checkpoint_has(tiny_llama: Path, tmp_path: Path) -> None:
+    """config.json names no architecture: memplan builds the base model, which has no lm_head;
+    the plan's device map names it (the checkpoint has it). Was an AttributeError."""
+    from transformers import AutoModel
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "base")
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    chosen = plan_only(folder, "offloaded", f"cuda:0={memplan.inspect(folder).nbytes // 2},cpu=8GiB")
+    assert any(module == "lm_head" for module, _ in chosen.strategy.device_map)  # type: ignore[union-attr]
+    with pytest.warns(UserWarning, match="lm_head"):
+        model = memplan.load(folder, plan=chosen, progress=False)
+    with torch.no_grad():
+        ours = model(IDS).last_hidden_state
+        theirs = AutoModel.from_pretrained(folder).eval()(IDS).last_hidden_state
+    assert torch.equal(ours, theirs)
