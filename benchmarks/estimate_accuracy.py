@@ -190,7 +190,7 @@ def worker(path: Path, strategy: str, context: int, kind: str) -> dict[str, Any]
     base = current_rss()
     chosen = _plan(path, strategy, context)
     model_bytes = sum(d.peak - d.overhead for d in chosen.estimate.devices)
-    model = memplan.load(path, plan=chosen, progress=False)
+    model = memplan.load(path, plan=chosen, progress=False, quant_cache=False)  # quantizes, every run
     with torch.no_grad():
         model(**inputs(kind, model.config, context, model.dtype))
     return {

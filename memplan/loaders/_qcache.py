@@ -32,8 +32,7 @@ from memplan._fileio import content_identity, content_key
 from memplan._threads import stop_pool
 from memplan.errors import CheckpointError, TierError
 from memplan.loaders._readahead import ReadAhead, Window
-from memplan.planner.estimate import READ_AHEAD_BYTES
-from memplan.planner.strategies import Quantized
+from memplan.planner.strategies import READ_AHEAD_BYTES, Quantized
 
 if TYPE_CHECKING:
     import torch

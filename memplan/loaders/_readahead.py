@@ -3,7 +3,7 @@
 Both the checkpoint reader and the quantized-weights cache know, before a load starts, what it
 will ask for and in which order: reading those ahead, several at a time, keeps a cold disk busy
 while the consumer converts, quantizes or places what it already has. The window bounds the host
-memory this holds; the planner counts it (:data:`~memplan.planner.estimate.READ_AHEAD_BYTES`).
+memory this holds; the planner sizes it for each plan (``strategy.read_ahead``) and counts it.
 """
 
 from __future__ import annotations

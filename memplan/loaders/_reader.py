@@ -22,7 +22,7 @@ from memplan.errors import CheckpointError
 from memplan.loaders._readahead import ReadAhead, Window
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
-from memplan.planner.estimate import READ_AHEAD_BYTES
+from memplan.planner.strategies import READ_AHEAD_BYTES
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ class TensorReader:
     tensors the reader owns, up to ``window`` bytes ahead of the consumer: while the consumer
     casts, converts, quantizes or copies one tensor, the next ones are already coming off the
     disk, several requests in flight. The window bounds the host memory this takes; the planner
-    counts it (:data:`~memplan.planner.estimate.READ_AHEAD_BYTES`).
+    sizes it for each plan (``strategy.read_ahead``) and counts it.
     """
 
     def __init__(

@@ -151,7 +151,7 @@ def _attempt(
         with (
             _progress_bar(checkpoint, progress) as bar,
             RssSampler() as rss,
-            TensorReader(checkpoint, on_bytes=bar.update) as reader,
+            TensorReader(checkpoint, on_bytes=bar.update, window=strategy.read_ahead) as reader,
         ):
             loaded = carry_out(strategy, reader, placement, model_cls, hooks, options)
         peaks = _peaks(allocator, before, rss.peak)

@@ -450,6 +450,8 @@ def _stack_layers(
 
 def _stack(prefix: str, start: int, count: int, config: Mapping[str, Any], source: str) -> Stack:
     role = _role(prefix)
+    if role == "decoder" and "vocab_size" not in config and _fixed_tokens(config, source) is not None:
+        role = "vision"  # a path that says nothing, in an image model (ViT's ``layers``): no tokens to decode
     section = _section(config, role)
     return Stack(
         prefix, role, start, count, Architecture.from_config(section, source),

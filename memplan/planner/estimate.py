@@ -1,8 +1,10 @@
 """``estimate(checkpoint, workload, strategy) -> Estimate``: bytes per device, by what holds them.
 
 Weights (by dtype or quantized format), KV cache, the transient peak of one layer's forward,
-runtime overhead, and a learned correction from peaks measured on earlier loads. Pure: shapes in,
-numbers out.
+buffers a loaded model keeps (a streaming arena, bitsandbytes' runtime, the load's own threads
+and modules), the staging a load holds only while it reads, runtime overhead, and a learned
+correction from peaks measured on earlier loads. A load's staging is gone before the first
+forward: a device's peak is the larger of the two, never their sum. Pure: shapes in, numbers out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Strea
 
 __all__ = [
     "DEFAULT_CONTEXT",
-    "READ_AHEAD_BYTES",
     "DeviceEstimate",
     "Estimate",
     "Overheads",
@@ -136,9 +137,13 @@ class Overheads:
     ``cuda_context``: the CUDA context, cuBLAS workspace and kernels, per device touched.
     ``host_runtime``: the resident size of Python + torch + this library before any weight.
     ``allocator_slack``: fraction the caching allocator holds beyond live tensors.
-    ``bnb_runtime``: host memory bitsandbytes takes on its first quantisation (its native
-    library and workspaces); measured at 44-70 MiB on 0.1B and 1.1B Llamas
+    ``bnb_runtime``: host memory bitsandbytes takes for its int8 forward, or for its GPU
+    kernels (native library, workspaces); measured at 44-70 MiB for int8 on 0.1B and 1.1B
+    Llamas. A 4-bit model on the CPU takes none beyond the import
     (``benchmarks/estimate_accuracy.py``).
+    ``load_runtime``: host memory a load and its first forward take beyond the model's tensors
+    whatever the model's size (the model class's module imported, reader and prefetch threads,
+    the kernels' first workspaces): 54-69 MiB above the imports for models of 4 to 16 MiB.
     """
 
     cuda_context: int = 600 * MiB
@@ -146,6 +151,7 @@ class Overheads:
     host_runtime: int = 400 * MiB
     allocator_slack: float = 0.05
     bnb_runtime: int = 64 * MiB
+    load_runtime: int = 64 * MiB
 
     def fixed(self, device: Device) -> int:
         return {"cuda": self.cuda_context, "mps": self.mps_runtime, "cpu": self.host_runtime}.get(
@@ -159,20 +165,20 @@ class DeviceEstimate:
     weights: int = 0
     kv_cache: int = 0
     activations: int = 0
-    buffers: int = 0
+    buffers: int = 0  # held while the model lives (arena, runtimes)
     overhead: int = 0
     correction: int = 0
+    staging: int = 0  # held only while the load reads: gone before the first forward
 
     @property
     def peak(self) -> int:
-        return (
-            self.weights + self.kv_cache + self.activations + self.buffers + self.overhead + self.correction
-        )
+        running = max(self.kv_cache + self.activations, self.staging)
+        return self.weights + self.buffers + running + self.overhead + self.correction
 
     @property
     def at_load(self) -> int:
         """The uncorrected part a load alone reaches: no KV cache or activations until a forward runs."""
-        return self.weights + self.buffers + self.overhead
+        return self.weights + self.buffers + self.staging + self.overhead
 
 
 @dataclass(frozen=True)
@@ -428,46 +434,57 @@ def activation_bytes(checkpoint: Checkpoint, workload: Workload, dtype: str) -> 
 # --- per strategy ---------------------------------------------------------------------------
 
 
-# How far a load reads ahead of the tensor it is placing (loaders' TensorReader.read_ahead).
-READ_AHEAD_BYTES = 256 << 20
+def window_staging(window: int, read: int, kept: int) -> int:
+    """Bytes a device holds in flight beyond its weights while a load reads ``read`` bytes
+    through a read-ahead window of ``window``, ``kept`` of them staying there as read.
+
+    The reader holds up to a window of tensors not yet placed; what it placed is weights. Placing
+    keeps ``q = kept / read`` of each byte read, so after ``c`` bytes the device holds
+    ``q c + min(window, read - c)``: a peak of the final weights plus ``window (1 - q)``, at the
+    moment the window is last full (nothing above the weights where every byte stays: read in
+    place)."""
+    if read <= 0:
+        return 0
+    return int(min(window, read) * max(0.0, 1.0 - kept / read))
 
 
-def _staging(checkpoint: Checkpoint) -> int:
-    """Host bytes a load holds in flight: the tensor being placed and its read-ahead window (one
-    tensor larger than the window is read alone), never more than the whole model."""
-    largest = max((t.nbytes for t in _tensor_kinds(checkpoint).examples), default=0)
-    return min(largest + max(largest, READ_AHEAD_BYTES), max(largest, checkpoint.nbytes))
+def _largest_read(checkpoint: Checkpoint) -> int:
+    return max((t.nbytes for t in _tensor_kinds(checkpoint).examples), default=0)
 
 
 def _one_device(
     checkpoint: Checkpoint, workload: Workload, strategy: Full | Quantized, ledger: _Ledger
 ) -> None:
     device = strategy.device
+    weights = sum(module_weight_bytes(checkpoint, WeightFormat.of(strategy)).values())
     kv = kv_cache_bytes(checkpoint, workload, strategy.dtype)
     act = activation_bytes(checkpoint, workload, strategy.dtype)
-    ledger.add(
-        device, weights=sum(module_weight_bytes(checkpoint, WeightFormat.of(strategy)).values()), kv_cache=kv
-    )
-    ledger.add(device, activations=act)
+    ledger.add(device, weights=weights, kv_cache=kv, activations=act)
+    window, read = strategy.read_ahead, checkpoint.nbytes
+    if device.is_accelerator:  # every byte passes through the host on its way
+        ledger.add(Device("cpu"), staging=window_staging(window, read, 0))
+        kept = 0
+    else:
+        kept = weights
+        ledger.add(device, staging=window_staging(window, read, weights))
     if isinstance(strategy, Quantized) and not strategy.prequantized:
-        ledger.add(device, buffers=_quantize_transient(checkpoint, strategy))
-    if not _read_in_place(checkpoint, strategy):
-        ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+        ledger.add(device, staging=_quantize_transient(checkpoint, strategy))
+    elif kept and not _read_in_place(checkpoint, strategy):  # one tensor as read beside its cast
+        ledger.add(device, staging=_largest_read(checkpoint))
 
 
 def _read_in_place(checkpoint: Checkpoint, strategy: Full | Quantized) -> bool:
-    """Whether the buffers a load reads into are the weights themselves: full on the host with no
-    cast (``tensor.to`` gives the same tensor back), so reads in flight are weights not yet placed,
-    not bytes on top of them. Counting them twice put a 0.1B Llama, BART and Llava 27-36% over
-    their measured peak RSS (benchmarks/estimate_accuracy.py)."""
-    if not isinstance(strategy, Full) or strategy.device.is_accelerator:
-        return False
+    """Whether the buffers a load reads into are the weights themselves (``tensor.to`` gives the
+    same tensor back): no cast, or a pre-quantized layer taken as stored."""
+    if isinstance(strategy, Quantized):
+        return strategy.prequantized
     return all(t.dtype not in _BYTES or t.dtype == strategy.dtype for t in _tensor_kinds(checkpoint).examples)
 
 
 def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
-    """Each Linear weight lands in ``dtype`` and is quantised; nf4 also passes through float32
-    while quantising, and its forward dequantises one weight at a time back to ``dtype``."""
+    """Each Linear weight lands in ``dtype`` and is quantised. On an accelerator bitsandbytes'
+    nf4 also passes it through float32, and its forward dequantises one weight at a time back
+    to ``dtype``; memplan's CPU quantizers work through cache-sized blocks."""
     skip = strategy.skip_modules
     largest = max(
         (t for t in _tensor_kinds(checkpoint, skip).examples if is_quantizable(t, skip)),
@@ -477,7 +494,7 @@ def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
     if largest is None:
         return 0
     staging = tensor_bytes(largest, strategy.dtype)
-    if strategy.method == "nf4":
+    if strategy.method == "nf4" and strategy.device.is_accelerator:
         return 2 * staging + 4 * largest.numel
     return staging
 
@@ -487,7 +504,7 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
     kv_of = kv_bytes_by_layer(checkpoint, workload, strategy.dtype)
     act = activation_bytes(checkpoint, workload, strategy.dtype)
     offloaded = strategy.offloaded  # scans the whole map: once, not once per module
-    largest_offloaded = 0
+    largest_offloaded = on_host = 0
     for device, modules in strategy.runs:  # one ledger entry per run of modules, not per module
         nbytes = [sizes.get(module, 0) for module in modules]
         kv = sum(kv_of.get(module, 0) for module in modules)
@@ -497,12 +514,14 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
         else:  # offloaded: weights wait in host RAM, run (and keep their KV) on the execution device
             ledger.add(strategy.execution_device, kv_cache=kv)
             largest_offloaded = max(largest_offloaded, *nbytes)
+        if not device.is_accelerator:
+            on_host += sum(nbytes)
     for device in strategy.devices:
         if device.is_accelerator or not offloaded:
             ledger.add(device, activations=act)
     # offloaded modules visit the execution device one at a time, with the next one prefetched
     ledger.add(strategy.execution_device, buffers=2 * largest_offloaded)
-    ledger.add(Device("cpu"), buffers=_staging(checkpoint))
+    ledger.add(Device("cpu"), staging=window_staging(strategy.read_ahead, checkpoint.nbytes, on_host))
 
 
 def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, ledger: _Ledger) -> None:
@@ -516,10 +535,14 @@ def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, le
     kv = kv_cache_bytes(checkpoint, workload, strategy.dtype)
     act = activation_bytes(checkpoint, workload, strategy.dtype)
     ledger.add(device, weights=others + resident, buffers=arena, kv_cache=kv, activations=act)
-    if strategy.source == "host":
-        ledger.add(Device("cpu"), weights=sum(sizes[strategy.resident_layers :]))
+    host, window = Device("cpu"), strategy.read_ahead
+    if strategy.source == "host":  # streamed layers' copies are kept on the host as read
+        copies = sum(sizes[strategy.resident_layers :])
+        ledger.add(host, weights=copies)
+        kept = copies + (others + resident if not device.is_accelerator else 0)
+        ledger.add(host, staging=window_staging(window, checkpoint.nbytes, kept))
     elif device.is_accelerator:  # pinned staging buffers between the files and the device
-        ledger.add(Device("cpu"), buffers=arena)
+        ledger.add(host, buffers=arena, staging=window_staging(window, others + resident, 0))
 
 
 _LAYOUTS: dict[type, Callable[[Checkpoint, Workload, Any, _Ledger], None]] = {
@@ -542,9 +565,9 @@ def estimate(
     overheads = overheads or Overheads()
     workload = workload.for_model(checkpoint)
     ledger = _Ledger()
-    ledger.add(Device("cpu"))  # the host always pays the runtime
+    ledger.add(Device("cpu"), buffers=overheads.load_runtime)  # the host always pays the runtimes
     _LAYOUTS[type(strategy)](checkpoint, workload, strategy, ledger)
-    if isinstance(strategy, Quantized):
+    if isinstance(strategy, Quantized) and (strategy.method == "int8" or strategy.device.is_accelerator):
         ledger.add(Device("cpu"), buffers=overheads.bnb_runtime)
     devices = [_finish(device, parts, overheads) for device, parts in sorted(ledger.parts.items())]
     if corrections is not None:
@@ -588,8 +611,10 @@ def _has_attention_facts(checkpoint: Checkpoint) -> bool:
 
 def _finish(device: Device, parts: dict[str, int], overheads: Overheads) -> DeviceEstimate:
     weights, kv, act, buffers = parts["weights"], parts["kv_cache"], parts["activations"], parts["buffers"]
-    slack = int(overheads.allocator_slack * (weights + kv + act + buffers)) if device.is_accelerator else 0
-    return DeviceEstimate(device, weights, kv, act, buffers, overheads.fixed(device) + slack)
+    staging = parts["staging"]
+    held = weights + buffers + max(kv + act, staging)
+    slack = int(overheads.allocator_slack * held) if device.is_accelerator else 0
+    return DeviceEstimate(device, weights, kv, act, buffers, overheads.fixed(device) + slack, staging=staging)
 
 
 def _corrected(d: DeviceEstimate, factor: float) -> DeviceEstimate:

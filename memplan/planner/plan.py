@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,16 @@ from memplan.planner.estimate import (
     normalize_dtype,
 )
 from memplan.planner.quantization import PreQuantized
-from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed, describe
+from memplan.planner.strategies import (
+    READ_AHEAD_BYTES,
+    READ_REQUEST_BYTES,
+    Full,
+    Quantized,
+    Sharded,
+    Strategy,
+    Streamed,
+    describe,
+)
 from memplan.units import format_size
 
 __all__ = ["CANDIDATES", "PLAN_FORMAT_VERSION", "Decision", "Plan", "Policy", "plan"]
@@ -163,7 +172,9 @@ def _is_leading(module: str) -> bool:
 def _device_budget(ctx: _Context, device: Device, reserve: int) -> int:
     slack = 1 + ctx.policy.overheads.allocator_slack if device.is_accelerator else 1
     act = activation_bytes(ctx.checkpoint, ctx.workload, ctx.dtype)
-    return ctx.usable(device) - ctx.policy.overheads.fixed(device) - int((act + reserve) * slack)
+    overheads = ctx.policy.overheads
+    runtimes = overheads.fixed(device) + (0 if device.is_accelerator else overheads.load_runtime)
+    return ctx.usable(device) - runtimes - int((act + reserve) * slack)
 
 
 def _ordered_modules(ckpt: Checkpoint, sizes: dict[str, int]) -> list[str]:
@@ -312,6 +323,28 @@ def _needed_over_available(ctx: _Context) -> float:
     return needed / available if available else float("inf")
 
 
+def _window(checkpoint: Checkpoint) -> int:
+    """The read-ahead window a load of ``checkpoint`` gets when memory is not tight: an eighth of
+    the model, in whole requests, between one request and :data:`READ_AHEAD_BYTES`. A small model
+    loads as fast through a small window, and a window the size of the model would stage all of it."""
+    requests = max(1, checkpoint.nbytes // 8 // READ_REQUEST_BYTES)
+    return min(requests * READ_REQUEST_BYTES, READ_AHEAD_BYTES)
+
+
+def _judge_windows(ctx: _Context, candidate: str, strategy: Strategy) -> Decision:
+    """The strategy with its default window, or where that does not fit, the largest smaller one
+    (halving, down to one request) that does: a smaller window costs speed, not a better strategy."""
+    window = _window(ctx.checkpoint)
+    judged = _judge_peaks(ctx, candidate, replace(strategy, read_ahead=window))
+    while not judged.fits and window > READ_REQUEST_BYTES:
+        window = max(READ_REQUEST_BYTES, window // 2 // READ_REQUEST_BYTES * READ_REQUEST_BYTES)
+        smaller = _judge_peaks(ctx, candidate, replace(strategy, read_ahead=window))
+        if smaller.fits:
+            reason = f"{smaller.reason}; read-ahead window {format_size(window)} to fit"
+            return replace(smaller, reason=reason)
+    return judged
+
+
 def _decide(ctx: _Context) -> tuple[list[Decision], int | None]:
     ratio = _needed_over_available(ctx) if ctx.policy.thresholds else 0.0
     decisions: list[Decision] = []
@@ -323,7 +356,7 @@ def _decide(ctx: _Context) -> tuple[list[Decision], int | None]:
             continue
         by_ratio = candidate in dict(ctx.policy.thresholds)
         judged = (
-            _judge_ratio(ctx, candidate, built, ratio) if by_ratio else _judge_peaks(ctx, candidate, built)
+            _judge_ratio(ctx, candidate, built, ratio) if by_ratio else _judge_windows(ctx, candidate, built)
         )
         if judged.fits and chosen is None:
             chosen = len(decisions)
@@ -420,14 +453,18 @@ def _explain_lines(p: Plan) -> list[str]:
     if chosen is None or chosen.strategy is None or chosen.estimate is None:
         lines.append("chosen: nothing fits")
     else:
-        lines.append(f"chosen: {describe(chosen.strategy)}")
+        window = format_size(chosen.strategy.read_ahead)
+        lines.append(f"chosen: {describe(chosen.strategy)}; read-ahead window {window}")
         for d in chosen.estimate.devices:
             parts = [
                 ("weights", d.weights), ("KV cache", d.kv_cache), ("activations", d.activations),
                 ("buffers", d.buffers), ("overhead", d.overhead), ("learned correction", d.correction),
             ]  # fmt: skip
             shown = ", ".join(f"{label} {format_size(v)}" for label, v in parts if v)
-            lines.append(f"  {d.device!s:7} peak {format_size(d.peak)}: {shown}")
+            staged = f" (while loading: {format_size(d.staging)} read ahead, in place of the forward's)"
+            lines.append(
+                f"  {d.device!s:7} peak {format_size(d.peak)}: {shown}" + (staged if d.staging else "")
+            )
         lines.extend(f"  note: {note}" for note in chosen.estimate.notes)
     lines += ["", "strategies, in the policy's order:"]
     for i, decision in enumerate(p.decisions):

@@ -6,12 +6,32 @@ import functools
 import itertools
 import operator
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from memplan.gpu.device import Device
 
-__all__ = ["Full", "Quantized", "Sharded", "Strategy", "Streamed", "describe"]
+__all__ = [
+    "READ_AHEAD_BYTES",
+    "READ_REQUEST_BYTES",
+    "Full",
+    "Quantized",
+    "Sharded",
+    "Strategy",
+    "Streamed",
+    "describe",
+]
+
+# The most a load reads ahead of the tensor it is placing (the loaders' read-ahead window), and
+# one read request: the least a window can be. The planner sizes each plan's window between them.
+READ_AHEAD_BYTES = 256 << 20
+READ_REQUEST_BYTES = 16 << 20
+
+
+def _window() -> int:
+    # A plan's window is a setting of the load, not of what the strategy is: equal strategies
+    # with other windows compare equal.
+    return field(default=READ_AHEAD_BYTES, compare=False)
 
 
 @dataclass(frozen=True)
@@ -21,6 +41,7 @@ class Full:
     device: Device
     dtype: str
     kind: Literal["full"] = "full"
+    read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,7 @@ class Quantized:
     # the last module); a tuple replaces them, exactly as BitsAndBytesConfig takes it
     skip_modules: tuple[str, ...] | None = None
     kind: Literal["quantized"] = "quantized"
+    read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,7 @@ class Sharded:
     dtype: str
     execution_device: Device
     kind: Literal["sharded"] = "sharded"
+    read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
     @functools.cached_property  # a scan of the whole map, asked for per estimate and per description
     def runs(self) -> tuple[tuple[Device, tuple[str, ...]], ...]:
@@ -90,6 +113,7 @@ class Streamed:
     prefetch_depth: int
     dtype: str
     kind: Literal["streamed"] = "streamed"
+    read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
 
 Strategy = Union[Full, Quantized, Sharded, Streamed]  # noqa: UP007  (the codec reads this union)

@@ -433,3 +433,26 @@ def test_an_offloaded_base_model_skips_the_head_its_checkpoint_has(tiny_llama: P
         ours = model(IDS).last_hidden_state
         theirs = AutoModel.from_pretrained(folder).eval()(IDS).last_hidden_state
     assert torch.equal(ours, theirs)
+
+
+def test_a_load_reads_ahead_within_the_window_its_plan_chose(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from memplan.loaders import _reader
+
+    chosen = plan_only(tiny_llama, "int8", "cpu=8GiB", allow_quantization=True)
+    small = dataclasses.replace(chosen.strategy, read_ahead=3 << 20)  # type: ignore[type-var]
+    decisions = tuple(dataclasses.replace(d, strategy=small) if d.fits else d for d in chosen.decisions)
+    chosen = dataclasses.replace(chosen, decisions=decisions)
+    windows: list[int] = []
+    real = _reader.ReadAhead.__init__
+
+    def recorded(self: object, *args: object, window: object, **kwargs: object) -> None:
+        windows.append(getattr(window, "size", window))  # type: ignore[arg-type]
+        real(self, *args, window=window, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_reader.ReadAhead, "__init__", recorded)
+    memplan.load(tiny_llama, plan=chosen, progress=False, quant_cache=False)
+    assert windows == [3 << 20]
