@@ -54,9 +54,11 @@ class FileIdentity:
         """Whether ``now`` (this file, looked at again) may still hold the bytes it held.
 
         The mtime alone misses a same-size rewrite whose writer put the mtime back (``os.utime``,
-        or a filesystem whose mtime ticks every 1-2 s); the ctime moves on every write. It also
-        moves when the link count does (a new download renamed over the file, an unlink), which
-        leaves the bytes a holder of the file reads as they were."""
+        or a filesystem whose mtime ticks every 1-2 s); the ctime moves on every write, and
+        nobody can set it back. It also moves on a chmod, a chown or a new hard link, which are
+        taken for a change too (a typed error, never other bytes). One change is let through: the
+        file's last name gone (a new download renamed over it), which leaves the bytes a holder
+        of the file reads as they were, and no name to write them through."""
         if (self.device, self.inode, self.size, self.mtime_ns) != (
             now.device,
             now.inode,
@@ -64,22 +66,25 @@ class FileIdentity:
             now.mtime_ns,
         ):
             return False
-        return self.ctime_ns == now.ctime_ns or self.links != now.links
+        return self.ctime_ns == now.ctime_ns or now.links == 0
 
 
 def content_key(file: Path) -> str:
-    """What the bytes of ``file`` are, as far as can be told without reading them.
+    """What the bytes of ``file`` are, as far as can be told without reading them: the file's
+    (device, inode, size, mtime, ctime). A file replaced or written to gets another key (the ctime
+    cannot be set back, nor survive an inode reused); a copy of the same bytes elsewhere does
+    too: a miss, never a wrong hit.
 
-    A Hugging Face cache blob is named by the sha256 of its bytes, which the hub checked when it
-    downloaded them: that name is the key (a new revision sharing the file shares it). Any other
-    file is known by (device, inode, size, mtime, ctime): a file replaced or written to gets
-    another key (the ctime cannot be set back, nor survive an inode reused), and a copy of the
-    same bytes elsewhere does too: a miss, never a wrong hit."""
+    A Hugging Face cache blob adds the sha256 it is named by. The name alone would be the bytes'
+    identity only while nobody writes to the blob, and a write through a snapshot's link lands
+    in the blob itself: it keeps the name and gets other bytes. Two revisions that share a blob
+    link the same file, so they share its key."""
     real = Path(os.path.realpath(file))
-    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
-        return f"sha256:{real.name}"
     i = FileIdentity.of(real)
-    return f"stat:{i.device}:{i.inode}:{i.size}:{i.mtime_ns}:{i.ctime_ns}"
+    key = f"stat:{i.device}:{i.inode}:{i.size}:{i.mtime_ns}:{i.ctime_ns}"
+    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+        key = f"sha256:{real.name}:{key}"
+    return key
 
 
 def content_identity(keys: Iterable[str]) -> str:

@@ -275,7 +275,6 @@ class _Descriptors:
                 raise CheckpointError(file, _CHANGED) from exc
             if not self._identity[file].same_bytes(now):
                 raise CheckpointError(file, _CHANGED)
-            self._identity[file] = now  # a link count that moved: its ctime is the one to compare
 
     def close(self) -> None:
         with self._lock:

@@ -346,6 +346,31 @@ def test_a_shard_rewritten_in_place_with_its_mtime_put_back_says_so(
         logits(running)
 
 
+@pytest.mark.parametrize("then", ["hard link", "chmod"])
+def test_a_shard_rewritten_in_place_then_linked_or_chmodded_says_so(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path, then: str
+) -> None:
+    """A link count or mode that moves the ctime too hides nothing: only a file whose last name
+    is gone (renamed over) keeps reading as it was. A chmod of an untouched shard is taken for
+    a change too: a typed error, never other bytes."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "a")
+    running = _streamed_disk(folder)
+    assert torch.equal(logits(running), want)
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
+    _replace_shards_with_other_weights(other)
+    for shard in folder.glob("*.safetensors"):
+        before = shard.stat()
+        with shard.open("r+b") as f:
+            f.write((other / shard.name).read_bytes())
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if then == "hard link":
+            os.link(shard, shard.with_suffix(".backup"))
+        else:
+            shard.chmod(0o600)
+    with pytest.raises(memplan.CheckpointError, match="changed"):
+        logits(running)
+
+
 def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_says_so(
     tiny_llama: Path, tmp_path: Path
 ) -> None:

@@ -212,16 +212,33 @@ def test_a_shard_rewritten_with_its_mtime_put_back_is_quantized_again(tmp_path: 
     assert torch.equal(logits(quantized(path, "int8")), uncached(other, "int8"))
 
 
-def test_the_same_blobs_in_another_hugging_face_cache_share_the_quantized_weights(
+def test_two_revisions_sharing_blobs_share_the_quantized_weights(
     tiny_llama: Path, tmp_path: Path, spill: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A blob is named by the sha256 of its bytes: a second download of them is the same content."""
+    """A new revision whose weights did not change links the same blobs: the same content."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    first = quantized(cache_repo(tmp_path / "hub-a", "org/tiny", tiny_llama), "int8")
-    again = quantized(cache_repo(tmp_path / "hub-b", "org/tiny", tiny_llama), "int8")
+    first = quantized(cache_repo(tmp_path / "hub", "org/tiny", tiny_llama), "int8")
+    again = quantized(cache_repo(tmp_path / "hub", "org/tiny", tiny_llama, revision="v2"), "int8")
     assert len(list(spill.iterdir())) == 1
     assert again.memplan_report.bytes_read < first.memplan_report.bytes_read
     assert torch.equal(logits(again), logits(first))
+
+
+def test_a_blob_written_through_its_snapshot_link_is_quantized_again(
+    tiny_llama: Path, tmp_path: Path, spill: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write through the snapshot's link lands in blobs/<sha256>: its name stays, its bytes do not."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = cache_repo(tmp_path / "hub", "org/tiny", tiny_llama)
+    quantized(snapshot, "int8")
+    other = save_tiny_llama(tmp_path / "other", seed=1)
+    for shard in snapshot.glob("*.safetensors"):
+        with shard.open("r+b") as f:  # follows the link into the blob
+            f.write((other / shard.name).read_bytes())
+        assert shard.is_symlink()
+    model = quantized(snapshot, "int8")
+    assert model.memplan_report.bytes_read == memplan.inspect(snapshot).nbytes
+    assert torch.equal(logits(model), uncached(other, "int8"))
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["writing", "reading"])
