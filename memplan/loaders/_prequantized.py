@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from memplan.errors import CheckpointError
 from memplan.planner.quantization import QUANT_STATE_SUFFIXES
@@ -26,6 +26,7 @@ __all__ = ["DamagedState", "check_states", "stored_layers"]
 _INT8 = (".weight", ".SCB")
 _NESTED = (".weight.nested_absmax", ".weight.nested_quant_map")
 _WEIGHT_DTYPE = {"int8": "I8", "nf4": "U8", "fp4": "U8"}
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _required(method: str) -> tuple[str, ...]:
@@ -80,25 +81,67 @@ def _check_names(checkpoint: Checkpoint, layer: str, method: str) -> None:
         raise CheckpointError(weight.file, reason, weight.name)
 
 
-def check_states(method: str, states: Mapping[str, torch.Tensor]) -> None:
+def check_states(method: str, states: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> None:
     """Raise :class:`DamagedState` unless ``states`` (one layer's, by names relative to it) build
-    a layer of ``method``: every state present, and the nested states there exactly when the
-    packed ``quant_state`` says the layer is nested."""
+    a layer of ``method`` for a weight of ``shape`` (out, in): every state present, with the
+    dtype and element count the layout takes (the packed ``quant_state`` says the 4-bit layout:
+    its type, shape, blocksizes, and whether it is nested)."""
+    import torch
+
     for suffix in _required(method):
         if suffix[1:] not in states:
             raise DamagedState(suffix[1:], "missing")
     if method == "int8":
+        _expect(states, "weight", torch.int8, shape[0] * shape[1], shape)
+        _expect(states, "SCB", torch.float32, shape[0])
         return
-    packed = f"weight.quant_state.bitsandbytes__{method}"
-    try:
-        described = json.loads(bytes(states[packed].cpu().numpy().tobytes()).decode())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedState(packed, f"not the JSON bitsandbytes packs: {exc}") from exc
-    if not isinstance(described, dict):
-        raise DamagedState(packed, "not the JSON object bitsandbytes packs")
+    described = _packed(states, f"weight.quant_state.bitsandbytes__{method}")
+    _check_packed(described, method, shape)
+    blocks = -(-shape[0] * shape[1] // described["blocksize"])
+    _expect(states, "weight", torch.uint8, -(-shape[0] * shape[1] // 2))
+    _expect(states, "weight.quant_map", torch.float32, 16)
     nested = "nested_offset" in described
     for suffix in _NESTED:
         if nested != (suffix[1:] in states):
             said = "nested" if nested else "not nested"
             have = "missing" if nested else "present"
             raise DamagedState(suffix[1:], f"{have}, and the packed quant_state says the layer is {said}")
+    if not nested:
+        _expect(states, "weight.absmax", torch.float32, blocks)
+        return
+    _expect(states, "weight.absmax", torch.uint8, blocks)
+    _expect(states, "weight.nested_absmax", torch.float32, -(-blocks // described["nested_blocksize"]))
+    _expect(states, "weight.nested_quant_map", torch.float32, 256)
+
+
+def _packed(states: Mapping[str, torch.Tensor], name: str) -> dict[str, Any]:
+    try:
+        described = json.loads(bytes(states[name].cpu().numpy().tobytes()).decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedState(name, f"not the JSON bitsandbytes packs: {exc}") from exc
+    if not isinstance(described, dict):
+        raise DamagedState(name, "not the JSON object bitsandbytes packs")
+    return described
+
+
+def _check_packed(described: dict[str, Any], method: str, shape: tuple[int, int]) -> None:
+    name = f"weight.quant_state.bitsandbytes__{method}"
+    if described.get("quant_type") != method:
+        raise DamagedState(name, f"says quant_type {described.get('quant_type')!r}, not {method!r}")
+    if described.get("shape") != list(shape):
+        raise DamagedState(name, f"says shape {described.get('shape')!r}; the layer is {list(shape)}")
+    keys = ("blocksize", "nested_blocksize") if "nested_offset" in described else ("blocksize",)
+    for key in keys:
+        value = described.get(key)
+        if type(value) is not int or value not in _BLOCKSIZES:
+            raise DamagedState(name, f"says {key} {value!r}, not one of bitsandbytes' {list(_BLOCKSIZES)}")
+
+
+def _expect(
+    states: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, numel: int,
+    shape: tuple[int, ...] | None = None,
+) -> None:  # fmt: skip
+    found = states[name]
+    if found.dtype != dtype or found.numel() != numel or (shape is not None and tuple(found.shape) != shape):
+        wanted = f"{list(shape)} " if shape is not None else f"{numel} elements of "
+        raise DamagedState(name, f"{list(found.shape)} {found.dtype} where the layout takes {wanted}{dtype}")

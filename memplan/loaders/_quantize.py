@@ -179,7 +179,9 @@ def prequantized_weight(
     :class:`DamagedState` if they do not make one."""
     bnb = _bnb()
     int8 = isinstance(module, bnb.nn.Linear8bitLt)
-    check_states("int8" if int8 else str(getattr(module.weight, "quant_type", "")), stored)
+    method = "int8" if int8 else str(getattr(module.weight, "quant_type", ""))
+    layer: Any = module
+    check_states(method, stored, (int(layer.out_features), int(layer.in_features)))
     weight = stored["weight"]
     if isinstance(module, bnb.nn.Linear8bitLt):
         kwargs = dict(module.weight.__dict__)

@@ -193,7 +193,61 @@ def test_a_layer_whose_packed_state_says_nested_needs_its_nested_states(
     (weights,) = folder.glob("*.safetensors")
     layer = "model.layers.1.mlp.down_proj."
     states = {k.removeprefix(layer): v for k, v in load_file(weights).items() if k.startswith(layer)}
-    check_states("nf4", states)
+    shape = (64, 160)  # down_proj: 160 inputs, 64 outputs
+    check_states("nf4", states, shape)
     del states["weight.nested_absmax"], states["weight.nested_quant_map"]
     with pytest.raises(DamagedState, match="says the layer is nested"):
-        check_states("nf4", states)
+        check_states("nf4", states, shape)
+
+
+def _packed_json(tensor: torch.Tensor) -> dict[str, object]:
+    return json.loads(bytes(tensor.numpy().tobytes()).decode())  # type: ignore[no-any-return]
+
+
+def _pack_json(described: dict[str, object]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(described).encode()), dtype=torch.uint8)
+
+
+def _edited(described: dict[str, object], **changes: object) -> torch.Tensor:
+    return _pack_json({**described, **changes})
+
+
+# (checkpoint, the state altered in layers.0.mlp.down_proj, how): damage that keeps every name
+# and loaded before, with other logits or an untyped error at the first forward.
+LAYOUT_DAMAGES = {
+    "json-quant-type": ("nf4-dq", "weight.quant_state.bitsandbytes__nf4", lambda t: _edited(_packed_json(t), quant_type="fp4")),
+    "json-blocksize": ("nf4-dq", "weight.quant_state.bitsandbytes__nf4", lambda t: _edited(_packed_json(t), blocksize=128)),
+    "json-shape": ("nf4-dq", "weight.quant_state.bitsandbytes__nf4", lambda t: _edited(_packed_json(t), shape=[160, 64])),
+    "json-nested-blocksize": ("nf4-dq", "weight.quant_state.bitsandbytes__nf4", lambda t: _edited(_packed_json(t), nested_blocksize=128)),
+    "absmax-truncated": ("nf4-dq", "weight.absmax", lambda t: t[: t.numel() // 2].clone()),
+    "absmax-float16": ("nf4", "weight.absmax", lambda t: t.half()),
+    "nested-quant-map-short": ("nf4-dq", "weight.nested_quant_map", lambda t: t[:16].clone()),
+    "weight-truncated": ("nf4", "weight", lambda t: t[: t.shape[0] // 2].clone()),
+    "scb-truncated": ("int8", "SCB", lambda t: t[:-1].clone()),
+    "scb-bfloat16": ("int8", "SCB", lambda t: t.bfloat16()),
+    "int8-weight-transposed": ("int8", "weight", lambda t: t.T.contiguous()),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", sorted(LAYOUT_DAMAGES))
+def test_a_prequantized_layer_whose_states_disagree_with_its_layout_is_refused(
+    saved_quantized: tuple[str, Path], tmp_path: Path, damage: str
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    kind, state, alter = LAYOUT_DAMAGES[damage]
+    saved, folder = saved_quantized
+    if saved != kind:
+        pytest.skip(f"this damage is to a {kind} checkpoint")
+    damaged = shutil.copytree(folder, tmp_path / "damaged")
+    (weights,) = damaged.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = f"model.layers.0.mlp.down_proj.{state}"
+    tensors[name] = alter(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(memplan.CheckpointError) as caught:
+        memplan.load(damaged, progress=False)
+    # the state altered, or the one the altered description disagrees with
+    assert (caught.value.tensor or "").startswith("model.layers.0.mlp.down_proj.")
