@@ -25,7 +25,6 @@ from memplan.loaders._quantize import _bnb
 
 if TYPE_CHECKING:
     from torch import nn
-    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["prepare_4bit_layers_for_cpu"]
 
@@ -33,12 +32,13 @@ _REPACK_ROWS = 32  # output rows per block of the packed layout (bitsandbytes' b
 _UNPACKED = "_memplan_unpacked_state"  # the layer's quantization state before the repacking
 
 
-def prepare_4bit_layers_for_cpu(model: nn.Module) -> tuple[list[RemovableHandle], tuple[str, ...]]:
-    """Make every 4-bit layer of ``model`` safe on either CPU path: the hooks that keep each
-    layer's state as it was before repacking, and a note naming the layers kept on the generic
-    path and why (none where the CPU lacks the feature)."""
+def prepare_4bit_layers_for_cpu(model: nn.Module) -> tuple[str, ...]:
+    """Make every 4-bit layer of ``model`` safe on either CPU path (hooks that keep each layer's
+    state as it was before repacking, part of the layer for as long as it lives: ``remove_hooks``
+    leaves them); a note naming the layers kept on the generic path and why (none where the CPU
+    lacks the feature)."""
     bnb = _bnb()
-    handles, kept = [], []
+    kept = []
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
@@ -47,9 +47,9 @@ def prepare_4bit_layers_for_cpu(model: nn.Module) -> tuple[list[RemovableHandle]
             if why is not None:
                 module.support_avx512bf16_for_cpu = False
                 kept.append(f"{name} ({why})")
-        handles.append(module.register_forward_pre_hook(_keep_unpacked_state))
+        module.register_forward_pre_hook(_keep_unpacked_state)
         module._save_to_state_dict = functools.partial(_save_unpacked, module)
-    return handles, _note(kept)
+    return _note(kept)
 
 
 def _note(kept: list[str]) -> tuple[str, ...]:

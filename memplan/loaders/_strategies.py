@@ -296,8 +296,8 @@ def carry_out(
             cache.close()
     notes: tuple[str, ...] = ()
     if isinstance(strategy, Quantized):
-        handles, kept = prepare_4bit_layers_for_cpu(model)
-        hooks.handles.extend(handles)
+        # Not the load's removable hooks: they are what keeps these layers' saves exact.
+        kept = prepare_4bit_layers_for_cpu(model)
         notes = (summary(model, strategy.method), *kept)
     return Loaded(model, unused, fresh, notes)
 

@@ -102,3 +102,15 @@ def test_an_nf4_model_saved_after_its_forwards_reloads_to_the_same_logits(
     theirs = generic_where_bnb_cannot_repack(AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval())
     assert torch.equal(logits(again), logits(theirs))  # type: ignore[arg-type]
     assert torch.equal(logits(again), want)
+
+
+def test_remove_hooks_leaves_the_4bit_layers_saving_exactly(tiny_llama: Path, bnb_cpu_path: str) -> None:
+    """memplan.remove_hooks takes the load's hooks off; what keeps a 4-bit layer's save exact is
+    part of the layer."""
+    model = nf4(tiny_llama)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    memplan.remove_hooks(model)
+    want = logits(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(logits(model), want)
