@@ -141,6 +141,15 @@ class EntryInUse(MemplanError):
         super().__init__(f"entry {entry!r} is in use: {reason}")
 
 
+class InvalidEntry(MemplanError):
+    """What was registered with a residency manager cannot be an entry: ``reason`` says why."""
+
+    def __init__(self, entry: str, reason: str) -> None:
+        self.entry = entry
+        self.reason = reason
+        super().__init__(f"cannot register {entry!r}: {reason}")
+
+
 class AlreadyManaged(MemplanError):
     """A module or tensor registered while already under a residency manager's charge, as part
     of entry ``owner``: two entries moving one tensor would break each other's leases."""

@@ -16,12 +16,13 @@ a tensor changed in place gets a key of its new content.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from memplan.errors import MemplanError
+from memplan.errors import InvalidEntry
 from memplan.residency import _wire
 
 if TYPE_CHECKING:
@@ -88,8 +89,14 @@ class Group:
     def __init__(self, entry: str, obj: Any, *, dedup: bool) -> None:
         self.module = obj if hasattr(obj, "named_modules") else None
         if self.module is None and not isinstance(obj, Mapping):
-            raise MemplanError(f"entry {entry!r}: register an nn.Module or a mapping of tensors")
+            raise InvalidEntry(entry, "register an nn.Module or a mapping of tensors")
         found = _module_tensors(obj) if self.module is not None else self._mapping_tensors(entry, obj)
+        empty = [path for path, tensor, _ in found.values() if tensor.is_meta]
+        if empty:  # a module unregistered (or never loaded) holds shapes, not data
+            raise InvalidEntry(entry, f"{empty[0]!r} is a meta tensor, with no data to keep")
+        # What it was registered with, by identity: a tensor tied elsewhere is found again after
+        # the entry's own slots hold its tier's copies.
+        self.taken = {id(tensor): weakref.ref(tensor) for _, tensor, _ in found.values()}
         self.records: list[TensorRecord] = []
         for path, tensor, slots in found.values():
             private = hashlib.sha256(f"{entry}\0{path}".encode()).hexdigest()[:48]
@@ -111,7 +118,7 @@ class Group:
         found: dict[int, tuple[str, Any, list[_Slot]]] = {}
         for name, tensor in obj.items():
             if not hasattr(tensor, "untyped_storage"):
-                raise MemplanError(f"entry {entry!r}: {name!r} is not a tensor")
+                raise InvalidEntry(entry, f"{name!r} is not a tensor")
             found.setdefault(id(tensor), (name, tensor, []))[2].append(_Slot(None, name, False, False))
         return found
 

@@ -41,6 +41,12 @@ __all__ = ["EntryInUse", "EntryInfo", "ManagerStats", "Move", "ResidencyManager"
 log = logging.getLogger(__name__)
 
 
+def _taken(group: Group, tensor: Any) -> bool:
+    """Whether ``group`` was registered with ``tensor`` itself (not an equal one)."""
+    held = group.taken.get(id(tensor))
+    return held is not None and held() is tensor
+
+
 @dataclass(frozen=True)
 class Move:
     """One entry moving between tiers, and why."""
@@ -219,6 +225,10 @@ class ResidencyManager:
         owners = {id(slot.owner) for r in group.records for slot in r.slots if slot.owner is not None}
         tensors = {id(tensor) for tensor in group.originals.values()}
         for other in self._entries.values():
+            shared = [t for t in group.originals.values() if _taken(other.group, t)]
+            if shared:  # tied to a tensor the other entry was registered with
+                path = next(r.path for r in group.records if group.originals[r.private_key] is shared[0])
+                raise AlreadyManaged(name, other.name, path)
             for record in other.group.records:
                 for slot in record.slots:
                     if slot.owner is None:

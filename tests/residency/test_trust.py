@@ -18,6 +18,7 @@ import torch
 from memplan import (
     AlreadyManaged,
     Device,
+    InvalidEntry,
     MemplanError,
     PinViolation,
     RemoteTierError,
@@ -388,3 +389,25 @@ def test_demoting_an_entry_never_empties_a_module_leased_under_another_name() ->
     rm.demote("a", "host")
     with rm.use("a") as used:
         assert not any(p.is_meta for p in used.parameters())
+
+
+def test_a_weight_tied_across_two_registered_modules_is_refused() -> None:
+    """The first entry's slots hold its tier's copy once registered; the tie is found by what it
+    was registered with."""
+    rm = ResidencyManager(gpu_and_host())
+    embed, head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False)
+    head.weight = embed.weight
+    rm.register("embed", embed)
+    with pytest.raises(AlreadyManaged) as refused:
+        rm.register("head", head)
+    assert (refused.value.owner, refused.value.tensor) == ("embed", "weight")
+
+
+def test_a_module_unregistered_is_refused_with_a_typed_error_if_registered_again() -> None:
+    rm = ResidencyManager(gpu_and_host())
+    model = _two_layers()
+    rm.register("a", model)
+    rm.unregister("a")  # leaves the module on meta, by design
+    with pytest.raises(InvalidEntry, match="meta tensor"):
+        rm.register("a", model)
+    assert rm.names() == []
