@@ -5,6 +5,7 @@ Only the 8-byte length and JSON header of each shard are read, never tensor data
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -318,7 +319,16 @@ def _checked_shard(directory: Path, index_path: Path, file: str, tensor: str) ->
 
 
 def _missing(path: Path) -> str:
-    return f"links to {os.readlink(path)}, which is missing" if path.is_symlink() else "does not exist"
+    if not path.is_symlink():
+        return "does not exist"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python 3.10-3.12 raise this for a loop (3.13: OSError ELOOP)
+        return "is a symlink loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+    return f"links to {os.readlink(path)}, which is missing"
 
 
 def _regular(file: Path, what: str = "", tensor: str | None = None) -> Path:
@@ -487,9 +497,9 @@ def _fingerprint(entries: dict[str, tuple[TensorEntry, Path]]) -> str:
 def _config(directory: Path) -> tuple[dict[str, Any], str]:
     """config.json and its path; an empty config where there is none."""
     config_path = directory / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists() and not config_path.is_symlink():
         return {}, str(config_path)
-    return load_json(config_path, "config.json"), str(config_path)
+    return load_json(_regular(config_path), "config.json"), str(config_path)
 
 
 def _architecture(config: Mapping[str, Any], source: str) -> Architecture:

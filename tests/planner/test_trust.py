@@ -354,3 +354,21 @@ def test_a_fifo_named_by_the_index_is_refused_not_waited_on(tmp_path: Path) -> N
     raised = _inspect_within(folder, 10)
     assert isinstance(raised, CheckpointError), raised
     assert raised.file == str(folder / "b.safetensors") and "not a regular file" in str(raised)
+
+
+def test_a_fifo_config_is_refused_not_taken_for_no_config(tmp_path: Path) -> None:
+    import os
+
+    folder = write_checkpoint(tmp_path / "model", [0], None)
+    os.mkfifo(folder / "config.json")
+    raised = _inspect_within(folder, 10)
+    assert isinstance(raised, CheckpointError), raised
+    assert raised.file == str(folder / "config.json") and "not a regular file" in str(raised)
+
+
+def test_a_weights_file_that_is_a_symlink_loop_says_so(tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path / "model", [0], small_config(1))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to("model.safetensors")
+    with pytest.raises(CheckpointError, match="symlink loop"):
+        memplan.inspect(folder)
