@@ -152,6 +152,9 @@ class Inventory:
     devices: tuple[DeviceMemory, ...]
     problems: tuple[ProbeProblem, ...] = ()
     simulated: bool = False
+    # This process's resident bytes when probed, if it had imported torch by then: the runtime a
+    # load would otherwise add is in use already, and so out of the host's free memory.
+    runtime_in_use: int | None = None
     _index: dict[Device, DeviceMemory] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -197,6 +200,7 @@ class Inventory:
     def to_dict(self) -> dict[str, Any]:
         return {
             "simulated": self.simulated,
+            "runtime_in_use": self.runtime_in_use,
             "devices": [m.to_dict() for m in self.devices],
             "problems": [{"source": p.source, "message": p.message} for p in self.problems],
         }
@@ -210,8 +214,17 @@ class Inventory:
             devices=tuple(DeviceMemory.from_dict(d) for d in data["devices"]),
             problems=tuple(ProbeProblem(p["source"], p["message"]) for p in data.get("problems", [])),
             simulated=bool(data.get("simulated", False)),
+            runtime_in_use=_optional_bytes(data.get("runtime_in_use")),
         )
 
     @classmethod
     def from_json(cls, text: str) -> Inventory:
         return cls.from_dict(json.loads(text))
+
+
+def _optional_bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise MemplanError(f"runtime_in_use must be a byte count, got {value!r}")
+    return value

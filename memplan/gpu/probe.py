@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,18 @@ def probe(
     spec = simulate if simulate is not None else simulation_from_env()
     if spec is not None:
         return parse_simulation(spec)
-    return measure(probes if probes is not None else default_probes(spill_dir=spill_dir))
+    inventory = measure(probes if probes is not None else default_probes(spill_dir=spill_dir))
+    return replace(inventory, runtime_in_use=_runtime_in_use())
+
+
+def _runtime_in_use() -> int | None:
+    """This process's resident bytes, if torch is imported: its runtime is in use, and counted
+    in the host's used memory (a plan must not count it a second time)."""
+    if "torch" not in sys.modules:
+        return None
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def measure(probes: Sequence[Probe]) -> Inventory:

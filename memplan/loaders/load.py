@@ -154,7 +154,9 @@ def _attempt(
             TensorReader(checkpoint, on_bytes=bar.update, window=strategy.read_ahead) as reader,
         ):
             loaded = carry_out(strategy, reader, placement, model_cls, hooks, options)
-        peaks = _peaks(allocator, before, rss.peak)
+        # Measured as the estimate counts: from the runtime, or above it where it was in use already.
+        in_use = current.inventory.runtime_in_use is not None
+        peaks = _peaks(allocator, before, rss.peak - (rss.start if in_use else 0))
         report = LoadReport(
             checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, reader.bytes_read,
             tuple(sorted(peaks.items())), allocator.simulated, unused_tensors=loaded.unused_tensors,

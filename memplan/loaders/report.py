@@ -79,7 +79,8 @@ class RssSampler:
         import psutil
 
         self._process = psutil.Process()
-        self.peak = self._process.memory_info().rss
+        self.start = self._process.memory_info().rss
+        self.peak = self.start
         self._worker = Periodic("memplan-rss", interval, self._sample)
 
     def _sample(self) -> None:

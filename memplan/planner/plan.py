@@ -136,6 +136,18 @@ class _Context:
     def usable(self, device: Device) -> int:
         return _usable(self.inventory, self.policy, device)
 
+    @property
+    def overheads(self) -> Overheads:
+        """The policy's overheads, less the part of the host runtime the inventory found in use
+        already (this process imported torch before it probed: what it holds is out of the free
+        memory). What it has yet to import (transformers, bitsandbytes) is still to come."""
+        in_use = self.inventory.runtime_in_use
+        if in_use is None:
+            return self.policy.overheads
+        return replace(
+            self.policy.overheads, host_runtime=max(0, self.policy.overheads.host_runtime - in_use)
+        )
+
     def accelerators(self) -> list[Device]:
         return [m.device for m in self.inventory.accelerators]
 
@@ -148,7 +160,7 @@ class _Context:
             self.checkpoint,
             self.workload,
             strategy,
-            overheads=self.policy.overheads,
+            overheads=self.overheads,
             corrections=self.corrections,
         )
 
@@ -170,9 +182,9 @@ def _is_leading(module: str) -> bool:
 
 
 def _device_budget(ctx: _Context, device: Device, reserve: int) -> int:
-    slack = 1 + ctx.policy.overheads.allocator_slack if device.is_accelerator else 1
+    slack = 1 + ctx.overheads.allocator_slack if device.is_accelerator else 1
     act = activation_bytes(ctx.checkpoint, ctx.workload, ctx.dtype)
-    overheads = ctx.policy.overheads
+    overheads = ctx.overheads
     runtimes = overheads.fixed(device) + (0 if device.is_accelerator else overheads.load_runtime)
     return ctx.usable(device) - runtimes - int((act + reserve) * slack)
 
@@ -186,7 +198,7 @@ def _ordered_modules(ckpt: Checkpoint, sizes: dict[str, int]) -> list[str]:
 
 def _fill(ctx: _Context, devices: list[Device], spill: Device | None) -> Sharded | str:
     """Whole modules in order over ``devices``, each within its budget; the rest to ``spill``."""
-    ckpt, overheads = ctx.checkpoint, ctx.policy.overheads
+    ckpt, overheads = ctx.checkpoint, ctx.overheads
     sizes = module_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv_of = kv_bytes_by_layer(ckpt, ctx.workload, ctx.dtype)
     # Offloaded layers run on the first accelerator with their KV cache there: keep room for it.
@@ -222,7 +234,7 @@ def _fill_counts(costs: list[list[int]], budgets: list[int]) -> list[int]:
 
 def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     """The deepest prefetch (up to the policy's) that fits, then as many resident layers as fit."""
-    ckpt, overheads = ctx.checkpoint, ctx.policy.overheads
+    ckpt, overheads = ctx.checkpoint, ctx.overheads
     sizes = layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     if not sizes:
         return "the checkpoint has no decoder layers to stream"
@@ -436,6 +448,14 @@ class Plan:
         return "\n".join(_explain_lines(self))
 
 
+def _runtime_line(p: Plan) -> str:
+    if p.inventory.runtime_in_use is not None:
+        held = format_size(p.inventory.runtime_in_use)
+        return f"host runtime: in use already ({held} resident when probed, out of the free memory)"
+    runtime = format_size(p.policy.overheads.host_runtime)
+    return f"host runtime: {runtime} (Python, torch, memplan: not loaded when probed)"
+
+
 def _explain_lines(p: Plan) -> list[str]:
     kv = p.workload.kv_dtype or p.dtype
     lines = [
@@ -447,6 +467,7 @@ def _explain_lines(p: Plan) -> list[str]:
         + (" (simulated)" if p.inventory.simulated else ""),
         f"policy: {p.policy.name}, {p.policy.headroom:.0%} headroom, quantization "
         + ("allowed" if p.policy.allow_quantization else "not allowed"),
+        _runtime_line(p),
         "",
     ]
     chosen = p.chosen
