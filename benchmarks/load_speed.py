@@ -268,7 +268,7 @@ def main() -> None:
     if args.only in (None, "full"):
         full_cold(me, path, runs)
     if args.only in (None, "streamed"):
-        streamed(me, path, "420MiB" if args.quick else args.budget, runs)
+        streamed(me, path, "480MiB" if args.quick else args.budget, runs)
 
 
 def _nbytes(path: Path) -> int:

@@ -25,7 +25,9 @@ __all__ = ["DamagedState", "check_states", "stored_layers"]
 
 _INT8 = (".weight", ".SCB")
 _NESTED = (".weight.nested_absmax", ".weight.nested_quant_map")
-_WEIGHT_DTYPE = {"int8": "I8", "nf4": "U8", "fp4": "U8"}
+# A 4-bit weight is packed two to a byte into any storage dtype (``bnb_4bit_quant_storage``:
+# uint8 by default, bf16 or f32 where FSDP shards it with the rest).
+_WEIGHT_DTYPES = {"int8": ("I8",), "nf4": ("U8", "BF16", "F16", "F32"), "fp4": ("U8", "BF16", "F16", "F32")}
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -76,8 +78,9 @@ def _check_names(checkpoint: Checkpoint, layer: str, method: str) -> None:
             reason = f"a bitsandbytes {method} layer without its {suffix[1:]} (damaged checkpoint?)"
             raise CheckpointError(file, reason, layer + suffix)
     weight = tensors[layer + ".weight"]
-    if weight.dtype != _WEIGHT_DTYPE[method]:
-        reason = f"a bitsandbytes {method} weight is stored as {_WEIGHT_DTYPE[method]}, not {weight.dtype}"
+    if weight.dtype not in _WEIGHT_DTYPES[method]:
+        stored = " or ".join(_WEIGHT_DTYPES[method])
+        reason = f"a bitsandbytes {method} weight is stored as {stored}, not {weight.dtype}"
         raise CheckpointError(weight.file, reason, weight.name)
 
 
@@ -98,7 +101,7 @@ def check_states(method: str, states: Mapping[str, torch.Tensor], shape: tuple[i
     described = _packed(states, f"weight.quant_state.bitsandbytes__{method}")
     _check_packed(described, method, shape)
     blocks = -(-shape[0] * shape[1] // described["blocksize"])
-    _expect(states, "weight", torch.uint8, -(-shape[0] * shape[1] // 2))
+    _expect_packed(states["weight"], -(-shape[0] * shape[1] // 2))
     _expect(states, "weight.quant_map", torch.float32, 16)
     nested = "nested_offset" in described
     for suffix in _NESTED:
@@ -145,3 +148,15 @@ def _expect(
     if found.dtype != dtype or found.numel() != numel or (shape is not None and tuple(found.shape) != shape):
         wanted = f"{list(shape)} " if shape is not None else f"{numel} elements of "
         raise DamagedState(name, f"{list(found.shape)} {found.dtype} where the layout takes {wanted}{dtype}")
+
+
+def _expect_packed(weight: torch.Tensor, nbytes: int) -> None:
+    """A 4-bit weight: ``nbytes`` of packed pairs, in whole elements of its storage dtype."""
+    import torch
+
+    storage = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+    size = weight.element_size()
+    if weight.dtype not in storage or weight.numel() != -(-nbytes // size):
+        raise DamagedState(
+            "weight", f"{list(weight.shape)} {weight.dtype} where the layout takes {nbytes} packed bytes"
+        )

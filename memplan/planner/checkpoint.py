@@ -458,9 +458,18 @@ def _stack_layers(
     return layers
 
 
+def _image_model(prefix: str, config: Mapping[str, Any], source: str) -> bool:
+    """Whether config.json describes an image model alone: image and patch sizes, and no text
+    vocabulary anywhere (Fuyu keeps its vocabulary in ``text_config`` and its decoder under
+    ``language_model``)."""
+    if "language_model" in prefix or "vocab_size" in config or isinstance(config.get("text_config"), dict):
+        return False
+    return _fixed_tokens(config, source) is not None
+
+
 def _stack(prefix: str, start: int, count: int, config: Mapping[str, Any], source: str) -> Stack:
     role = _role(prefix)
-    if role == "decoder" and "vocab_size" not in config and _fixed_tokens(config, source) is not None:
+    if role == "decoder" and _image_model(prefix, config, source):
         role = "vision"  # a path that says nothing, in an image model (ViT's ``layers``): no tokens to decode
     section = _section(config, role)
     return Stack(

@@ -439,18 +439,20 @@ def activation_bytes(checkpoint: Checkpoint, workload: Workload, dtype: str) -> 
 # --- per strategy ---------------------------------------------------------------------------
 
 
-def window_staging(window: int, read: int, kept: int) -> int:
+def window_staging(window: int, read: int, kept: int, largest: int) -> int:
     """Bytes a device holds in flight beyond its weights while a load reads ``read`` bytes
     through a read-ahead window of ``window``, ``kept`` of them staying there as read.
 
-    The reader holds up to a window of tensors not yet placed; what it placed is weights. Placing
-    keeps ``q = kept / read`` of each byte read, so after ``c`` bytes the device holds
-    ``q c + min(window, read - c)``: a peak of the final weights plus ``window (1 - q)``, at the
-    moment the window is last full (nothing above the weights where every byte stays: read in
-    place)."""
+    The reader holds up to a window of tensors not yet placed (a tensor larger than the window
+    is read alone, whole), and the load converts one more it took out: ``in_flight`` is
+    ``max(window, largest) + largest``. Placing keeps ``q = kept / read`` of each byte read, so
+    after ``c`` bytes the device holds ``q c + min(in_flight, read - c)``: a peak of the final
+    weights plus ``in_flight (1 - q)`` (nothing above the weights where every byte stays: read
+    in place)."""
     if read <= 0:
         return 0
-    return int(min(window, read) * max(0.0, 1.0 - kept / read))
+    in_flight = min(max(window, largest) + largest, read)
+    return int(in_flight * max(0.0, 1.0 - kept / read))
 
 
 def _largest_read(checkpoint: Checkpoint) -> int:
@@ -465,17 +467,18 @@ def _one_device(
     kv = kv_cache_bytes(checkpoint, workload, strategy.dtype)
     act = activation_bytes(checkpoint, workload, strategy.dtype)
     ledger.add(device, weights=weights, kv_cache=kv, activations=act)
-    window, read = strategy.read_ahead, checkpoint.nbytes
+    window, read, largest = strategy.read_ahead, checkpoint.nbytes, _largest_read(checkpoint)
     if device.is_accelerator:  # every byte passes through the host on its way
-        ledger.add(Device("cpu"), staging=window_staging(window, read, 0))
+        ledger.add(Device("cpu"), staging=window_staging(window, read, 0, largest))
         kept = 0
     else:
         kept = weights
-        ledger.add(device, staging=window_staging(window, read, weights))
+        ledger.add(device, staging=window_staging(window, read, weights, largest))
     if isinstance(strategy, Quantized) and not strategy.prequantized:
         ledger.add(device, staging=_quantize_transient(checkpoint, strategy))
+        ledger.add(device, activations=_dequantized(checkpoint, strategy))
     elif kept and not _read_in_place(checkpoint, strategy):  # one tensor as read beside its cast
-        ledger.add(device, staging=_largest_read(checkpoint))
+        ledger.add(device, staging=largest)
 
 
 def _read_in_place(checkpoint: Checkpoint, strategy: Full | Quantized) -> bool:
@@ -483,7 +486,12 @@ def _read_in_place(checkpoint: Checkpoint, strategy: Full | Quantized) -> bool:
     same tensor back): no cast, or a pre-quantized layer taken as stored."""
     if isinstance(strategy, Quantized):
         return strategy.prequantized
-    return all(t.dtype not in _BYTES or t.dtype == strategy.dtype for t in _tensor_kinds(checkpoint).examples)
+    return _same_dtypes(checkpoint, strategy.dtype)
+
+
+def _same_dtypes(checkpoint: Checkpoint, dtype: str) -> bool:
+    """Whether every floating tensor is stored in ``dtype`` (no cast as it is read)."""
+    return all(t.dtype not in _BYTES or t.dtype == dtype for t in _tensor_kinds(checkpoint).examples)
 
 
 def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
@@ -500,8 +508,19 @@ def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
         return 0
     staging = tensor_bytes(largest, strategy.dtype)
     if strategy.method == "nf4" and strategy.device.is_accelerator:
-        return 2 * staging + 4 * largest.numel
+        return staging + 4 * largest.numel
     return staging
+
+
+def _dequantized(checkpoint: Checkpoint, strategy: Quantized) -> int:
+    """bitsandbytes' nf4 forward on an accelerator dequantises one weight at a time back to
+    ``dtype``, beside the forward's activations."""
+    if strategy.method != "nf4" or not strategy.device.is_accelerator:
+        return 0
+    skip = strategy.skip_modules
+    found = (t for t in _tensor_kinds(checkpoint, skip).examples if is_quantizable(t, skip))
+    largest = max(found, key=lambda t: t.numel, default=None)
+    return tensor_bytes(largest, strategy.dtype) if largest is not None else 0
 
 
 def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:
@@ -526,7 +545,10 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
             ledger.add(device, activations=act)
     # offloaded modules visit the execution device one at a time, with the next one prefetched
     ledger.add(strategy.execution_device, buffers=2 * largest_offloaded)
-    ledger.add(Device("cpu"), staging=window_staging(strategy.read_ahead, checkpoint.nbytes, on_host))
+    largest = _largest_read(checkpoint)
+    ledger.add(
+        Device("cpu"), staging=window_staging(strategy.read_ahead, checkpoint.nbytes, on_host, largest)
+    )
 
 
 def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, ledger: _Ledger) -> None:
@@ -540,14 +562,16 @@ def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, le
     kv = kv_cache_bytes(checkpoint, workload, strategy.dtype)
     act = activation_bytes(checkpoint, workload, strategy.dtype)
     ledger.add(device, weights=others + resident, buffers=arena, kv_cache=kv, activations=act)
-    host, window = Device("cpu"), strategy.read_ahead
+    host, window, largest = Device("cpu"), strategy.read_ahead, _largest_read(checkpoint)
     if strategy.source == "host":  # streamed layers' copies are kept on the host as read
         copies = sum(sizes[strategy.resident_layers :])
         ledger.add(host, weights=copies)
         kept = copies + (others + resident if not device.is_accelerator else 0)
-        ledger.add(host, staging=window_staging(window, checkpoint.nbytes, kept))
+        ledger.add(host, staging=window_staging(window, checkpoint.nbytes, kept, largest))
     elif device.is_accelerator:  # pinned staging buffers between the files and the device
-        ledger.add(host, buffers=arena, staging=window_staging(window, others + resident, 0))
+        ledger.add(host, buffers=arena, staging=window_staging(window, others + resident, 0, largest))
+    elif not _same_dtypes(checkpoint, strategy.dtype):  # resident tensors cast as they are read
+        ledger.add(host, staging=largest)
 
 
 _LAYOUTS: dict[type, Callable[[Checkpoint, Workload, Any, _Ledger], None]] = {

@@ -367,9 +367,10 @@ def _decide(ctx: _Context) -> tuple[list[Decision], int | None]:
             decisions.append(Decision(candidate, None, None, False, built))
             continue
         by_ratio = candidate in dict(ctx.policy.thresholds)
-        judged = (
-            _judge_ratio(ctx, candidate, built, ratio) if by_ratio else _judge_windows(ctx, candidate, built)
-        )
+        if by_ratio:
+            judged = _judge_ratio(ctx, candidate, replace(built, read_ahead=_window(ctx.checkpoint)), ratio)
+        else:
+            judged = _judge_windows(ctx, candidate, built)
         if judged.fits and chosen is None:
             chosen = len(decisions)
         decisions.append(judged)

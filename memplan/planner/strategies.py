@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+from memplan.errors import InvalidSize
 from memplan.gpu.device import Device
 
 __all__ = [
@@ -34,8 +35,22 @@ def _window() -> int:
     return field(default=READ_AHEAD_BYTES, compare=False)
 
 
+class _Checked:
+    """A strategy's read-ahead window is whole bytes from one request to the most a plan sizes:
+    a hand-edited plan with another would stage what no estimate counted."""
+
+    read_ahead: int
+
+    def __post_init__(self) -> None:
+        window = self.read_ahead
+        if type(window) is not int or not READ_REQUEST_BYTES <= window <= READ_AHEAD_BYTES:
+            raise InvalidSize(
+                window, f"read_ahead must be from {READ_REQUEST_BYTES} to {READ_AHEAD_BYTES} bytes"
+            )
+
+
 @dataclass(frozen=True)
-class Full:
+class Full(_Checked):
     """Every weight on one device, in ``dtype``."""
 
     device: Device
@@ -45,7 +60,7 @@ class Full:
 
 
 @dataclass(frozen=True)
-class Quantized:
+class Quantized(_Checked):
     """Linear layers as bitsandbytes int8 (LLM.int8) or nf4; embeddings, norms, lm_head in ``dtype``."""
 
     method: Literal["int8", "nf4"]
@@ -61,7 +76,7 @@ class Quantized:
 
 
 @dataclass(frozen=True)
-class Sharded:
+class Sharded(_Checked):
     """Whole modules over devices: ``device_map`` pairs a module prefix with its device.
 
     With ``cpu`` entries beside accelerators the model is offloaded: those layers' weights live
@@ -103,7 +118,7 @@ class Sharded:
 
 
 @dataclass(frozen=True)
-class Streamed:
+class Streamed(_Checked):
     """Layers live in ``source`` (host RAM or the safetensors files) and pass through
     ``compute_device``: ``resident_layers`` stay there, ``prefetch_depth`` more are in flight."""
 

@@ -468,7 +468,7 @@ def test_a_load_reads_ahead_within_the_window_its_plan_chose(
     from memplan.loaders import _reader
 
     chosen = plan_only(tiny_llama, "int8", "cpu=8GiB", allow_quantization=True)
-    small = dataclasses.replace(chosen.strategy, read_ahead=3 << 20)  # type: ignore[type-var]
+    small = dataclasses.replace(chosen.strategy, read_ahead=32 << 20)  # type: ignore[type-var]
     decisions = tuple(dataclasses.replace(d, strategy=small) if d.fits else d for d in chosen.decisions)
     chosen = dataclasses.replace(chosen, decisions=decisions)
     windows: list[int] = []
@@ -480,4 +480,4 @@ def test_a_load_reads_ahead_within_the_window_its_plan_chose(
 
     monkeypatch.setattr(_reader.ReadAhead, "__init__", recorded)
     memplan.load(tiny_llama, plan=chosen, progress=False, quant_cache=False)
-    assert windows == [3 << 20]
+    assert windows == [32 << 20]

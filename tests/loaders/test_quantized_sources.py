@@ -251,3 +251,20 @@ def test_a_prequantized_layer_whose_states_disagree_with_its_layout_is_refused(
         memplan.load(damaged, progress=False)
     # the state altered, or the one the altered description disagrees with
     assert (caught.value.tensor or "").startswith("model.layers.0.mlp.down_proj.")
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_an_nf4_checkpoint_packed_into_another_storage_dtype_loads_like_transformers(
+    tiny_llama: Path, tmp_path: Path, storage: torch.dtype, bnb_cpu_path: str
+) -> None:
+    """bnb_4bit_quant_storage (QLoRA/FSDP): the packed pairs in bf16 or f32 elements."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=storage,
+    )  # fmt: skip
+    saved = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config, dtype=torch.bfloat16)
+    saved.save_pretrained(tmp_path / "nf4")
+    model = memplan.load(tmp_path / "nf4", progress=False)
+    assert torch.equal(logits(model), transformers_logits(tmp_path / "nf4"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,45 @@ def test_a_tight_budget_shrinks_the_read_ahead_window_before_it_gives_up_a_strat
     assert "read-ahead window" in tight.explain()
     with pytest.raises(memplan.DoesNotFit):
         memplan.plan(checkpoint, memplan.probe(f"cpu={int(needed / 0.9) - (1 << 20)}"), workload, policy)
+
+
+@pytest.mark.parametrize("window", [0, -5, 10**18, True, (16 << 20) - 1])
+def test_a_plan_whose_read_ahead_window_is_out_of_range_is_a_plan_format_error(
+    tiny_llama: Path, window: object
+) -> None:
+    chosen = memplan.plan(memplan.inspect(tiny_llama), memplan.probe("cpu=8GiB"), Workload(context=64))
+    data = json.loads(chosen.to_json())
+    for decision in data["decisions"]:
+        if decision["strategy"] is not None:
+            decision["strategy"]["read_ahead"] = window
+    with pytest.raises(memplan.PlanFormatError):
+        memplan.Plan.from_json(json.dumps(data))
+
+
+def test_the_thresholds_policy_sizes_the_window_too(tiny_llama: Path) -> None:
+    from memplan.planner.strategies import READ_REQUEST_BYTES
+
+    policy = Policy.seed_thresholds()
+    chosen = memplan.plan(
+        memplan.inspect(tiny_llama), memplan.probe("cpu=8GiB"), Workload(context=64), policy
+    )
+    assert chosen.strategy.read_ahead == READ_REQUEST_BYTES  # type: ignore[union-attr]  # a tiny model
+
+
+def test_a_tensor_larger_than_the_window_is_staged_whole(tmp_path: Path) -> None:
+    """A read larger than the window goes alone, whole, and one more is being converted."""
+    from memplan.planner.strategies import READ_REQUEST_BYTES
+    from memplan.testing import LlamaShape
+    from memplan.testing.checkpoints import write_safetensors_header
+
+    folder = tmp_path / "big-embedding"
+    folder.mkdir()
+    tensors = [("model.embed_tokens.weight", (32768, 1024))]  # 64 MiB in bf16
+    tensors += [(f"model.layers.{i}.mlp.weight", (1024, 1024)) for i in range(4)]
+    write_safetensors_header(folder / "model.safetensors", tensors, "BF16")
+    config = LlamaShape(1024, 4, 8, 8, 1024, 32768).config()
+    (folder / "config.json").write_text(json.dumps(config))
+    checkpoint = memplan.inspect(folder)
+    strategy = memplan.Full(CUDA0, "BF16", read_ahead=READ_REQUEST_BYTES)
+    staged = memplan.estimate(checkpoint, Workload(context=16), strategy).on(CPU).staging
+    assert staged >= 2 * (64 << 20) or staged == checkpoint.nbytes

@@ -123,3 +123,23 @@ def test_int8_counts_only_what_bitsandbytes_replaces(tmp_path: Path) -> None:
     write_safetensors_header(path / "model.safetensors", tensors, "BF16")
     ckpt = memplan.inspect(path)
     assert [is_quantizable(ckpt.tensors[name]) for name, _ in tensors] == [False, True, False]
+
+
+def test_a_text_decoder_beside_image_sizes_keeps_its_kv_cache(tmp_path: Path) -> None:
+    """Fuyu's config gives image_size and patch_size at its top and its vocabulary in
+    text_config; its decoder under language_model is no vision tower."""
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    config = FuyuConfig(
+        text_config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 64},
+        hidden_size=32, patch_size=8, image_size=32,
+    )  # fmt: skip
+    FuyuForCausalLM(config).save_pretrained(tmp_path / "fuyu")
+    checkpoint = memplan.inspect(tmp_path / "fuyu")
+    (decoder,) = [s for s in checkpoint.stacks if "language_model" in s.prefix]
+    assert decoder.role == "decoder"
+    estimate = memplan.estimate(
+        checkpoint, memplan.Workload(context=64), memplan.Full(memplan.Device("cpu"), "F32")
+    )
+    assert estimate.on(memplan.Device("cpu")).kv_cache > 0
