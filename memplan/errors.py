@@ -107,6 +107,9 @@ class DoesNotFit(MemplanError):
         self.device = device
         self.detail = detail
         self.plan = plan  # the memplan.Plan with every strategy's shortfall, when the planner raised this
+        if device is None and not needed:  # no strategy applied: the detail says why, not a 0 B shortfall
+            super().__init__(detail or "no strategy applies")
+            return
         where = str(device) if device is not None else "any device"
         msg = f"needs {_size(needed)}, {where} has {_size(available)} available"
         super().__init__(f"{msg}; {detail}" if detail else msg)

@@ -533,7 +533,11 @@ def _does_not_fit(result: Plan) -> DoesNotFit:
         }
         worst = max(closest.estimate.devices, key=lambda d: d.peak - usable[d.device])
         device, needed, available = worst.device, worst.peak, usable[worst.device]
-    detail = f"no strategy fits {result.model.name}; closest is {closest.candidate if closest else 'none'}"
+    if closest is None:  # nothing was estimated short: every candidate said why it does not apply
+        reasons = "; ".join(f"{d.candidate}: {d.reason}" for d in result.decisions)
+        detail = f"no strategy applies to {result.model.name} here ({reasons})"
+        return DoesNotFit(0, 0, None, detail=detail, plan=result)
+    detail = f"no strategy fits {result.model.name}; closest is {closest.candidate}"
     return DoesNotFit(needed, available, device, detail=detail, plan=result)
 
 

@@ -254,3 +254,12 @@ def test_a_tensor_larger_than_the_window_is_staged_whole(tmp_path: Path) -> None
     strategy = memplan.Full(CUDA0, "BF16", read_ahead=READ_REQUEST_BYTES)
     staged = memplan.estimate(checkpoint, Workload(context=16), strategy).on(CPU).staging
     assert staged >= 2 * (64 << 20) or staged == checkpoint.nbytes
+
+
+def test_a_policy_no_candidate_of_applies_here_says_why_not_a_zero_byte_shortfall(tiny_llama: Path) -> None:
+    policy = Policy(order=("offloaded", "streamed-host"))
+    with pytest.raises(memplan.DoesNotFit) as caught:
+        memplan.plan(memplan.inspect(tiny_llama), memplan.probe("cpu=8GiB"), Workload(context=64), policy)
+    message = str(caught.value)
+    assert "0 B" not in message and "needs an accelerator" in message
+    assert caught.value.needed == 0 and caught.value.device is None
