@@ -443,15 +443,18 @@ def window_staging(window: int, read: int, kept: int, largest: int) -> int:
     """Bytes a device holds in flight beyond its weights while a load reads ``read`` bytes
     through a read-ahead window of ``window``, ``kept`` of them staying there as read.
 
-    The reader holds up to a window of tensors not yet placed (a tensor larger than the window
-    is read alone, whole), and the load converts one more it took out: ``in_flight`` is
-    ``max(window, largest) + largest``. Placing keeps ``q = kept / read`` of each byte read, so
-    after ``c`` bytes the device holds ``q c + min(in_flight, read - c)``: a peak of the final
+    The reader holds up to a window of tensors not yet placed; a tensor larger than the window is
+    read alone, whole, once the window is empty, and the window fills behind it while the load
+    converts it: ``in_flight`` is the window, or that tensor and a window. (The tensor the load
+    converts counts in the window until it is placed: measured on 1.1B Llamas, int8 and nf4
+    loads peaked 120 and 171 MiB above their final footprint through a 256 MiB window, where
+    ``window (1 - q)`` gives 123 and 184.) Placing keeps ``q = kept / read`` of each byte read,
+    so after ``c`` bytes the device holds ``q c + min(in_flight, read - c)``: a peak of the final
     weights plus ``in_flight (1 - q)`` (nothing above the weights where every byte stays: read
     in place)."""
     if read <= 0:
         return 0
-    in_flight = min(max(window, largest) + largest, read)
+    in_flight = min(window if largest <= window else largest + window, read)
     return int(in_flight * max(0.0, 1.0 - kept / read))
 
 
