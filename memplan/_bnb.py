@@ -12,6 +12,7 @@ logging configuration and warning filters are never touched.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,7 +51,15 @@ def quiet_bitsandbytes() -> Iterator[None]:
 
 def import_bitsandbytes(feature: str) -> Any:
     """The bitsandbytes module, imported quietly; :class:`MissingDependency` naming ``feature``
-    and the extra that installs it where it is not installed."""
+    and the extra that installs it where it is not installed.
+
+    Asked for once per tensor of a quantized load: once imported, it is handed back without
+    touching a logger (``logging.getLogger`` takes logging's module lock, and a Ctrl-C landing
+    between its acquire and release leaves it held: every other thread's logging then waits
+    for good)."""
+    found = sys.modules.get("bitsandbytes")
+    if found is not None and not getattr(found.__spec__, "_initializing", False):  # whole, not mid-import
+        return found
     try:
         with quiet_bitsandbytes():
             import bitsandbytes

@@ -81,3 +81,20 @@ def test_a_quantized_load_without_bitsandbytes_names_the_extra(
     with pytest.raises(memplan.MissingDependency) as caught:
         memplan.load(tiny_llama, plan=chosen, progress=False)
     assert (caught.value.package, caught.value.extra) == ("bitsandbytes", "quant")
+
+
+def test_once_imported_bitsandbytes_is_handed_back_without_touching_logging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asked for once per tensor of a load: a Ctrl-C inside logging.getLogger leaves logging's
+    module lock held, and every other thread's logging (s3fs's, a server's) hangs for good."""
+    import memplan._bnb
+    from memplan._bnb import import_bitsandbytes
+
+    bnb = import_bitsandbytes("quantized loading")
+
+    def touched() -> None:
+        raise AssertionError("bitsandbytes' loggers touched")
+
+    monkeypatch.setattr(memplan._bnb, "quiet_bitsandbytes", touched)
+    assert import_bitsandbytes("quantized loading") is bnb
