@@ -4,7 +4,7 @@ bitsandbytes 0.50 logs on import, on a CPU with AVX512-BF16 and without the ``ke
 that it could not load the kernels-community 4-bit gemm (it falls back to its own native one);
 and on every int8 forward on the CPU, for every layer, that bfloat16 inputs are cast to float16
 (140 lines for one forward of a 1B Llama). Inside memplan's imports of bitsandbytes and its own
-forwards (the CLI's check, the demo) a filter on exactly those two loggers drops exactly those
+forward (the CLI's check) a filter on exactly those two loggers drops exactly those
 messages for the call's duration (``memplan doctor`` says what the first one means). The process's
 logging configuration and warning filters are never touched.
 """
@@ -49,7 +49,7 @@ def quiet_bitsandbytes() -> Iterator[None]:
             logger.removeFilter(drop)
 
 
-def import_bitsandbytes(feature: str) -> Any:
+def import_bitsandbytes(feature: str = "quantized loading") -> Any:
     """The bitsandbytes module, imported quietly; :class:`MissingDependency` naming ``feature``
     and the extra that installs it where it is not installed.
 

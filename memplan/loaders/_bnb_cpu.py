@@ -21,7 +21,7 @@ import functools
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from memplan.loaders._quantize import _bnb
+from memplan._bnb import import_bitsandbytes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,7 +37,7 @@ def prepare_4bit_layers_for_cpu(model: nn.Module) -> tuple[str, ...]:
     state as it was before repacking, part of the layer for as long as it lives: ``remove_hooks``
     leaves them); a note naming the layers kept on the generic path and why (none where the CPU
     lacks the feature)."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     kept = []
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):

@@ -48,12 +48,8 @@ def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales
 
 
-def _bitsandbytes() -> Any:
-    return import_bitsandbytes("quantized loading")
-
-
 def _nf4_code() -> torch.Tensor:
-    return _bitsandbytes().functional.get_4bit_type("nf4", device="cpu")  # type: ignore[no-any-return]
+    return import_bitsandbytes().functional.get_4bit_type("nf4", device="cpu")  # type: ignore[no-any-return]
 
 
 _NF4_BLOCK_VALUES = 1 << 17  # 512 KiB of fp32 and as much int32: a core's L2
@@ -151,7 +147,7 @@ def nf4_parameter(weight: torch.Tensor, placeholder: Any) -> nn.Parameter:
     """The quantized ``Params4bit`` that ``placeholder`` (the layer's meta parameter, which holds
     the layer's options) becomes for ``weight`` on the CPU, with the ``QuantState``
     ``bitsandbytes.functional.quantize_4bit`` builds around its kernel's output."""
-    bnb = _bitsandbytes()
+    bnb = import_bitsandbytes()
     packed, absmax = nf4_blockwise(weight, placeholder.blocksize)
     if placeholder.quant_storage != packed.dtype:
         packed = packed.squeeze().view(placeholder.quant_storage).unsqueeze(1)

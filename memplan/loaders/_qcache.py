@@ -10,8 +10,8 @@ One folder per (checkpoint content, method, double quant, compute dtype, bitsand
 under ``<spill dir>/quantized``; folders not used for longest are removed when the cache grows past
 its cap. ``MEMPLAN_QUANT_CACHE=0`` (or ``memplan.load(quant_cache=False)``) turns it off.
 
-The content is what the checkpoint's files hold (:func:`~memplan._fileio.content_key`: a Hugging
-Face blob's sha256 name, else each file's device, inode, size, mtime and ctime), never its shape
+The content is what the checkpoint's files hold (:func:`~memplan._fileio.content_key`: each file's
+device, inode, size, mtime and ctime, and a Hugging Face blob's sha256 name), never its shape
 fingerprint: a fine-tune, another revision or another seed of one shape has other weights. The
 files are looked at again when the load ends; if they changed meanwhile, the load fails (a
 reading load) or leaves nothing behind (a writing one).
@@ -67,7 +67,7 @@ def open_quant_cache(
     impossible; it reads ahead within ``window``, the checkpoint reader's."""
     if not enabled or not _enabled() or strategy.prequantized:
         return None
-    bitsandbytes = import_bitsandbytes("quantized loading")
+    bitsandbytes = import_bitsandbytes()
     files = checkpoint.files
     try:
         keys = [content_key(f) for f in files]

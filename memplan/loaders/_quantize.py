@@ -38,10 +38,6 @@ __all__ = [
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold; transformers' default too
 
 
-def _bnb() -> Any:
-    return import_bitsandbytes("quantized loading")
-
-
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out)."""
     utils = sys.modules.get("transformers.pytorch_utils")  # no Conv1D exists before it is imported
@@ -66,7 +62,7 @@ def _replacement(
     layer: nn.Module, features: tuple[int, int], strategy: Quantized, compute_dtype: torch.dtype,
     threshold: float,
 ) -> nn.Module:  # fmt: skip
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     has_bias = getattr(layer, "bias", None) is not None
     if strategy.method == "int8":
         new: nn.Module = bnb.nn.Linear8bitLt(
@@ -145,13 +141,13 @@ def _stored_transposed(module: nn.Module) -> bool:
 def is_quantized_layer(module: nn.Module) -> bool:
     if "bitsandbytes" not in sys.modules:  # no bnb layer can exist before bnb is imported
         return False
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     return isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit)
 
 
 def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) -> nn.Parameter:
     """``weight`` (in the compute dtype, on the host) as the layer's quantised parameter on the device."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     if _stored_transposed(module):
         weight = weight.T
     if isinstance(module, bnb.nn.Linear8bitLt):
@@ -177,7 +173,7 @@ def prequantized_weight(
     """The layer's parameter from what a bitsandbytes checkpoint stored (``weight`` and its
     states by their names relative to the layer), as transformers' bnb deserialisers build it;
     :class:`DamagedState` if they do not make one."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     int8 = isinstance(module, bnb.nn.Linear8bitLt)
     method = "int8" if int8 else str(getattr(module.weight, "quant_type", ""))
     layer: Any = module
@@ -238,7 +234,7 @@ def summary(model: nn.Module, method: str) -> str:
 def quantized_size(module: nn.Module, weight: TensorInfo) -> int:
     """Bytes :func:`quantize_weight` gives ``module`` for ``weight``: the planner's figure (they agree
     to the byte), known before quantising so the charge can come first."""
-    method = "int8" if isinstance(module, _bnb().nn.Linear8bitLt) else "nf4"
+    method = "int8" if isinstance(module, import_bitsandbytes().nn.Linear8bitLt) else "nf4"
     double_quant = bool(getattr(module.weight, "compress_statistics", False))
     if _stored_transposed(module):  # quantised as (out, in): one int8 scale per output row
         weight = dataclasses.replace(weight, shape=weight.shape[::-1])

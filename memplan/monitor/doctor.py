@@ -65,7 +65,7 @@ def _swap() -> tuple[int, int]:
 
 
 def _bitsandbytes() -> str:
-    return str(import_bitsandbytes("quantized loading").__version__)
+    return str(import_bitsandbytes().__version__)
 
 
 def _bnb_kernels() -> str:
@@ -73,7 +73,7 @@ def _bnb_kernels() -> str:
     the kernels-community 4-bit CPU gemm only on CPUs with AVX512-BF16 (and logs its absence)."""
     import importlib.util
 
-    functional: Any = import_bitsandbytes("quantized loading").functional
+    functional: Any = import_bitsandbytes().functional
     if not functional.has_avx512bf16() or importlib.util.find_spec("kernels") is not None:
         return ""
     return (

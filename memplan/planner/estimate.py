@@ -497,16 +497,16 @@ def _same_dtypes(checkpoint: Checkpoint, dtype: str) -> bool:
     return all(t.dtype not in _BYTES or t.dtype == dtype for t in _tensor_kinds(checkpoint).examples)
 
 
+def _largest_quantized(checkpoint: Checkpoint, strategy: Quantized) -> TensorInfo | None:
+    skip = strategy.skip_modules
+    found = (t for t in _tensor_kinds(checkpoint, skip).examples if is_quantizable(t, skip))
+    return max(found, key=lambda t: t.numel, default=None)
+
+
 def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
     """Each Linear weight lands in ``dtype`` and is quantised. On an accelerator bitsandbytes'
-    nf4 also passes it through float32, and its forward dequantises one weight at a time back
-    to ``dtype``; memplan's CPU quantizers work through cache-sized blocks."""
-    skip = strategy.skip_modules
-    largest = max(
-        (t for t in _tensor_kinds(checkpoint, skip).examples if is_quantizable(t, skip)),
-        key=lambda t: t.numel,
-        default=None,
-    )
+    nf4 also passes it through float32; memplan's CPU quantizers work through cache-sized blocks."""
+    largest = _largest_quantized(checkpoint, strategy)
     if largest is None:
         return 0
     staging = tensor_bytes(largest, strategy.dtype)
@@ -518,12 +518,10 @@ def _quantize_transient(checkpoint: Checkpoint, strategy: Quantized) -> int:
 def _dequantized(checkpoint: Checkpoint, strategy: Quantized) -> int:
     """bitsandbytes' nf4 forward on an accelerator dequantises one weight at a time back to
     ``dtype``, beside the forward's activations."""
-    if strategy.method != "nf4" or not strategy.device.is_accelerator:
+    largest = _largest_quantized(checkpoint, strategy)
+    if strategy.method != "nf4" or not strategy.device.is_accelerator or largest is None:
         return 0
-    skip = strategy.skip_modules
-    found = (t for t in _tensor_kinds(checkpoint, skip).examples if is_quantizable(t, skip))
-    largest = max(found, key=lambda t: t.numel, default=None)
-    return tensor_bytes(largest, strategy.dtype) if largest is not None else 0
+    return tensor_bytes(largest, strategy.dtype)
 
 
 def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:

@@ -7,6 +7,7 @@ it was taken or not, and how much memory it would need. Pure: no I/O, no tensors
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 from dataclasses import dataclass, field, replace
@@ -136,7 +137,7 @@ class _Context:
     def usable(self, device: Device) -> int:
         return _usable(self.inventory, self.policy, device)
 
-    @property
+    @functools.cached_property  # asked for by every estimate of every candidate
     def overheads(self) -> Overheads:
         """The policy's overheads, less the part of the host runtime the inventory found in use
         already (this process imported torch before it probed: what it holds is out of the free
