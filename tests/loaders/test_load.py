@@ -20,6 +20,7 @@ import memplan
 from memplan import Allocator, Device, Policy, Sharded, Streamed, Workload
 from memplan.cli import main
 from memplan.planner import Corrections, Overheads
+from tests.conftest import rewrite_in_place_keeping_mtime
 
 CUDA0, CUDA1, CPU = Device("cuda", 0), Device("cuda", 1), Device("cpu")
 IDS = torch.tensor([[1, 17, 33, 4, 250, 9, 77]])
@@ -326,46 +327,25 @@ def test_a_streamed_model_whose_shards_are_rewritten_in_place_says_so(
         logits(running)
 
 
+@pytest.mark.parametrize("then", ["nothing", "hard link", "chmod"])
 def test_a_shard_rewritten_in_place_with_its_mtime_put_back_says_so(
-    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
-) -> None:
-    """Same inode, same size, mtime put back (``os.utime``; a filesystem whose mtime ticks every
-    second or two hides it alike): the ctime, which every write moves, tells."""
-    folder = shutil.copytree(tiny_llama, tmp_path / "a")
-    running = _streamed_disk(folder)
-    assert torch.equal(logits(running), want)
-    other = shutil.copytree(tiny_llama, tmp_path / "other")
-    _replace_shards_with_other_weights(other)
-    for shard in folder.glob("*.safetensors"):
-        before = shard.stat()
-        with shard.open("r+b") as f:
-            f.write((other / shard.name).read_bytes())
-        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-        assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    with pytest.raises(memplan.CheckpointError, match="changed"):
-        logits(running)
-
-
-@pytest.mark.parametrize("then", ["hard link", "chmod"])
-def test_a_shard_rewritten_in_place_then_linked_or_chmodded_says_so(
     tiny_llama: Path, want: torch.Tensor, tmp_path: Path, then: str
 ) -> None:
-    """A link count or mode that moves the ctime too hides nothing: only a file whose last name
-    is gone (renamed over) keeps reading as it was. A chmod of an untouched shard is taken for
-    a change too: a typed error, never other bytes."""
+    """Same inode, same size, mtime put back (``os.utime``; a filesystem whose mtime ticks every
+    second or two hides it alike): the ctime, which every write moves, tells. A link count or mode
+    that moves the ctime too hides nothing: only a file whose last name is gone (renamed over)
+    keeps reading as it was. A chmod of an untouched shard is taken for a change too: a typed
+    error, never other bytes."""
     folder = shutil.copytree(tiny_llama, tmp_path / "a")
     running = _streamed_disk(folder)
     assert torch.equal(logits(running), want)
     other = shutil.copytree(tiny_llama, tmp_path / "other")
     _replace_shards_with_other_weights(other)
+    rewrite_in_place_keeping_mtime(folder, other)
     for shard in folder.glob("*.safetensors"):
-        before = shard.stat()
-        with shard.open("r+b") as f:
-            f.write((other / shard.name).read_bytes())
-        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
         if then == "hard link":
             os.link(shard, shard.with_suffix(".backup"))
-        else:
+        elif then == "chmod":
             shard.chmod(0o600)
     with pytest.raises(memplan.CheckpointError, match="changed"):
         logits(running)

@@ -14,7 +14,7 @@ import torch
 import memplan
 from memplan import CheckpointError, Policy, Workload
 from memplan.testing.hf_cache import cache_repo
-from tests.conftest import save_tiny_llama
+from tests.conftest import rewrite_in_place_keeping_mtime, save_tiny_llama
 from tests.loaders.test_load import logits
 
 SPEC = "cuda:0=1GiB,cpu=8GiB"
@@ -203,12 +203,7 @@ def test_a_shard_rewritten_with_its_mtime_put_back_is_quantized_again(tmp_path: 
     path = save_tiny_llama(tmp_path / "model", seed=0)
     quantized(path, "int8")
     other = save_tiny_llama(tmp_path / "other", seed=1)
-    for shard in path.glob("*.safetensors"):
-        before = shard.stat()
-        with shard.open("r+b") as f:  # in place: the same inode
-            f.write((other / shard.name).read_bytes())
-        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-        assert (shard.stat().st_ino, shard.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    rewrite_in_place_keeping_mtime(path, other)
     assert torch.equal(logits(quantized(path, "int8")), uncached(other, "int8"))
 
 
@@ -232,10 +227,8 @@ def test_a_blob_written_through_its_snapshot_link_is_quantized_again(
     snapshot = cache_repo(tmp_path / "hub", "org/tiny", tiny_llama)
     quantized(snapshot, "int8")
     other = save_tiny_llama(tmp_path / "other", seed=1)
-    for shard in snapshot.glob("*.safetensors"):
-        with shard.open("r+b") as f:  # follows the link into the blob
-            f.write((other / shard.name).read_bytes())
-        assert shard.is_symlink()
+    rewrite_in_place_keeping_mtime(snapshot, other)  # through each link, into its blob
+    assert all(shard.is_symlink() for shard in snapshot.glob("*.safetensors"))
     model = quantized(snapshot, "int8")
     assert model.memplan_report.bytes_read == memplan.inspect(snapshot).nbytes
     assert torch.equal(logits(model), uncached(other, "int8"))
