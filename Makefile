@@ -24,8 +24,8 @@ demo: $(BIN)/.installed
 	$(BIN)/memplan demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check memplan tests benchmarks examples
-	$(BIN)/ruff format --check memplan tests benchmarks examples
+	$(BIN)/ruff check memplan tests benchmarks examples tools
+	$(BIN)/ruff format --check memplan tests benchmarks examples tools
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy memplan

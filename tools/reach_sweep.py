@@ -72,8 +72,11 @@ def _summary(rows: list[dict[str, Any]]) -> str:
             continue
         counted = [r for r in mine if r["status"] != "transformers-fails"]
         equal = sum(r["status"] in ("equal", "equal-round-trip") for r in counted)
-        lines.append(f"{mode}: {equal} of {len(counted)} classes equal ({len(mine) - len(counted)} transformers cannot build)")
-        causes = Counter(f"{r['status']}: {r.get('error', '')}" for r in counted if not r["status"].startswith("equal"))
+        apart = len(mine) - len(counted)
+        lines.append(f"{mode}: {equal} of {len(counted)} classes equal ({apart} transformers cannot build)")
+        causes = Counter(
+            f"{r['status']}: {r.get('error', '')}" for r in counted if not r["status"].startswith("equal")
+        )
         lines.extend(f"  {n:4d}  {cause[:160]}" for cause, n in causes.most_common())
     both = Counter()
     for r in rows:
@@ -211,7 +214,9 @@ def _module_rows(name: str, model_type: str, modes: tuple[str, ...]) -> Iterator
             continue
         if test_class.__module__ != name:
             continue
-        if not (getattr(test_class, "all_model_classes", None) or getattr(test_class, "model_tester_class", None)):
+        if not (
+            getattr(test_class, "all_model_classes", None) or getattr(test_class, "model_tester_class", None)
+        ):
             continue
         yield from _test_class_rows(test_class, model_type, modes, seen)
 
@@ -223,7 +228,9 @@ def _picked(model_classes: tuple[type, ...]) -> list[type]:
     return [first, *heads[:1]]
 
 
-def _test_class_rows(test_class: type, model_type: str, modes: tuple[str, ...], seen: set[str]) -> Iterator[dict[str, Any]]:
+def _test_class_rows(
+    test_class: type, model_type: str, modes: tuple[str, ...], seen: set[str]
+) -> Iterator[dict[str, Any]]:
     base = {"module": model_type, "test_class": test_class.__name__}
     try:
         case = test_class("setUp")
@@ -248,7 +255,9 @@ def _test_class_rows(test_class: type, model_type: str, modes: tuple[str, ...], 
         yield from _compare(model_class, config, class_inputs, row, modes)
 
 
-def _compare(model_class: type, config: Any, inputs: dict[str, Any], row: dict[str, Any], modes: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+def _compare(
+    model_class: type, config: Any, inputs: dict[str, Any], row: dict[str, Any], modes: tuple[str, ...]
+) -> Iterator[dict[str, Any]]:
     import copy
 
     with tempfile.TemporaryDirectory(prefix="reach-") as folder:
@@ -260,12 +269,19 @@ def _compare(model_class: type, config: Any, inputs: dict[str, Any], row: dict[s
             return
         for mode in modes:
             started = time.perf_counter()
-            yield row | {"mode": mode, **_memplan_outcome(model_class, Path(folder), inputs, mode, unsaved, reference)} | {
-                "seconds": round(time.perf_counter() - started, 2)
-            }
+            yield (
+                row
+                | {
+                    "mode": mode,
+                    **_memplan_outcome(model_class, Path(folder), inputs, mode, unsaved, reference),
+                }
+                | {"seconds": round(time.perf_counter() - started, 2)}
+            )
 
 
-def _references(model_class: type, config: Any, inputs: dict[str, Any], folder: Path) -> tuple[list[Any], list[Any]]:
+def _references(
+    model_class: type, config: Any, inputs: dict[str, Any], folder: Path
+) -> tuple[list[Any], list[Any]]:
     import torch
 
     torch.manual_seed(0)
@@ -287,7 +303,11 @@ def _train_buffers(model: Any) -> None:
     with torch.no_grad():
         for module in model.modules():
             for attr, buffer in module._buffers.items():
-                if buffer is not None and attr not in module._non_persistent_buffers_set and buffer.is_floating_point():
+                if (
+                    buffer is not None
+                    and attr not in module._non_persistent_buffers_set
+                    and buffer.is_floating_point()
+                ):
                     buffer.add_(torch.rand_like(buffer) + 0.5)
 
 
@@ -317,7 +337,14 @@ def _tensors(value: Any) -> Iterator[Any]:
         yield from _tensors(value.to_tuple())
 
 
-def _memplan_outcome(model_class: type, folder: Path, inputs: dict[str, Any], mode: str, unsaved: list[Any], reference: list[Any]) -> dict[str, Any]:
+def _memplan_outcome(
+    model_class: type,
+    folder: Path,
+    inputs: dict[str, Any],
+    mode: str,
+    unsaved: list[Any],
+    reference: list[Any],
+) -> dict[str, Any]:
     try:
         model = _load(model_class, folder, mode, _workload(inputs))
         mine = _outputs(model, inputs)
@@ -343,14 +370,16 @@ def _verdict(mine: list[Any], unsaved: list[Any], reference: list[Any]) -> str:
 def _equal(a: list[Any], b: list[Any]) -> bool:
     import torch
 
-    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True)
+    )
 
 
 def _max_relative(a: list[Any], b: list[Any]) -> float:
     worst = 0.0
     if len(a) != len(b):
         return math.inf
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if x.shape != y.shape:
             return math.inf
         if not x.is_floating_point():

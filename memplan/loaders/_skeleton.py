@@ -64,12 +64,26 @@ def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
         or (factory is not None and _is_diffusers_class(factory))  # diffusers configs are plain dicts
     ):
         return json.loads(config_file.read_text())
-    from transformers import AutoConfig
-
+    reader = _config_class(factory, config_file)
     try:
-        return AutoConfig.from_pretrained(config_file.parent)
+        return reader.from_pretrained(config_file.parent)
     except (ValueError, KeyError, OSError) as exc:
         raise CheckpointError(config_file, f"transformers cannot read this config: {exc}") from exc
+
+
+def _config_class(factory: ModelFactory | None, config_file: Path) -> Any:
+    """What reads the config: the config class of the model class given or named in config.json,
+    as ``from_pretrained`` reads it (Bark's sub-models have configs ``AutoConfig`` does not know),
+    else ``AutoConfig``."""
+    import transformers
+
+    named = None
+    if factory is None:
+        names = json.loads(config_file.read_text()).get("architectures") or ()
+        found = (getattr(transformers, n, None) for n in names if isinstance(n, str))
+        named = next((cls for cls in found if cls is not None), None)
+    own = getattr(factory or named, "config_class", None)
+    return own if callable(getattr(own, "from_pretrained", None)) else transformers.AutoConfig
 
 
 def _transformers_class(config: Any) -> ModelFactory:
@@ -123,7 +137,7 @@ def _config_file(checkpoint: Checkpoint) -> Path:
 
 
 def check_config(checkpoint: Checkpoint) -> None:
-    """Refuse a config.json asking for decoder layers the checkpoint does not have, before a skeleton
+    """Refuse a config.json asking for more layers than the checkpoint could hold, before a skeleton
     of them is built (``num_hidden_layers=10**12`` would build forever). Layers the config lacks
     show up later as tensors the model has no place for."""
     if checkpoint.components:
@@ -137,13 +151,13 @@ def check_config(checkpoint: Checkpoint) -> None:
     if stored is not None and not stored.loadable:
         raise UnsupportedQuantization(_config_file(checkpoint), stored.method)
     wanted = checkpoint.architecture.num_layers
-    if wanted is None:
-        return
-    present = sum(1 for layer in checkpoint.layers if layer.index < wanted)
-    if present < wanted:
+    # One layer holds at least one tensor unless layers share one (ALBERT's): a config asking for
+    # more layers than the checkpoint has tensors cannot describe it. Fewer layers than the config
+    # counts is the model's to judge once built: a parameter the checkpoint lacks is an error then.
+    if wanted is not None and wanted > max(len(checkpoint.layers), len(checkpoint.tensors)):
         raise CheckpointError(
             _config_file(checkpoint),
-            f"config.json asks for {wanted} layers, the checkpoint has {present} of them",
+            f"config.json asks for {wanted} layers, the checkpoint has {len(checkpoint.tensors)} tensors",
         )
 
 

@@ -178,9 +178,17 @@ class Stack:
 MAX_CONFIG_INT = 2**31 - 1
 
 
+# Config fields a model may give per stage (a list, or a dict by part): the layers of all stages
+# add up; for a width or a head count the widest stage is what the estimate must hold.
+_SUMMED = frozenset({"num_hidden_layers", "n_layer"})
+
+
 @dataclass(frozen=True)
 class _ConfigReader:
-    """Reads config numbers as strictly as header numbers: integers in range, or absent (null)."""
+    """Reads config numbers as strictly as header numbers: integers in range, or absent (null).
+
+    A number given per stage (CvT's ``num_heads: [1, 2, 3]``, Lxmert's layers by part) is read as
+    one: the sum for layer counts, the largest for the rest; every stage's value is checked."""
 
     cfg: Mapping[str, Any]
     source: str
@@ -191,16 +199,19 @@ class _ConfigReader:
             value = self.cfg.get(key)
             if value is None:
                 continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or not minimum <= value <= MAX_CONFIG_INT
-            ):
-                raise CheckpointError(
-                    self.source, f"{key} must be an integer from {minimum} to {MAX_CONFIG_INT}, got {value!r}"
-                )
-            return value
+            stages = list(value.values()) if isinstance(value, dict) else value
+            if isinstance(stages, list | tuple) and stages:
+                numbers = [self._number(key, stage, minimum) for stage in stages]
+                return min(sum(numbers), MAX_CONFIG_INT) if key in _SUMMED else max(numbers)
+            return self._number(key, value, minimum)
         return None
+
+    def _number(self, key: str, value: Any, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_CONFIG_INT:
+            raise CheckpointError(
+                self.source, f"{key} must be an integer from {minimum} to {MAX_CONFIG_INT}, got {value!r}"
+            )
+        return value
 
 
 def _names(config: Mapping[str, Any], source: str) -> tuple[str, ...]:
@@ -445,14 +456,12 @@ def _fixed_tokens(section: Mapping[str, Any], source: str) -> int | None:
 def _stack_layers(
     prefix: str, blocks: dict[int, list[str]], entries: dict[str, tuple[TensorEntry, Path]]
 ) -> list[LayerInfo]:
-    """A stack's blocks in order of their numbers."""
+    """A stack's blocks in order of their numbers. Numbers may skip: a stack can hold modules
+    without parameters between its layers (Musicgen's), and whether a gap is a hole is the
+    model's to say when it is built (a parameter the checkpoint lacks is an error there)."""
     layers = []
-    for position, index in enumerate(sorted(blocks)):
+    for index in sorted(blocks):
         names = blocks[index]
-        if index != position:
-            # Block i is the stack's i-th layer everywhere downstream; a stack with a hole does not run.
-            why = f"{prefix}: layer {position} is missing (layers go up to {max(blocks)})"
-            raise CheckpointError(entries[names[0]][1], why, tensor=names[0])
         nbytes = sum(entries[name][0].nbytes for name in names)
         layers.append(LayerInfo(index, f"{prefix}.{index}", tuple(names), nbytes))
     return layers

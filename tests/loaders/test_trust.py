@@ -154,6 +154,26 @@ def test_layers_the_config_does_not_have_are_an_error_naming_a_tensor(
     assert charged(allocator) == {}
 
 
+def test_a_layer_missing_from_the_checkpoint_is_an_error_naming_its_tensor(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Planning takes layer numbers with gaps (Musicgen's stacks hold parameter-free modules
+    between numbered layers); where the model has parameters in the gap, the load refuses."""
+
+    def drop(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in tensors if n.startswith("model.layers.1.")]:
+            del tensors[name]
+
+    broken = single_file_copy(tiny_llama, tmp_path / "m", edit=drop)
+    chosen = plan_only(broken, "full", FULL_SPEC)
+    assert [layer.prefix for layer in memplan.inspect(broken).layers][:2] == ["model.layers.0", "model.layers.2"]
+    allocator = Allocator(memplan.probe(FULL_SPEC))
+    with pytest.raises(CheckpointError) as info:
+        memplan.load(broken, plan=chosen, allocator=allocator, progress=False)
+    assert info.value.tensor is not None and info.value.tensor.startswith("model.layers.1.")
+    assert charged(allocator) == {}
+
+
 def test_an_unknown_tensor_inside_a_layer_is_an_error(tiny_llama: Path, tmp_path: Path) -> None:
     def add(tensors: dict[str, torch.Tensor]) -> None:
         tensors["model.layers.1.mlp.gate_bias"] = torch.zeros(8, dtype=torch.bfloat16)

@@ -88,11 +88,14 @@ def _plan_seconds(checkpoint: memplan.Checkpoint, layers: int) -> float:
 # --- 2. a gap in the layer numbers ---------------------------------------------------------
 
 
-def test_layers_numbered_with_a_gap_are_a_checkpoint_error_naming_the_tensor(tmp_path: Path) -> None:
+def test_layers_numbered_with_a_gap_keep_their_numbers(tmp_path: Path) -> None:
+    """Whether a gap is a hole is the model's to say (a parameter-free module may sit there): the
+    load refuses a model whose parameters the checkpoint lacks (tests/loaders/test_trust.py)."""
     path = write_checkpoint(tmp_path / "gap", [0, 2], small_config(3))
-    with pytest.raises(CheckpointError, match="layer 1 is missing") as info:
-        plan_on(path)
-    assert info.value.tensor == "model.layers.2.mlp.weight"
+    checkpoint = memplan.inspect(path)
+    assert [(layer.index, layer.prefix) for layer in checkpoint.layers] == [(0, "model.layers.0"), (2, "model.layers.2")]
+    assert checkpoint.tensors["model.layers.2.mlp.weight"].layer == 1
+    plan_on(path)
 
 
 # --- 3. config.json numbers are validated like header numbers ------------------------------
@@ -111,6 +114,8 @@ def test_layers_numbered_with_a_gap_are_a_checkpoint_error_naming_the_tensor(tmp
         ("num_attention_heads", "4"),
         ("hidden_size", True),
         ("num_local_experts", -2),
+        ("num_attention_heads", [2, -4]),  # given per stage, each stage is checked
+        ("num_hidden_layers", {"vision": 1, "text": "2"}),
     ],
 )
 def test_config_numbers_out_of_range_are_a_checkpoint_error_naming_the_field(
@@ -120,6 +125,22 @@ def test_config_numbers_out_of_range_are_a_checkpoint_error_naming_the_field(
     with pytest.raises(CheckpointError, match=field) as info:
         plan_on(path)
     assert Path(info.value.file).name == "config.json"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "read"),
+    [
+        ("num_attention_heads", [1, 2, 4], ("num_heads", 4)),  # CvT, FocalNet: the widest stage
+        ("intermediate_size", [16, 64, 32], ("intermediate_size", 64)),
+        ("num_hidden_layers", [1, 1, 2], ("num_layers", 4)),  # stages' layers add up
+        ("num_hidden_layers", {"vision": 1, "cross_encoder": 2, "language": 1}, ("num_layers", 4)),  # Lxmert
+    ],
+)
+def test_config_numbers_given_per_stage_are_read_as_one(
+    tmp_path: Path, field: str, value: object, read: tuple[str, int]
+) -> None:
+    path = write_checkpoint(tmp_path / "stages", range(2), {**small_config(2), field: value})
+    assert getattr(memplan.inspect(path).architecture, read[0]) == read[1]
 
 
 def test_config_nulls_mean_not_given(tmp_path: Path) -> None:
