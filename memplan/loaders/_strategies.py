@@ -166,16 +166,33 @@ def _outermost(modules: list[str]) -> list[str]:
     return [m for m in modules if not any(m != other and in_module(m, other) for other in modules)]
 
 
-def _streamed_prefixes(strategy: Streamed, checkpoint: Checkpoint, rename: Rename) -> list[str]:
-    """The model's names for the layers the strategy streams."""
-    return [rename(layer.prefix) for layer in checkpoint.layers[strategy.resident_layers :]]
+def _streamed_prefixes(
+    model: nn.Module, strategy: Streamed, checkpoint: Checkpoint, rename: Rename
+) -> list[str]:
+    """The model's names for the modules the strategy streams: its layers, or where a layer is a
+    container whose own forward never runs (Funnel's blocks are lists of layers), its parts."""
+    found: list[str] = []
+    for layer in checkpoint.layers[strategy.resident_layers :]:
+        name = rename(layer.prefix)
+        found += _called_parts(_submodule(model, name), name)
+    return found
+
+
+def _called_parts(module: nn.Module, name: str) -> list[str]:
+    """``module`` if the model calls it (it has a forward of its own), else its children that are,
+    in order. Hooks see only modules that are called."""
+    from torch import nn
+
+    if type(module).forward is not nn.Module.forward:
+        return [name]
+    return [part for child, sub in module.named_children() for part in _called_parts(sub, f"{name}.{child}")]
 
 
 def _streamed(
     model: nn.Module, strategy: Streamed, materializer: Materializer, everything: list[Binding], hooks: Hooks,
     rename: Rename,
 ) -> DeviceFor:  # fmt: skip
-    prefixes = _streamed_prefixes(strategy, materializer.reader.checkpoint, rename)
+    prefixes = _streamed_prefixes(model, strategy, materializer.reader.checkpoint, rename)
     streamed, resident = _split(everything, prefixes)
     if prefixes:
         depth = min(strategy.prefetch_depth, max(1, len(prefixes) - 1))
@@ -232,9 +249,34 @@ def _model_modules(keys: KeyMap, layers: set[str]) -> set[str]:
 
 
 def _renamer(everything: list[Binding]) -> Rename:
-    """Checkpoint module names (the planner's) -> the model's, as the checkpoint's names were converted."""
-    names = prefix_map((b.source, b.name) for b in everything if b.conversion is None)
-    return lambda module: names.get(module, module)
+    """Checkpoint module names (the planner's) -> the model's, as the checkpoint's names were converted.
+
+    A module is the one that holds, in the model, every tensor the checkpoint stores under its
+    name, and nothing stored under another name (Pixio stores ``encoder.layer.0.norm1`` for the
+    model's ``layers.0.layernorm_before``: no name ends alike). Where no module holds exactly
+    those, names that end alike decide."""
+    by_suffix = prefix_map((b.source, b.name) for b in everything if b.conversion is None)
+    pairs = [(b.source, b.name) for b in everything]
+
+    def rename(module: str) -> str:
+        mine = [name for source, name in pairs if in_module(source, module)]
+        holder = _common_module(mine)
+        if holder and not any(in_module(n, holder) and not in_module(s, module) for s, n in pairs):
+            return holder
+        return by_suffix.get(module, module)
+
+    return rename
+
+
+def _common_module(names: list[str]) -> str:
+    """The innermost module that holds every tensor of ``names``; "" for none or the root."""
+    if not names:
+        return ""
+    paths = [name.split(".")[:-1] for name in names]
+    common = 0
+    while all(len(p) > common and p[common] == paths[0][common] for p in paths):
+        common += 1
+    return ".".join(paths[0][:common])
 
 
 @dataclass(frozen=True)
@@ -331,7 +373,7 @@ def _hf_device_map(
         rest = _accelerate(strategy.execution_device)
     else:
         kept = "disk" if strategy.source == "disk" else "cpu"
-        found = dict.fromkeys(_streamed_prefixes(strategy, checkpoint, rename), kept)
+        found = dict.fromkeys(_streamed_prefixes(model, strategy, checkpoint, rename), kept)
         rest = _accelerate(strategy.compute_device)
     for binding in everything:
         parts = binding.name.split(".")

@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,13 @@ class _Streamed:
     dtypes: list[torch.dtype]  # each binding's dtype in the slot
     file_dtypes: list[torch.dtype]
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # source="host": the weights, in dtype
+
+
+def _weight_owners(item: _Streamed) -> list[nn.Module]:
+    """The modules inside ``item``'s module that own its weights (not the module itself)."""
+    owners = {id(module): module for b in item.bindings for module, _ in b.owners}
+    owners.pop(id(item.module), None)
+    return list(owners.values())
 
 
 def _layout(bindings: list[Binding], dtypes: list[torch.dtype]) -> list[int]:
@@ -120,7 +128,7 @@ class ModuleStreamer:
         self._stream = torch.cuda.Stream(device=where) if self._cuda else None  # type: ignore[no-untyped-call]
         if source == "host":
             self._load_host_copies(placement)
-        # always_call: a forward that raises still gives its slot back (see _pre_hook for Ctrl-C).
+        # always_call: a forward that raises still gives its slot back (see _enter for Ctrl-C).
         self._handles = [
             h
             for item in self._items
@@ -128,6 +136,11 @@ class ModuleStreamer:
                 item.module.register_forward_pre_hook(self._pre_hook),
                 item.module.register_forward_hook(self._post_hook, always_call=True),
             )
+        ]
+        self._handles += [
+            part.register_forward_pre_hook(self._part_pre_hook(index))
+            for index, item in enumerate(self._items)
+            for part in _weight_owners(item)
         ]
 
     # --- set-up ---------------------------------------------------------------------------
@@ -246,13 +259,31 @@ class ModuleStreamer:
         return slot
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._enter(self._index[id(module)])
+
+    def _part_pre_hook(self, index: int) -> Callable[[nn.Module, Any], None]:
+        """For a module inside streamed module ``index``: a model may run the streamed module's
+        ``forward`` without calling it (SqueezeBERT calls ``layer.forward(...)``), so its own hooks
+        never run; its parts are still called, and bring its weights in. They stay until the next
+        streamed module comes in."""
+
+        def hook(part: nn.Module, args: Any) -> None:
+            if index not in self._bound:
+                self._enter(index)
+
+        return hook
+
+    def _enter(self, index: int) -> None:
+        """Bind module ``index`` to its slot and start the next fetches."""
         with self._lock:
-            stale = list(self._bound)
-        # Streamed modules do not nest, so anything bound now was left by a forward that raised a
-        # BaseException (Ctrl-C): torch runs always_call hooks for an Exception only.
+            stale = [left for left in self._bound if left != index]
+        # Streamed modules do not nest, so anything else bound now was left by a forward that raised
+        # a BaseException (Ctrl-C: torch runs always_call hooks for an Exception only), or was
+        # brought in by its parts (see _part_pre_hook).
         for left in stale:
             self._unbind(left)
-        index = self._index[id(module)]
+        if index in self._bound:
+            return
         slot = self._take(index)
         item = self._items[index]
         for b, view in zip(item.bindings, self._views(item, slot), strict=True):
