@@ -237,14 +237,14 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     """The deepest prefetch (up to the policy's) that fits, then as many resident layers as fit."""
     ckpt, overheads = ctx.checkpoint, ctx.overheads
     sizes = layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
-    if not sizes:
-        return "the checkpoint has no decoder layers to stream"
+    origin: Literal["host", "disk"] = "host" if source == "host" else "disk"
+    if not sizes:  # nothing repeats (ALBERT's shared layer, XLM's parallel lists): all of it resident
+        return Streamed(device, origin, 0, 1, ctx.dtype)
     largest = max(sizes)
     others = non_layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv = kv_cache_bytes(ckpt, ctx.workload, ctx.dtype)
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1
     base = _device_budget(ctx, device, 0) - int((others + kv) * slack)
-    origin: Literal["host", "disk"] = "host" if source == "host" else "disk"
     # What the first k layers hold once resident; sorted, as sizes are never negative.
     held = list(itertools.accumulate(int(size * slack) for size in sizes))
     for depth in range(ctx.policy.prefetch_depth, 0, -1):
@@ -372,6 +372,9 @@ def _decide(ctx: _Context) -> tuple[list[Decision], int | None]:
             judged = _judge_ratio(ctx, candidate, replace(built, read_ahead=_window(ctx.checkpoint)), ratio)
         else:
             judged = _judge_windows(ctx, candidate, built)
+        if isinstance(built, Streamed) and not ctx.checkpoint.layers:
+            whole = f"no repeated layers to stream, so the whole model stays on {built.compute_device}"
+            judged = replace(judged, reason=f"{whole}: {judged.reason}")
         if judged.fits and chosen is None:
             chosen = len(decisions)
         decisions.append(judged)

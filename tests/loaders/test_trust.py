@@ -166,7 +166,10 @@ def test_a_layer_missing_from_the_checkpoint_is_an_error_naming_its_tensor(
 
     broken = single_file_copy(tiny_llama, tmp_path / "m", edit=drop)
     chosen = plan_only(broken, "full", FULL_SPEC)
-    assert [layer.prefix for layer in memplan.inspect(broken).layers][:2] == ["model.layers.0", "model.layers.2"]
+    assert [layer.prefix for layer in memplan.inspect(broken).layers][:2] == [
+        "model.layers.0",
+        "model.layers.2",
+    ]
     allocator = Allocator(memplan.probe(FULL_SPEC))
     with pytest.raises(CheckpointError) as info:
         memplan.load(broken, plan=chosen, allocator=allocator, progress=False)

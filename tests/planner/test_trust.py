@@ -93,7 +93,10 @@ def test_layers_numbered_with_a_gap_keep_their_numbers(tmp_path: Path) -> None:
     load refuses a model whose parameters the checkpoint lacks (tests/loaders/test_trust.py)."""
     path = write_checkpoint(tmp_path / "gap", [0, 2], small_config(3))
     checkpoint = memplan.inspect(path)
-    assert [(layer.index, layer.prefix) for layer in checkpoint.layers] == [(0, "model.layers.0"), (2, "model.layers.2")]
+    assert [(layer.index, layer.prefix) for layer in checkpoint.layers] == [
+        (0, "model.layers.0"),
+        (2, "model.layers.2"),
+    ]
     assert checkpoint.tensors["model.layers.2.mlp.weight"].layer == 1
     plan_on(path)
 
@@ -393,3 +396,21 @@ def test_a_weights_file_that_is_a_symlink_loop_says_so(tmp_path: Path) -> None:
     (folder / "model.safetensors").symlink_to("model.safetensors")
     with pytest.raises(CheckpointError, match="symlink loop"):
         memplan.inspect(folder)
+
+
+# --- a model with no stack of layers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["streamed-disk", "streamed-host"])
+def test_a_model_with_no_layers_to_stream_is_planned_whole_and_says_so(tmp_path: Path, source: str) -> None:
+    """ALBERT (one shared layer), XLM (parallel lists), Perceiver: nothing repeats to stream. The
+    streamed plan keeps the whole model on the compute device, never a 0-byte shortfall."""
+    path = write_checkpoint(tmp_path / "flat", [], small_config(0) | {"num_hidden_layers": None})
+    chosen = plan_on(path, policy=Policy(order=(source,)))
+    assert chosen.strategy is not None and chosen.strategy.kind == "streamed"
+    assert chosen.strategy.compute_device == Device("cuda", 0)
+    assert "no repeated layers to stream" in chosen.decisions[0].reason
+    tight = f"cuda:0={memplan.inspect(path).nbytes // 2},cpu=8GiB"
+    with pytest.raises(memplan.DoesNotFit, match=f"needs .* MiB, .*closest is {source}") as info:
+        plan_on(path, tight, policy=Policy(order=(source,)))
+    assert "needs 0 B" not in str(info.value)
