@@ -189,6 +189,8 @@ class ModuleStreamer:
         return views
 
     def _fill(self, index: int, slot: int) -> float:
+        import torch
+
         start = time.perf_counter()
         item = self._items[index]
         event = self._released.pop(slot, None)
@@ -203,6 +205,9 @@ class ModuleStreamer:
         self.materializer.reader.read_all_into(direct)
         if self._stream is not None:
             self._stream.synchronize()
+        # Reads land in the slot behind autograd's back: a graph that kept the views of the slot's
+        # last module would compute its backward with these weights. Now it raises instead.
+        torch.autograd.graph.increment_version(self._slots[slot])
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.fetches += 1
@@ -286,8 +291,9 @@ class ModuleStreamer:
             return
         slot = self._take(index)
         item = self._items[index]
+        # requires_grad as from_pretrained leaves it: it picks matmul's kernel even under no_grad.
         for b, view in zip(item.bindings, self._views(item, slot), strict=True):
-            set_tensor(b, view)
+            set_tensor(b, view, trainable=self.materializer.trainable)
         with self._lock:
             for step in range(1, self.depth + 1):
                 self._schedule((index + step) % len(self._items))

@@ -68,7 +68,9 @@ def load(
     the checkpoint lacks is initialised as transformers does, warned about and listed in
     ``report.newly_initialized``. Parameters require grad as ``from_pretrained`` leaves them;
     ``trainable=False`` freezes them, so a forward outside ``torch.no_grad()`` keeps no graph.
-    Streamed and offloaded weights are always frozen: their memory is reused between forwards.
+    Streamed and offloaded weights take the same flag (it picks matmul's kernel even under
+    ``no_grad``), but their memory is reused between forwards: a backward through a layer whose
+    slot holds another layer by then raises ``RuntimeError`` rather than use those weights.
     Sharded and streamed models carry accelerate's ``model.hf_device_map``.
 
     A quantized load keeps its quantized weights in the spill folder and a repeat load of the

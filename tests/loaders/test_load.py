@@ -193,6 +193,50 @@ def test_streamed_load_keeps_the_arena_bounded_and_logits_exact(
     assert 0.0 <= stats.hidden_fraction <= 1.0
 
 
+@pytest.mark.parametrize("source", ["disk", "host"])
+def test_streamed_weights_require_grad_as_from_pretrained_leaves_them(tiny_llama: Path, source: str) -> None:
+    """A tensor's requires_grad picks matmul's kernel even under no_grad (a 3-D input that is not
+    contiguous is folded or not by it): a frozen streamed weight computed PatchTST's attention
+    in another summation order than transformers' model."""
+    strategy = Streamed(CUDA0, source, resident_layers=1, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    model = memplan.load(
+        tiny_llama,
+        plan=plan_only(tiny_llama, f"streamed-{source}", tight_spec(tiny_llama, strategy)),
+        progress=False,
+    )
+    seen: list[bool] = []
+    layer = model.model.layers[2].mlp.down_proj
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.weight.requires_grad))
+    logits(model)
+    assert seen == [True]
+    frozen = memplan.load(
+        tiny_llama, plan=plan_only(tiny_llama, f"streamed-{source}", tight_spec(tiny_llama, strategy)),
+        progress=False, trainable=False,
+    )  # fmt: skip
+    frozen.model.layers[2].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(m.weight.requires_grad)
+    )
+    logits(frozen)
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("source", ["disk", "host"])
+def test_a_backward_through_a_reused_streamed_slot_raises_instead_of_using_other_weights(
+    tiny_llama: Path, source: str
+) -> None:
+    """The graph of a forward outside no_grad keeps the slot's views; once a slot holds the next
+    layer, a backward through the first would compute with the wrong weights."""
+    strategy = Streamed(CUDA0, source, resident_layers=1, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    model = memplan.load(
+        tiny_llama,
+        plan=plan_only(tiny_llama, f"streamed-{source}", tight_spec(tiny_llama, strategy)),
+        progress=False,
+    )
+    loss = model(IDS).logits.float().sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_a_streamed_model_gives_its_shards_descriptors_back_when_it_goes(tiny_llama: Path) -> None:
     """Streamed layers read the checkpoint at every forward, long after the load: a model
