@@ -27,7 +27,7 @@ from memplan.errors import (
     UnsupportedQuantization,
 )
 from memplan.gpu import Allocator, Device, DeviceMemory, Inventory, probe
-from memplan.loaders import Fallback, LoadReport, load, remove_hooks
+from memplan.loaders import Fallback, LoadReport, load, remove_hooks, with_computed_buffers
 from memplan.planner import (
     Checkpoint,
     Corrections,
@@ -99,4 +99,5 @@ __all__ = [
     "plan",
     "probe",
     "remove_hooks",
+    "with_computed_buffers",
 ]

@@ -59,6 +59,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _plan_from(args: argparse.Namespace) -> Plan:
     checkpoint = inspect(args.model, revision=args.revision)
+    if getattr(args, "build", False):
+        from memplan.loaders import with_computed_buffers
+
+        checkpoint = with_computed_buffers(checkpoint)
     inventory = probe(args.simulate)
     workload = Workload(batch=args.batch, context=args.context, kv_dtype=args.kv_dtype)
     base = Policy.seed_thresholds() if args.policy == "thresholds" else Policy()
@@ -271,6 +275,10 @@ def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
 def _add_plan(commands: Any) -> None:
     cmd = commands.add_parser("plan", help="choose how to load a model: full, quantized, sharded or streamed")
     _plan_arguments(cmd)
+    cmd.add_argument(
+        "--build", action="store_true",
+        help="build the model skeleton (needs transformers) to count the buffers it computes, as load does",
+    )  # fmt: skip
     cmd.set_defaults(run=_cmd_plan)
 
 

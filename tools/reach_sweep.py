@@ -409,7 +409,7 @@ def _load(model_class: type, folder: Path, mode: str, workload: Any) -> Any:
     from memplan.planner import Overheads
 
     exact = Overheads(cuda_context=0, allocator_slack=0.0)
-    checkpoint = memplan.inspect(folder)
+    checkpoint = memplan.with_computed_buffers(memplan.inspect(folder), model_class)
     spec = "cpu=8GiB"
     candidate = "full"
     if mode == "streamed":

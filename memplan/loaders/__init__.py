@@ -4,7 +4,8 @@ Imports torch only when a load runs.
 """
 
 from memplan.loaders._hooks import remove_hooks
+from memplan.loaders._skeleton import with_computed_buffers
 from memplan.loaders.load import load
 from memplan.loaders.report import Fallback, LoadReport
 
-__all__ = ["Fallback", "LoadReport", "load", "remove_hooks"]
+__all__ = ["Fallback", "LoadReport", "load", "remove_hooks", "with_computed_buffers"]

@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ModelFactory", "build_skeleton", "check_config", "empty_parameters"]
+__all__ = ["ModelFactory", "build_skeleton", "check_config", "empty_parameters", "with_computed_buffers"]
 
 _BUILD_LOCK = threading.Lock()
 
@@ -182,3 +183,31 @@ def _build(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.
     with empty_parameters():
         model = _construct(factory, config, dtype)
     return model.eval()
+
+
+def with_computed_buffers(checkpoint: Checkpoint, model_cls: ModelFactory | None = None) -> Checkpoint:
+    """``checkpoint`` with the buffers its model computes rather than stores, measured on a
+    skeleton (GPT-Neo builds a causal mask of ``max_positions``² per layer in ``__init__``: no
+    header says so). A config that cannot be built is measured as nothing; the load says why."""
+    import torch
+
+    from memplan.loaders._conversion import key_map
+    from memplan.loaders._reader import torch_dtype
+
+    try:
+        check_config(checkpoint)
+        model = build_skeleton(checkpoint, model_cls, torch_dtype(checkpoint.dtype))
+    except (MemplanError, ValueError, TypeError, AttributeError, KeyError, ImportError, OSError):
+        return checkpoint
+    keys = key_map(model, checkpoint.tensors)
+    stored = set(keys.plain) | set(keys.fused)
+    seen: set[int] = set()
+    found: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        for attr, buffer in module._buffers.items():
+            full = f"{module_name}.{attr}" if module_name else attr
+            if not isinstance(buffer, torch.Tensor) or buffer.is_meta or full in stored or id(buffer) in seen:
+                continue
+            seen.add(id(buffer))
+            found[module_name] = found.get(module_name, 0) + buffer.numel() * buffer.element_size()
+    return replace(checkpoint, computed_buffers=tuple(found.items()))

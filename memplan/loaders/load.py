@@ -20,7 +20,7 @@ from memplan.loaders._hooks import Hooks
 from memplan.loaders._malloc import fix_mmap_threshold
 from memplan.loaders._placement import Placement
 from memplan.loaders._reader import TensorReader
-from memplan.loaders._skeleton import ModelFactory, check_config
+from memplan.loaders._skeleton import ModelFactory, check_config, with_computed_buffers
 from memplan.loaders._strategies import Loaded, LoadOptions, carry_out
 from memplan.loaders.report import Fallback, LoadReport, RssSampler
 from memplan.planner.checkpoint import Checkpoint, inspect
@@ -81,6 +81,7 @@ def load(
     check_config(checkpoint)
     if plan is not None:
         _check_plan(plan, checkpoint, workload, policy)
+    checkpoint = with_computed_buffers(checkpoint, model_cls)  # for its own plan, and any fallback
     fix_mmap_threshold()
     inventory = allocator.inventory if allocator else plan.inventory if plan else probe()
     allocator = allocator or Allocator(inventory)

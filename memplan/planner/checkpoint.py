@@ -242,6 +242,10 @@ class Checkpoint:
     notes: tuple[str, ...] = ()  # what a plan should say about how this was read
     components: tuple[tuple[str, Checkpoint], ...] = ()  # a diffusers pipeline's models, by name
     stacks: tuple[Stack, ...] = ()  # ``layers`` is their blocks, stack after stack
+    # Buffers the model computes in its __init__ rather than stores (GPT-Neo's causal masks), by
+    # module name, in bytes. Only a built model knows them: memplan.loaders.with_computed_buffers
+    # fills them in (load does); empty means not known, and the estimate counts none.
+    computed_buffers: tuple[tuple[str, int], ...] = field(default=(), compare=False)
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:

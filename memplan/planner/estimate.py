@@ -597,6 +597,8 @@ def estimate(
     ledger = _Ledger()
     ledger.add(Device("cpu"), buffers=overheads.load_runtime)  # the host always pays the runtimes
     _LAYOUTS[type(strategy)](checkpoint, workload, strategy, ledger)
+    for module, nbytes in checkpoint.computed_buffers:  # they live where their module runs
+        ledger.add(_runs_on(strategy, module), buffers=nbytes)
     if isinstance(strategy, Quantized) and (strategy.method == "int8" or strategy.device.is_accelerator):
         ledger.add(Device("cpu"), buffers=overheads.bnb_runtime)
     elif isinstance(strategy, Quantized):
@@ -617,6 +619,18 @@ def estimate(
     elif not _has_attention_facts(checkpoint):
         notes += ("no usable config.json: KV cache and activations are not estimated",)
     return Estimate(strategy, tuple(devices), notes)
+
+
+def _runs_on(strategy: Strategy, module: str) -> Device:
+    """The device ``module`` runs on under ``strategy`` (offloaded modules run on the execution device)."""
+    if isinstance(strategy, Streamed):
+        return strategy.compute_device
+    if not isinstance(strategy, Sharded):
+        return strategy.device
+    for placed, device in strategy.device_map:
+        if module == placed or module.startswith(f"{placed}."):
+            return device if device.is_accelerator or not strategy.offloaded else strategy.execution_device
+    return strategy.execution_device
 
 
 def _quantized_note(checkpoint: Checkpoint, strategy: Quantized) -> str:

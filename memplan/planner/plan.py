@@ -244,7 +244,8 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     others = non_layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv = kv_cache_bytes(ckpt, ctx.workload, ctx.dtype)
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1
-    base = _device_budget(ctx, device, 0) - int((others + kv) * slack)
+    computed = sum(nbytes for _, nbytes in ckpt.computed_buffers)
+    base = _device_budget(ctx, device, 0) - int((others + kv + computed) * slack)
     # What the first k layers hold once resident; sorted, as sizes are never negative.
     held = list(itertools.accumulate(int(size * slack) for size in sizes))
     for depth in range(ctx.policy.prefetch_depth, 0, -1):

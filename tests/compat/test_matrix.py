@@ -81,23 +81,25 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
     return Saved(tmp_path_factory.mktemp("families"))
 
 
-def streaming_spec(path: Path) -> str:
+def streaming_spec(path: Path, model_cls: Any = None) -> str:
     """A simulated accelerator with room for one resident layer and one in flight, so the plan
-    streams every other layer from disk (a tiny model would otherwise fit whole)."""
+    streams every other layer from disk (a tiny model would otherwise fit whole). The buffers the
+    model computes are counted, as a load counts them."""
     one = Streamed(Device("cuda", 0), "disk", resident_layers=1, prefetch_depth=1, dtype="F32")
-    peak = memplan.estimate(memplan.inspect(path), WORKLOAD, one, overheads=EXACT).on(Device("cuda", 0)).peak
+    checkpoint = memplan.with_computed_buffers(memplan.inspect(path), model_cls)
+    peak = memplan.estimate(checkpoint, WORKLOAD, one, overheads=EXACT).on(Device("cuda", 0)).peak
     return f"cuda:0={math.ceil(peak / 0.9) + 1024},{CPU_ONLY}"
 
 
-def load(path: Path, candidate: str, spec: str | None = None) -> torch.nn.Module:
-    spec = spec or (streaming_spec(path) if candidate == "streamed-disk" else CPU_ONLY)
+def load(path: Path, candidate: str, spec: str | None = None, model_cls: Any = None) -> torch.nn.Module:
+    spec = spec or (streaming_spec(path, model_cls) if candidate == "streamed-disk" else CPU_ONLY)
     plan = memplan.plan(
-        memplan.inspect(path), memplan.probe(spec), WORKLOAD,
+        memplan.with_computed_buffers(memplan.inspect(path), model_cls), memplan.probe(spec), WORKLOAD,
         Policy(order=(candidate,), overheads=EXACT, prefetch_depth=1, allow_quantization=True),
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tied heads saved once: warned about, not what is tested here
-        return memplan.load(path, plan=plan, progress=False)
+        return memplan.load(path, plan=plan, progress=False, model_cls=model_cls)
 
 
 def output(model: torch.nn.Module, family: Family) -> torch.Tensor:
