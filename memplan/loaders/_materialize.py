@@ -310,10 +310,19 @@ def _stored_names(weight: str, tensors: Mapping[str, object]) -> list[str]:
     return [weight] + [layer + s for s in QUANT_STATE_SUFFIXES if layer + s in tensors]
 
 
-def move_real_buffers(model: nn.Module, placement: Placement, device_for: Callable[[str], Device]) -> None:
-    """Computed buffers (rotary tables) go where their module runs, charged like everything else."""
+def move_real_buffers(
+    model: nn.Module, placement: Placement, device_for: Callable[[str], Device], loaded: Iterable[Binding]
+) -> None:
+    """Computed buffers (rotary tables, causal masks) go where their module runs, charged like
+    everything else, once each: buffers ``loaded`` from the checkpoint are placed already, and
+    one tensor several modules share moves once and stays shared."""
+    from_checkpoint = {(id(module), attr) for b in loaded if b.is_buffer for module, attr in b.owners}
+    moved: dict[int, torch.Tensor] = {}
     for module_name, module in model.named_modules():
         for attr, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.device.type != "meta":
+            if buffer is None or buffer.device.type == "meta" or (id(module), attr) in from_checkpoint:
+                continue
+            if id(buffer) not in moved:
                 full = f"{module_name}.{attr}" if module_name else attr
-                module._buffers[attr] = placement.put(buffer, device_for(full), full)
+                moved[id(buffer)] = placement.put(buffer, device_for(full), full)
+            module._buffers[attr] = moved[id(buffer)]

@@ -115,7 +115,7 @@ def _one_device(
     model: nn.Module, strategy: Full | Quantized, materializer: Materializer, everything: list[Binding]
 ) -> DeviceFor:
     materializer.load_all(everything, lambda _: strategy.device)
-    move_real_buffers(model, materializer.placement, lambda _: strategy.device)
+    move_real_buffers(model, materializer.placement, lambda _: strategy.device, everything)
     return lambda _: strategy.device
 
 
@@ -152,7 +152,7 @@ def _sharded(
         moved = dict.fromkeys(offloaded, strategy.execution_device)
         run_on = _prefix_lookup(tuple(moved.items()) + device_map, strategy.execution_device)
     materializer.load_all(resident, run_on)
-    move_real_buffers(model, placement, run_on)
+    move_real_buffers(model, placement, run_on, everything)
     for module_name, _ in device_map:
         device = placement.torch_device(run_on(module_name))
         module = _submodule(model, module_name)
@@ -209,7 +209,7 @@ def _streamed(
             ),
         )
     materializer.load_all(resident, lambda _: strategy.compute_device)
-    move_real_buffers(model, materializer.placement, lambda _: strategy.compute_device)
+    move_real_buffers(model, materializer.placement, lambda _: strategy.compute_device, everything)
     return lambda _: strategy.compute_device
 
 

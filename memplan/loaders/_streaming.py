@@ -25,14 +25,13 @@ from memplan._threads import after_all
 from memplan.gpu.device import Device
 from memplan.loaders._materialize import Binding, Materializer, set_tensor
 from memplan.loaders._placement import Placement
+from memplan.planner.estimate import SLOT_ALIGN
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = ["ModuleStreamer", "StreamStats"]
-
-_ALIGN = 256  # bytes; keeps every view in a slot aligned for vectorised kernels
 
 
 @dataclass
@@ -77,7 +76,7 @@ def _layout(bindings: list[Binding], dtypes: list[torch.dtype]) -> list[int]:
     for b, dtype in zip(bindings, dtypes, strict=True):
         offsets.append(at)
         size = dtype.itemsize * math.prod(b.shape)
-        at += -(-size // _ALIGN) * _ALIGN
+        at += -(-size // SLOT_ALIGN) * SLOT_ALIGN
     offsets.append(at)
     return offsets
 

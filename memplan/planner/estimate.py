@@ -323,18 +323,34 @@ def _tensor_kinds(checkpoint: Checkpoint, skip: tuple[str, ...] | None = None) -
     return checkpoint.memo(("tensor_kinds", skip), compute)
 
 
-def module_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> dict[str, int]:
-    """Bytes per module the device map places: each decoder layer, and each other module."""
+# Each tensor in a streaming slot starts on this boundary (vectorised kernels want aligned rows):
+# a layer of many small tensors takes more slot than its bytes.
+SLOT_ALIGN = 256
+
+
+def module_weight_bytes(
+    checkpoint: Checkpoint, fmt: WeightFormat, *, aligned: bool = False
+) -> dict[str, int]:
+    """Bytes per module the device map places: each decoder layer, and each other module;
+    ``aligned``: as laid out in a streaming slot, each tensor rounded up to :data:`SLOT_ALIGN`."""
 
     def compute() -> dict[str, int]:
         found = _tensor_kinds(checkpoint, fmt.skip)
         kind_bytes = [fmt.bytes_of(tensor) for tensor in found.examples]
+        if aligned:
+            kind_bytes = [-(-size // SLOT_ALIGN) * SLOT_ALIGN for size in kind_bytes]
         sizes: dict[str, int] = defaultdict(int)
         for module, kind in zip(found.modules, found.kinds, strict=True):
             sizes[module] += kind_bytes[kind]
         return dict(sizes)
 
-    return checkpoint.memo(("module_bytes", fmt), compute)
+    return checkpoint.memo(("module_bytes", fmt, aligned), compute)
+
+
+def largest_slot_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> int:
+    """The streaming slot that holds any one layer: the largest layer, laid out aligned."""
+    sizes = module_weight_bytes(checkpoint, fmt, aligned=True)
+    return max((sizes[layer.prefix] for layer in checkpoint.layers), default=0)
 
 
 def layer_weight_bytes(checkpoint: Checkpoint, fmt: WeightFormat) -> list[int]:
@@ -555,8 +571,7 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
 def _streamed(checkpoint: Checkpoint, workload: Workload, strategy: Streamed, ledger: _Ledger) -> None:
     fmt = WeightFormat.of(strategy)
     sizes = layer_weight_bytes(checkpoint, fmt)
-    largest = max(sizes, default=0)
-    arena = (strategy.prefetch_depth + 1) * largest
+    arena = (strategy.prefetch_depth + 1) * largest_slot_bytes(checkpoint, fmt)
     resident = sum(sizes[: strategy.resident_layers])
     others = non_layer_weight_bytes(checkpoint, fmt)
     device = strategy.compute_device

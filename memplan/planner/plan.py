@@ -29,6 +29,7 @@ from memplan.planner.estimate import (
     estimate,
     kv_bytes_by_layer,
     kv_cache_bytes,
+    largest_slot_bytes,
     layer_weight_bytes,
     module_weight_bytes,
     non_layer_weight_bytes,
@@ -240,7 +241,7 @@ def _streamed(ctx: _Context, source: str, device: Device) -> Streamed | str:
     origin: Literal["host", "disk"] = "host" if source == "host" else "disk"
     if not sizes:  # nothing repeats (ALBERT's shared layer, XLM's parallel lists): all of it resident
         return Streamed(device, origin, 0, 1, ctx.dtype)
-    largest = max(sizes)
+    largest = largest_slot_bytes(ckpt, WeightFormat(ctx.dtype))
     others = non_layer_weight_bytes(ckpt, WeightFormat(ctx.dtype))
     kv = kv_cache_bytes(ckpt, ctx.workload, ctx.dtype)
     slack = 1 + overheads.allocator_slack if device.is_accelerator else 1

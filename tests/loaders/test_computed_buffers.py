@@ -69,3 +69,22 @@ def test_the_plan_command_counts_them_when_asked_to_build(
         plans.append(memplan.Plan.from_json(capsys.readouterr().out))
     cuda = Device("cuda", 0)
     assert plans[1].estimate.on(cuda).buffers - plans[0].estimate.on(cuda).buffers == 2 * 256 * 256  # type: ignore[union-attr]
+
+
+def test_every_tensor_of_a_loaded_model_is_charged_once(tmp_path: Path) -> None:
+    """Bark stores its causal masks (persistent buffers): placed from the checkpoint, they were
+    charged a second time as computed buffers, and a streamed plan that fitted ran out of memory."""
+    import torch
+    from transformers import BarkSemanticModel
+
+    reach = next(r for r in REACH if r.name == "bark_semantic")
+    torch.manual_seed(0)
+    BarkSemanticModel(reach.build_config()).save_pretrained(tmp_path / "bark")
+    cuda = Device("cuda", 0)
+    allocator = memplan.Allocator(memplan.probe("cuda:0=1GiB,cpu=8GiB"))
+    policy = memplan.Policy(order=("full",), overheads=EXACT)
+    model = memplan.load(
+        tmp_path / "bark", policy=policy, allocator=allocator, progress=False, model_cls=BarkSemanticModel
+    )
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    assert allocator.usage(cuda).used == sum(t.numel() * t.element_size() for t in tensors.values())
