@@ -9,10 +9,16 @@ memplan, and run on the tester's own inputs. Equal means ``torch.equal`` on ever
 where transformers' own save/load round trip moves the output (≤ 1e-5) and memplan equals the
 unsaved model to the bit, that counts as equal too.
 
-Not part of ``make test``: it needs a transformers source tree (the per-model test files and the
-shared ``tests/test_modeling_common.py`` and friends) and ``pip install parameterized``::
+Not part of ``make test``: it needs a transformers source tree (``tests/``, ``utils/`` and
+``src/transformers/testing_utils.py`` of one checkout; the release's source distribution lacks
+the per-model tests) and what its test files import::
 
+    pip install parameterized httpx datasets timeout-decorator scipy
     python tools/reach_sweep.py --tests /path/to/transformers [--only llama,bert] [--jobs 2]
+
+A tree older or newer than the installed transformers may import names the release lacks: each
+is stubbed (a constant the testers read is taken from the tree's own ``testing_utils.py``), and
+the modules that needed one are counted apart in the summary.
 
 Each test module runs in a process of its own (a crash or hang costs one module). Results go to
 ``--out`` as JSON lines, and a summary by outcome and by error is printed. Test modules that do
