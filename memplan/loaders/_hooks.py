@@ -28,6 +28,8 @@ class Hooks:
         # torch marks the hook it is given, which a bound method cannot take: a partial can
         hook = functools.partial(type(streamer).fill_state_dict, streamer)
         self.handles.append(model.register_state_dict_post_hook(hook))  # type: ignore[no-untyped-call]
+        self.handles.append(model.register_forward_pre_hook(streamer.begin_forward))
+        self.handles.append(model.register_forward_hook(streamer.end_forward, always_call=True))
 
     def remove(self) -> None:
         """Take every hook off and stop the streamer's prefetch thread. Idempotent."""

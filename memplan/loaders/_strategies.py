@@ -258,12 +258,18 @@ def _renamer(everything: list[Binding]) -> Rename:
     by_suffix = prefix_map((b.source, b.name) for b in everything if b.conversion is None)
     pairs = [(b.source, b.name) for b in everything]
 
+    def holds_only(candidate: str, module: str) -> bool:
+        return not any(in_module(n, candidate) and not in_module(s, module) for s, n in pairs)
+
     def rename(module: str) -> str:
-        mine = [name for source, name in pairs if in_module(source, module)]
-        holder = _common_module(mine)
-        if holder and not any(in_module(n, holder) and not in_module(s, module) for s, n in pairs):
-            return holder
-        return by_suffix.get(module, module)
+        holder = _common_module([name for source, name in pairs if in_module(source, module)])
+        if not holder or not holds_only(holder, module):
+            return by_suffix.get(module, module)
+        # The outermost module that still holds nothing else: a layer whose weights all sit in one
+        # child (T5's ``block.0.layer``, a block of one Linear) is the layer, not the child.
+        while "." in holder and holds_only(holder.rsplit(".", 1)[0], module):
+            holder = holder.rsplit(".", 1)[0]
+        return holder
 
     return rename
 

@@ -123,6 +123,8 @@ class ModuleStreamer:
         self._bound: dict[int, int] = {}
         self._released: dict[int, Any] = {}  # slot -> CUDA event recorded when its module finished
         self._lock = threading.Lock()
+        self._forward_lock = threading.Lock()
+        self._forward_owner: int | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="memplan-prefetch")
         self._stream = torch.cuda.Stream(device=where) if self._cuda else None  # type: ignore[no-untyped-call]
         if source == "host":
@@ -158,6 +160,20 @@ class ModuleStreamer:
                 tensor = self.materializer.host_tensor(b)
                 placement.charge(cpu, tensor.numel() * tensor.element_size(), b.name)
                 item.host[b.name] = tensor.pin_memory() if self._cuda else tensor
+
+    def begin_forward(self, model: nn.Module, args: Any) -> None:
+        """One forward through the model at a time: forwards on two threads would bind one slot
+        each other's modules (a forward pre-hook of the model). A forward this thread left by a
+        BaseException (Ctrl-C: torch runs always_call hooks for an Exception only) still holds it."""
+        me = threading.get_ident()
+        if self._forward_owner != me:
+            self._forward_lock.acquire()
+            self._forward_owner = me
+
+    def end_forward(self, model: nn.Module, args: Any, output: Any) -> None:
+        if self._forward_owner == threading.get_ident():
+            self._forward_owner = None
+            self._forward_lock.release()
 
     @property
     def slot_bytes(self) -> int:
@@ -195,6 +211,10 @@ class ModuleStreamer:
         event = self._released.pop(slot, None)
         if event is not None:
             event.synchronize()  # the compute stream is done reading this slot's previous module
+        # Reads land in the slot behind autograd's back: a graph that kept the views of the slot's
+        # last module would compute its backward with these weights. Bumped before the first byte
+        # lands and after the last, it raises instead.
+        torch.autograd.graph.increment_version(self._slots[slot])
         direct = []
         for b, view, file_dtype in zip(item.bindings, self._views(item, slot), item.file_dtypes, strict=True):
             if self._reads_straight_in(b, view, file_dtype):
@@ -204,8 +224,6 @@ class ModuleStreamer:
         self.materializer.reader.read_all_into(direct)
         if self._stream is not None:
             self._stream.synchronize()
-        # Reads land in the slot behind autograd's back: a graph that kept the views of the slot's
-        # last module would compute its backward with these weights. Now it raises instead.
         torch.autograd.graph.increment_version(self._slots[slot])
         seconds = time.perf_counter() - start
         with self._lock:
@@ -240,6 +258,17 @@ class ModuleStreamer:
         with self._fills_lock:
             self._fills.add(future)  # until done, whoever took it or gave its slot up
         future.add_done_callback(self._filled)
+
+    def _prefetch(self, index: int) -> None:
+        """Start fetching module ``index`` ahead of its use; caller holds the lock. Past the last
+        module that is the next forward's first: not while autograd records this one, since a
+        backward would read slots a fill overwrites behind its back (a refill within the forward
+        bumps the slot's version first, and the backward raises)."""
+        import torch
+
+        if index >= len(self._items) and torch.is_grad_enabled():
+            return
+        self._schedule(index % len(self._items))
 
     def _filled(self, future: Future[float]) -> None:
         with self._fills_lock:  # not self._lock: this may run in _schedule, which holds it
@@ -295,7 +324,7 @@ class ModuleStreamer:
             set_tensor(b, view, trainable=self.materializer.trainable)
         with self._lock:
             for step in range(1, self.depth + 1):
-                self._schedule((index + step) % len(self._items))
+                self._prefetch(index + step)
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._unbind(self._index[id(module)])
@@ -316,7 +345,7 @@ class ModuleStreamer:
                 event.record(torch.cuda.current_stream(self._slots[slot].device))
                 self._released[slot] = event
             self._free.append(slot)
-            self._schedule((index + self.depth) % len(self._items))
+            self._prefetch(index + self.depth)
 
     def close(self) -> None:
         """Remove the hooks and stop the prefetch thread; once the fills under way are done,

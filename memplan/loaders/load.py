@@ -81,7 +81,8 @@ def load(
     check_config(checkpoint)
     if plan is not None:
         _check_plan(plan, checkpoint, workload, policy)
-    checkpoint = with_computed_buffers(checkpoint, model_cls)  # for its own plan, and any fallback
+    else:  # a plan of its own counts the buffers the model computes (and so do its fallbacks)
+        checkpoint = with_computed_buffers(checkpoint, model_cls)
     fix_mmap_threshold()
     inventory = allocator.inventory if allocator else plan.inventory if plan else probe()
     allocator = allocator or Allocator(inventory)

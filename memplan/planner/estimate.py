@@ -542,6 +542,7 @@ def _dequantized(checkpoint: Checkpoint, strategy: Quantized) -> int:
 
 def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledger: _Ledger) -> None:
     sizes = module_weight_bytes(checkpoint, WeightFormat.of(strategy))
+    slots = module_weight_bytes(checkpoint, WeightFormat.of(strategy), aligned=True)
     kv_of = kv_bytes_by_layer(checkpoint, workload, strategy.dtype)
     act = activation_bytes(checkpoint, workload, strategy.dtype)
     offloaded = strategy.offloaded  # scans the whole map: once, not once per module
@@ -554,7 +555,7 @@ def _sharded(checkpoint: Checkpoint, workload: Workload, strategy: Sharded, ledg
             ledger.add(device, kv_cache=kv)
         else:  # offloaded: weights wait in host RAM, run (and keep their KV) on the execution device
             ledger.add(strategy.execution_device, kv_cache=kv)
-            largest_offloaded = max(largest_offloaded, *nbytes)
+            largest_offloaded = max(largest_offloaded, *(slots.get(module, 0) for module in modules))
         if not device.is_accelerator:
             on_host += sum(nbytes)
     for device in strategy.devices:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import wait
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,6 +236,65 @@ def test_a_backward_through_a_reused_streamed_slot_raises_instead_of_using_other
     loss = model(IDS).logits.float().sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _grad_at_layer(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """The gradient of the logits' square sum at ``layer``'s input: a backward of part of the graph."""
+    box: dict[str, torch.Tensor] = {}
+
+    def grab(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        box["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = model.model.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    loss = model(IDS).logits.float().pow(2).sum()
+    handle.remove()
+    return torch.autograd.grad(loss, box["h"])[0]
+
+
+def test_a_partial_backward_never_reads_a_slot_being_refilled(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a forward that autograd records, nothing is fetched ahead for the next forward, so a
+    backward of the last layers (whose slots were not reused) reads their own weights, however
+    slow the disk; the prefetch of the next forward's layers used to overwrite them."""
+    from transformers import AutoModelForCausalLM
+
+    from memplan.loaders import _reader
+
+    want = _grad_at_layer(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16), 2)
+    strategy = Streamed(CUDA0, "disk", resident_layers=0, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    model = memplan.load(
+        tiny_llama,
+        plan=plan_only(tiny_llama, "streamed-disk", tight_spec(tiny_llama, strategy), prefetch_depth=1),
+        progress=False,
+    )
+    assert model.memplan_report.strategy == strategy
+    read = _reader.TensorReader.read_all_into
+
+    def slow(self: Any, pairs: Any) -> None:
+        read(self, pairs)
+        time.sleep(0.3)  # a slow disk: the fill is still under way when the backward runs
+
+    monkeypatch.setattr(_reader.TensorReader, "read_all_into", slow)
+    assert torch.equal(_grad_at_layer(model, 2), want)
+
+
+def test_forwards_on_two_threads_take_turns(tiny_llama: Path, want: torch.Tensor) -> None:
+    """Two threads bound their modules to one slot and freed it under each other (wrong logits,
+    no error); a streamed model runs one forward at a time."""
+    model = _streamed_disk(tiny_llama)
+    results: list[bool] = []
+
+    def work() -> None:
+        for _ in range(10):
+            results.append(torch.equal(logits(model), want))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 20
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")

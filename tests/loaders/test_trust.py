@@ -154,6 +154,16 @@ def test_layers_the_config_does_not_have_are_an_error_naming_a_tensor(
     assert charged(allocator) == {}
 
 
+def test_a_per_stage_number_the_model_refuses_is_a_checkpoint_error(two_layers: Path, tmp_path: Path) -> None:
+    """memplan reads per-stage numbers; a Llama's config class refuses them (huggingface_hub's
+    strict field check, not a ValueError), and that is the config's fault, named so."""
+    broken = with_config(two_layers, tmp_path / "m", num_key_value_heads=[1, 2])
+    with pytest.raises(CheckpointError) as info:
+        memplan.load(broken, plan=plan_only(broken, "full", FULL_SPEC), progress=False)
+    assert info.value.file == str(broken / "config.json")
+    assert memplan.with_computed_buffers(memplan.inspect(broken)).computed_buffers == ()
+
+
 def test_a_layer_missing_from_the_checkpoint_is_an_error_naming_its_tensor(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
