@@ -72,9 +72,13 @@ def test_a_prometheus_port_in_use_is_one_line_exit_1() -> None:
     assert_one_line(out, 1, "memplan: error:", str(port))
 
 
-def test_layers_with_a_gap_are_one_line_naming_the_tensor(tmp_path: Path) -> None:
-    model = write_checkpoint(tmp_path / "gap", [0, 2], small_config(3))
-    assert_one_line(run_cli("plan", str(model), "--simulate", SPEC), 1, "model.layers.2.mlp.weight")
+def test_layers_with_a_gap_plan_and_a_junk_stage_is_one_line_naming_the_config(tmp_path: Path) -> None:
+    """A gap is the built model's to judge (tests/loaders/test_trust.py); a per-stage number that
+    is no number is the config's fault, said in one line."""
+    gap = write_checkpoint(tmp_path / "gap", [0, 2], small_config(3))
+    assert run_cli("plan", str(gap), "--simulate", SPEC).returncode == 0
+    junk = write_checkpoint(tmp_path / "junk", [0, 1], {**small_config(2), "num_attention_heads": [2, "x"]})
+    assert_one_line(run_cli("plan", str(junk), "--simulate", SPEC), 1, "config.json")
 
 
 def test_a_negative_head_count_is_one_line_naming_config_and_field(tmp_path: Path) -> None:
