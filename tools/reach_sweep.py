@@ -72,7 +72,7 @@ def _summary(rows: list[dict[str, Any]]) -> str:
     lines = []
     modules = {r["module"] for r in rows}
     apart = Counter(r["status"] for r in rows if "mode" not in r)
-    lines.append(f"{len(modules)} test modules; apart from the comparisons: {dict(apart) or 'nothing'}")
+    lines.append(f"{len(modules)} model directories; apart from the comparisons: {dict(apart) or 'nothing'}")
     for mode in MODES:
         mine = [r for r in rows if r.get("mode") == mode]
         if not mine:
@@ -85,11 +85,14 @@ def _summary(rows: list[dict[str, Any]]) -> str:
             f"{r['status']}: {r.get('error', '')}" for r in counted if not r["status"].startswith("equal")
         )
         lines.extend(f"  {n:4d}  {cause[:160]}" for cause, n in causes.most_common())
-    both = Counter()
+    outcomes: dict[tuple[str, ...], dict[str, bool]] = {}
     for r in rows:
-        if r.get("mode") in MODES and r["status"].startswith("equal"):
-            both[r["module"], r["model_class"]] += 1
-    lines.append(f"equal in both modes: {sum(n == len(MODES) for n in both.values())}")
+        if r.get("mode") in MODES:
+            key = (r["module"], r["test_class"], r["model_class"])
+            seen = outcomes.setdefault(key, {})
+            seen[r["mode"]] = seen.get(r["mode"], True) and r["status"].startswith("equal")
+    both = sum(len(v) == len(MODES) and all(v.values()) for v in outcomes.values())
+    lines.append(f"equal in both modes: {both}")
     return "\n".join(lines)
 
 
