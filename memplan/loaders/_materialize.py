@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ from memplan.loaders._placement import Placement
 from memplan.loaders._prequantized import DamagedState
 from memplan.loaders._quantize import is_quantized_layer, prequantized_weight, quantize_weight, quantized_size
 from memplan.loaders._reader import TensorReader
-from memplan.planner.checkpoint import Checkpoint
+from memplan.planner.checkpoint import Checkpoint, in_module
 from memplan.planner.quantization import QUANT_STATE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -66,11 +66,6 @@ def _grouped_params(model: nn.Module) -> dict[int, tuple[list[tuple[nn.Module, s
                 owners.append((module, attr))
                 names.append(f"{module_name}.{attr}" if module_name else attr)
     return groups
-
-
-def in_module(name: str, module: str) -> bool:
-    """Whether the tensor or module ``name`` is ``module`` or lies inside it."""
-    return name == module or name.startswith(f"{module}.")
 
 
 def _binding(owners: list[tuple[nn.Module, str]], names: list[str], keys: KeyMap, is_buffer: bool) -> Binding:
@@ -310,19 +305,43 @@ def _stored_names(weight: str, tensors: Mapping[str, object]) -> list[str]:
     return [weight] + [layer + s for s in QUANT_STATE_SUFFIXES if layer + s in tensors]
 
 
+def _computed(
+    model: nn.Module, loaded: Iterable[Binding]
+) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Each real buffer of ``model`` that is not ``loaded`` from the checkpoint (rotary tables,
+    causal masks): its module's name, the module, the attribute and the buffer."""
+    from_checkpoint = {(id(module), attr) for b in loaded if b.is_buffer for module, attr in b.owners}
+    for module_name, module in model.named_modules():
+        for attr, buffer in list(module._buffers.items()):
+            if (
+                buffer is not None
+                and buffer.device.type != "meta"
+                and (id(module), attr) not in from_checkpoint
+            ):
+                yield module_name, module, attr, buffer
+
+
 def move_real_buffers(
     model: nn.Module, placement: Placement, device_for: Callable[[str], Device], loaded: Iterable[Binding]
 ) -> None:
-    """Computed buffers (rotary tables, causal masks) go where their module runs, charged like
-    everything else, once each: buffers ``loaded`` from the checkpoint are placed already, and
-    one tensor several modules share moves once and stays shared."""
-    from_checkpoint = {(id(module), attr) for b in loaded if b.is_buffer for module, attr in b.owners}
+    """Computed buffers go where their module runs, charged like everything else, once each:
+    buffers ``loaded`` from the checkpoint are placed already, and one tensor several modules
+    share moves once and stays shared."""
     moved: dict[int, torch.Tensor] = {}
-    for module_name, module in model.named_modules():
-        for attr, buffer in list(module._buffers.items()):
-            if buffer is None or buffer.device.type == "meta" or (id(module), attr) in from_checkpoint:
-                continue
-            if id(buffer) not in moved:
-                full = f"{module_name}.{attr}" if module_name else attr
-                moved[id(buffer)] = placement.put(buffer, device_for(full), full)
-            module._buffers[attr] = moved[id(buffer)]
+    for module_name, module, attr, buffer in _computed(model, loaded):
+        if id(buffer) not in moved:
+            full = f"{module_name}.{attr}" if module_name else attr
+            moved[id(buffer)] = placement.put(buffer, device_for(full), full)
+        module._buffers[attr] = moved[id(buffer)]
+
+
+def computed_buffer_bytes(model: nn.Module, keys: KeyMap) -> dict[str, int]:
+    """Bytes of the buffers a load of the skeleton ``model`` computes rather than reads, by module,
+    each tensor once: what :func:`move_real_buffers` places (the stored ones go to meta here)."""
+    found: dict[str, int] = {}
+    seen: set[int] = set()
+    for module_name, _, _, buffer in _computed(model, _buffer_bindings(model, keys)):
+        if id(buffer) not in seen:
+            seen.add(id(buffer))
+            found[module_name] = found.get(module_name, 0) + buffer.numel() * buffer.element_size()
+    return found

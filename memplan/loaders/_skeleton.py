@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -65,26 +65,29 @@ def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
         or (factory is not None and _is_diffusers_class(factory))  # diffusers configs are plain dicts
     ):
         return json.loads(config_file.read_text())
-    reader = _config_class(factory, config_file)
+    reader = _config_class(factory, checkpoint.architecture.architectures)
     try:
         return reader.from_pretrained(config_file.parent)
     except Exception as exc:  # ValueError, KeyError, OSError, huggingface_hub's strict field checks...
         raise CheckpointError(config_file, f"transformers cannot read this config: {exc}") from exc
 
 
-def _config_class(factory: ModelFactory | None, config_file: Path) -> Any:
+def _config_class(factory: ModelFactory | None, architectures: Iterable[str]) -> Any:
     """What reads the config: the config class of the model class given or named in config.json,
     as ``from_pretrained`` reads it (Bark's sub-models have configs ``AutoConfig`` does not know),
     else ``AutoConfig``."""
     import transformers
 
-    named = None
-    if factory is None:
-        names = json.loads(config_file.read_text()).get("architectures") or ()
-        found = (getattr(transformers, n, None) for n in names if isinstance(n, str))
-        named = next((cls for cls in found if cls is not None), None)
-    own = getattr(factory or named, "config_class", None)
+    own = getattr(factory or _named_class(architectures), "config_class", None)
     return own if callable(getattr(own, "from_pretrained", None)) else transformers.AutoConfig
+
+
+def _named_class(architectures: Iterable[str]) -> ModelFactory | None:
+    """The first of ``architectures`` (config.json's class names) that transformers has."""
+    import transformers
+
+    found = (getattr(transformers, name, None) for name in architectures)
+    return next((cls for cls in found if cls is not None), None)
 
 
 def _transformers_class(config: Any) -> ModelFactory:
@@ -93,11 +96,8 @@ def _transformers_class(config: Any) -> ModelFactory:
     ``BertModel``, not a language model missing its head)."""
     import transformers
 
-    for name in getattr(config, "architectures", None) or ():
-        found = getattr(transformers, name, None)
-        if found is not None:
-            return found  # type: ignore[no-any-return]
-    return transformers.AutoModel  # type: ignore[return-value]  # a factory with from_config
+    named = _named_class(getattr(config, "architectures", None) or ())
+    return named or transformers.AutoModel  # type: ignore[return-value]  # a factory with from_config
 
 
 def _has_transformers() -> bool:
@@ -189,9 +189,8 @@ def with_computed_buffers(checkpoint: Checkpoint, model_cls: ModelFactory | None
     """``checkpoint`` with the buffers its model computes rather than stores, measured on a
     skeleton (GPT-Neo builds a causal mask of ``max_positions``² per layer in ``__init__``: no
     header says so). A config that cannot be built is measured as nothing; the load says why."""
-    import torch
-
     from memplan.loaders._conversion import key_map
+    from memplan.loaders._materialize import computed_buffer_bytes
     from memplan.loaders._reader import torch_dtype
 
     try:
@@ -199,15 +198,5 @@ def with_computed_buffers(checkpoint: Checkpoint, model_cls: ModelFactory | None
         model = build_skeleton(checkpoint, model_cls, torch_dtype(checkpoint.dtype))
     except Exception:  # whatever a model's __init__ raises, the load raises it where it can say why
         return checkpoint
-    keys = key_map(model, checkpoint.tensors)
-    stored = set(keys.plain) | set(keys.fused)
-    seen: set[int] = set()
-    found: dict[str, int] = {}
-    for module_name, module in model.named_modules():
-        for attr, buffer in module._buffers.items():
-            full = f"{module_name}.{attr}" if module_name else attr
-            if not isinstance(buffer, torch.Tensor) or buffer.is_meta or full in stored or id(buffer) in seen:
-                continue
-            seen.add(id(buffer))
-            found[module_name] = found.get(module_name, 0) + buffer.numel() * buffer.element_size()
+    found = computed_buffer_bytes(model, key_map(model, checkpoint.tensors))
     return replace(checkpoint, computed_buffers=tuple(found.items()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,6 @@ from memplan.loaders._materialize import (
     Bound,
     Materializer,
     bindings,
-    in_module,
     move_real_buffers,
     unused_tensors,
 )
@@ -27,7 +27,7 @@ from memplan.loaders._quantize import record_quantization, replace_linears, summ
 from memplan.loaders._reader import TensorReader, torch_dtype
 from memplan.loaders._skeleton import ModelFactory, build_skeleton
 from memplan.loaders._streaming import ModuleStreamer
-from memplan.planner.checkpoint import Checkpoint
+from memplan.planner.checkpoint import Checkpoint, in_module
 from memplan.planner.estimate import is_quantizable
 from memplan.planner.quantization import is_quant_state
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
@@ -261,6 +261,7 @@ def _renamer(everything: list[Binding]) -> Rename:
     def holds_only(candidate: str, module: str) -> bool:
         return not any(in_module(n, candidate) and not in_module(s, module) for s, n in pairs)
 
+    @functools.cache  # asked again for each layer by the device map and hf_device_map
     def rename(module: str) -> str:
         holder = _common_module([name for source, name in pairs if in_module(source, module)])
         if not holder or not holds_only(holder, module):

@@ -23,7 +23,16 @@ from memplan.planner.quantization import PreQuantized, read_quantization
 from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
 from memplan.planner.sources import resolve
 
-__all__ = ["Architecture", "Checkpoint", "LayerInfo", "Stack", "TensorInfo", "inspect", "load_json"]
+__all__ = [
+    "Architecture",
+    "Checkpoint",
+    "LayerInfo",
+    "Stack",
+    "TensorInfo",
+    "in_module",
+    "inspect",
+    "load_json",
+]
 
 T = TypeVar("T")
 
@@ -212,6 +221,11 @@ class _ConfigReader:
                 self.source, f"{key} must be an integer from {minimum} to {MAX_CONFIG_INT}, got {value!r}"
             )
         return value
+
+
+def in_module(name: str, module: str) -> bool:
+    """Whether the tensor or module ``name`` is ``module`` or lies inside it."""
+    return name == module or name.startswith(f"{module}.")
 
 
 def _names(config: Mapping[str, Any], source: str) -> tuple[str, ...]:

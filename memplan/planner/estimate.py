@@ -19,7 +19,7 @@ from typing import Any
 
 from memplan.errors import ContextTooLong, MemplanError
 from memplan.gpu.device import Device
-from memplan.planner.checkpoint import Architecture, Checkpoint, Stack, TensorInfo
+from memplan.planner.checkpoint import Architecture, Checkpoint, Stack, TensorInfo, in_module
 from memplan.planner.corrections import Corrections
 from memplan.planner.quantization import is_quant_state, is_skipped
 from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
@@ -644,7 +644,7 @@ def _runs_on(strategy: Strategy, module: str) -> Device:
     if not isinstance(strategy, Sharded):
         return strategy.device
     for placed, device in strategy.device_map:
-        if module == placed or module.startswith(f"{placed}."):
+        if in_module(module, placed):
             return device if device.is_accelerator or not strategy.offloaded else strategy.execution_device
     return strategy.execution_device
 
