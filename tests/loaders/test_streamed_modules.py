@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import memplan
-from memplan import Device, Policy, Streamed, Workload
-from tests.loaders.test_load import EXACT
+from memplan import Device, Streamed
+from tests.loaders.test_load import plan_only, tight_spec
 
 
 def _one_child_model() -> Any:
@@ -61,13 +61,10 @@ def test_a_layer_whose_weights_sit_in_one_child_streams_as_the_layer(tmp_path: P
     x = torch.randn(2, 32)
     with torch.no_grad():
         want = theirs(x)
-    cuda = Device("cuda", 0)
-    checkpoint = memplan.inspect(tmp_path / "m")
-    strategy = Streamed(cuda, "disk", resident_layers=0, prefetch_depth=1, dtype="F32")
-    peak = memplan.estimate(checkpoint, Workload(context=8), strategy, overheads=EXACT).on(cuda).peak
-    inventory = memplan.probe(f"cuda:0={int(peak / 0.9) + 1024},cpu=8GiB")
-    policy = Policy(order=("streamed-disk",), overheads=EXACT, prefetch_depth=1)
-    chosen = memplan.plan(checkpoint, inventory, Workload(context=8), policy)
+    strategy = Streamed(Device("cuda", 0), "disk", resident_layers=0, prefetch_depth=1, dtype="F32")
+    chosen = plan_only(
+        tmp_path / "m", "streamed-disk", tight_spec(tmp_path / "m", strategy), prefetch_depth=1
+    )
     model = memplan.load(tmp_path / "m", plan=chosen, model_cls=model_cls, progress=False)
     assert model.hf_device_map["layers.1"] == "disk"
     with torch.no_grad():
