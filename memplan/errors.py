@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from memplan._sizes import format_size
+
 if TYPE_CHECKING:
     from memplan.gpu.device import Device
 
@@ -32,13 +34,6 @@ __all__ = [
     "TierFull",
     "UnsupportedQuantization",
 ]
-
-
-def _size(n: int) -> str:
-    # memplan.units imports this module for InvalidSize, so import it back lazily.
-    from memplan.units import format_size
-
-    return format_size(n)
 
 
 class MemplanError(Exception):
@@ -111,7 +106,7 @@ class DoesNotFit(MemplanError):
             super().__init__(detail or "no strategy applies")
             return
         where = str(device) if device is not None else "any device"
-        msg = f"needs {_size(needed)}, {where} has {_size(available)} available"
+        msg = f"needs {format_size(needed)}, {where} has {format_size(available)} available"
         super().__init__(f"{msg}; {detail}" if detail else msg)
 
 
@@ -122,8 +117,8 @@ class DeviceOutOfMemory(MemplanError):
         self.device = device
         self.requested = requested
         self.available = available
-        room = f", {_size(available)} left" if available is not None else ""
-        super().__init__(f"{device} is out of memory: asked for {_size(requested)}{room}")
+        room = f", {format_size(available)} left" if available is not None else ""
+        super().__init__(f"{device} is out of memory: asked for {format_size(requested)}{room}")
 
 
 class PinViolation(MemplanError):
@@ -184,7 +179,7 @@ class TierFull(TierError):
     def __init__(self, tier: str, key: str | None, needed: int, available: int) -> None:
         self.needed = needed
         self.available = available
-        super().__init__(tier, key, f"needs {_size(needed)}, {_size(available)} free")
+        super().__init__(tier, key, f"needs {format_size(needed)}, {format_size(available)} free")
 
 
 class MissingDependency(MemplanError):

@@ -1,5 +1,8 @@
 """Byte sizes: parse what people type ("24GiB", "1.5 GB", 1.5e9) and format for people.
 
+``format_size`` lives in the leaf :mod:`memplan._sizes` (so the errors can format sizes without
+importing this module back); it is public here and in ``memplan``.
+
 Units are case-insensitive. ``KB/MB/GB/TB/PB`` are decimal (10**3n), ``KiB/MiB/GiB/TiB/PiB``
 and the short ``Ki/Mi/Gi`` are binary. The bare letters ``K/M/G/T/P`` are binary too, as in
 ``docker --memory 4g`` and ``free -g``, because that is what people mean when they size RAM.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 
+from memplan._sizes import format_size
 from memplan.errors import InvalidSize
 
 __all__ = ["format_size", "parse_size"]
@@ -71,16 +75,3 @@ def _checked(original: object, number: int) -> int:
     if number >= 2**63:
         raise InvalidSize(original, "larger than any memory memplan can address (2**63 bytes)")
     return number
-
-
-def format_size(n: int, *, precision: int = 1) -> str:
-    """Format ``n`` bytes with binary units: ``format_size(24 * 2**30) == '24.0 GiB'``."""
-    sign = "-" if n < 0 else ""
-    size = float(abs(n))
-    if size < 1024:
-        return f"{sign}{int(size)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        size /= 1024
-        if size < 1024:
-            return f"{sign}{size:.{precision}f} {unit}"
-    return f"{sign}{size / 1024:.{precision}f} PiB"
