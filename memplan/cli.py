@@ -13,42 +13,13 @@ from typing import Any, NoReturn
 
 from memplan._bnb import quiet_bitsandbytes
 from memplan.errors import DoesNotFit, ForwardCheckFailed, MemplanError
-from memplan.gpu import Inventory, probe
+from memplan.gpu import probe, render_inventory
 from memplan.monitor import parse_address
 from memplan.planner import Corrections, Plan, Policy, Workload, compute_dtype, dtype_name, inspect, plan
-from memplan.units import format_size
 
-__all__ = ["main", "render_inventory"]
+__all__ = ["main", "render_inventory"]  # render_inventory: memplan.gpu's, kept importable here
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
-
-
-def render_inventory(inventory: Inventory) -> str:
-    """A table of the inventory, one device a row, then any source that failed."""
-    header = ("DEVICE", "TOTAL", "FREE", "USED", "OTHERS", "SOURCE", "NAME")
-    rows = [
-        (
-            str(m.device),
-            format_size(m.total),
-            format_size(m.free),
-            f"{m.used_ratio:.0%}",
-            format_size(m.reserved_by_others) if m.reserved_by_others else "-",
-            m.source,
-            m.name,
-        )
-        for m in inventory
-    ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    if inventory.simulated:
-        lines.insert(0, "simulated devices (MEMPLAN_SIMULATE / --simulate)")
-    if not rows:
-        lines.append("(no devices measured)")
-    lines.extend(f"warning: {problem}" for problem in inventory.problems)
-    return "\n".join(lines)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import DoesNotFit
-from memplan.gpu import probe
+from memplan.gpu import probe, render_inventory
 from memplan.planner import Checkpoint, Plan, Policy, inspect, plan
 from memplan.units import format_size
 
@@ -93,8 +93,6 @@ def _load_and_run(checkpoint: Checkpoint, chosen: Plan, ids: Any, say: Callable[
 def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) -> int:
     """Run the demo; returns 0 when both loads ran and their outputs agree."""
     import torch
-
-    from memplan.cli import render_inventory
 
     with tempfile.TemporaryDirectory(prefix="memplan-demo-") as tmp:
         path = write_random_llama((workdir or Path(tmp)) / "demo-llama", **DEMO_LLAMA)

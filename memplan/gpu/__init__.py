@@ -7,6 +7,7 @@
 from memplan.gpu import _disk, _host, _nvml, _torch  # noqa: F401  (register the probes)
 from memplan.gpu._base import Probe, ProbeResult, get_probe, probe_names, register_probe
 from memplan.gpu._disk import default_spill_dir
+from memplan.gpu._render import render_inventory
 from memplan.gpu._simulated import SIMULATE_ENV, parse_simulation
 from memplan.gpu.allocator import Allocator, DeviceUsage, Reservation, mapped_oom
 from memplan.gpu.device import (
@@ -43,4 +44,5 @@ __all__ = [
     "probe",
     "probe_names",
     "register_probe",
+    "render_inventory",
 ]
