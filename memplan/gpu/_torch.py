@@ -11,14 +11,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from memplan._torch_imported import imported_torch
 from memplan.gpu._base import Probe, ProbeResult, register_probe
 from memplan.gpu.device import Device, DeviceMemory
 
 __all__ = ["MpsProbe", "TorchCudaProbe"]
-
-
-def _imported_torch() -> Any:
-    return sys.modules.get("torch")
 
 
 def _torch_on_macos() -> Any:
@@ -36,7 +33,7 @@ class TorchCudaProbe(Probe):
 
     name = "torch.cuda"
 
-    def __init__(self, *, torch: Any | None = None, find_torch: Callable[[], Any] = _imported_torch) -> None:
+    def __init__(self, *, torch: Any | None = None, find_torch: Callable[[], Any] = imported_torch) -> None:
         self.torch = torch if torch is not None else find_torch()
 
     def measure(self) -> ProbeResult:

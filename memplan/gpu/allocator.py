@@ -12,7 +12,6 @@ is what lets the planner, loaders and residency manager run on CPU CI as they wo
 
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from memplan._torch_imported import imported_torch
 from memplan.errors import DeviceOutOfMemory, InvalidDevice, InvalidSize
 from memplan.gpu.device import Device, Inventory
 
@@ -92,7 +92,7 @@ class _Budget:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")
+    torch = imported_torch()
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return True
     # MPS and older CUDA builds raise a plain RuntimeError with this text.

@@ -5,12 +5,13 @@ advice a user can act on."""
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from memplan._torch_imported import imported_torch
 
 __all__ = ["LeakDetector", "LeakReport", "Snapshot"]
 
@@ -49,7 +50,7 @@ class LeakReport:
 
 
 def _tensor_census() -> dict[str, tuple[int, int]]:
-    torch = sys.modules.get("torch")
+    torch = imported_torch()
     census: dict[str, list[int]] = {}
     if torch is None:
         return {}

@@ -11,7 +11,6 @@ hear every state change; one that raises is logged and counted and the monitor g
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from memplan._periodic import Periodic
+from memplan._torch_imported import imported_torch
 from memplan.gpu._base import Probe, ProbeResult
 from memplan.gpu.allocator import Allocator
 from memplan.gpu.device import Device, DeviceMemory
@@ -128,8 +128,8 @@ def default_sources(allocator: Allocator | None = None) -> list[Probe]:
 
 
 def _torch_counters(device: Device) -> tuple[int | None, int | None]:
-    torch = sys.modules.get("torch")  # never import torch (or start CUDA) just to watch it
-    if device.kind != "cuda" or torch is None or not torch.cuda.is_initialized():
+    torch = imported_torch(cuda="initialized")  # never import torch (or start CUDA) just to watch it
+    if device.kind != "cuda" or torch is None:
         return None, None
     return int(torch.cuda.memory_allocated(device.index)), int(torch.cuda.memory_reserved(device.index))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memplan._periodic import Periodic
+from memplan._torch_imported import imported_torch
 from memplan.errors import AlreadyManaged, EntryInUse, MemplanError, PinViolation, TierError, TierFull
 from memplan.gpu.device import Device
 from memplan.residency._groups import Group, TensorRecord, digest_of
@@ -787,6 +787,6 @@ def _pressured(tier: Tier, device: Device | None) -> bool:
 
 
 def _empty_cuda_cache() -> None:
-    torch = sys.modules.get("torch")  # never import torch (and so CUDA) just to free its cache
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = imported_torch(cuda="initialized")  # never import torch (and so CUDA) just to free its cache
+    if torch is not None:
         torch.cuda.empty_cache()

@@ -10,11 +10,12 @@ enough to be reused: a model's layers ask for the same sizes over and over.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from memplan._torch_imported import imported_torch
 
 if TYPE_CHECKING:
     import torch
@@ -72,8 +73,7 @@ class PoolStats:
 
 def cuda_present() -> bool:
     # Only ask torch when it is already imported: this must not initialise CUDA on its own.
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and torch.cuda.is_available())
+    return imported_torch(cuda="available") is not None
 
 
 class HostPool:
