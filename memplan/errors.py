@@ -15,16 +15,23 @@ if TYPE_CHECKING:
     from memplan.gpu.device import Device
 
 __all__ = [
+    "AlreadyManaged",
     "CheckpointError",
     "ContextTooLong",
     "DeviceOutOfMemory",
     "DoesNotFit",
+    "EntryInUse",
     "ForwardCheckFailed",
     "InvalidAddress",
     "InvalidDevice",
+    "InvalidEntry",
+    "InvalidInventory",
+    "InvalidOption",
     "InvalidSize",
     "MemplanError",
     "MissingDependency",
+    "ModelNotFound",
+    "NoSuchEntry",
     "PinViolation",
     "PlanFormatError",
     "PlanMismatch",
@@ -56,6 +63,28 @@ class InvalidDevice(MemplanError):
         self.text = text
         self.reason = reason
         super().__init__(f"invalid device {text!r}: {reason}")
+
+
+class InvalidOption(MemplanError):
+    """A setting given a value it cannot take: ``option`` (as a person names it, e.g.
+    ``"priority"``) must ``requirement`` (e.g. ``"be > 0"``), and ``value`` does not."""
+
+    def __init__(self, option: str, value: object, requirement: str) -> None:
+        self.option = option
+        self.value = value
+        self.requirement = requirement
+        super().__init__(f"{option} must {requirement}, not {value!r}")
+
+
+class InvalidInventory(MemplanError):
+    """Memory figures that cannot describe a machine: an unknown source, a negative byte count,
+    more free than total, a device listed twice. ``device`` is the device the figures are for
+    (None for a figure of the whole inventory); ``reason`` says what is wrong."""
+
+    def __init__(self, reason: str, device: Device | None = None) -> None:
+        self.device = device
+        self.reason = reason
+        super().__init__(f"{device}: {reason}" if device is not None else reason)
 
 
 class SimulationSpecError(MemplanError):
@@ -137,6 +166,14 @@ class EntryInUse(MemplanError):
         self.entry = entry
         self.reason = reason
         super().__init__(f"entry {entry!r} is in use: {reason}")
+
+
+class NoSuchEntry(MemplanError):
+    """A residency manager was asked about ``entry``, which is not registered with it."""
+
+    def __init__(self, entry: str) -> None:
+        self.entry = entry
+        super().__init__(f"no entry named {entry!r} is registered")
 
 
 class InvalidEntry(MemplanError):

@@ -1,7 +1,12 @@
+import ast
+from pathlib import Path
+
 import pytest
 
 import memplan
 from memplan import Device
+
+ROOT = Path(memplan.__file__).parent
 
 
 def test_every_error_is_a_memplan_error_with_fields() -> None:
@@ -40,3 +45,49 @@ def test_errors_are_exported_in_all() -> None:
 def test_invalid_device_is_typed() -> None:
     with pytest.raises(memplan.InvalidDevice):
         Device("tpu", 0)  # type: ignore[arg-type]
+
+
+def test_every_error_in_memplan_errors_is_exported_from_memplan() -> None:
+    import memplan.errors
+
+    missing = sorted(set(memplan.errors.__all__) - set(memplan.__all__))
+    assert not missing
+    for name in memplan.errors.__all__:
+        assert issubclass(getattr(memplan, name), memplan.MemplanError)
+
+
+def test_a_bad_setting_names_the_option_the_value_and_the_rule() -> None:
+    with pytest.raises(memplan.InvalidOption) as caught:
+        memplan.RetentionPolicy(priority=0)
+    assert (caught.value.option, caught.value.value, caught.value.requirement) == ("priority", 0, "be > 0")
+    assert str(caught.value) == "priority must be > 0, not 0"
+
+
+def test_impossible_memory_figures_name_the_device() -> None:
+    with pytest.raises(memplan.InvalidInventory, match="exceeds total") as caught:
+        memplan.DeviceMemory(Device("cuda", 1), total=2**30, free=2**31, source="nvml")
+    assert caught.value.device == Device("cuda", 1)
+    cpu = memplan.DeviceMemory(Device("cpu"), total=2**30, free=2**29, source="psutil")
+    with pytest.raises(memplan.InvalidInventory, match="once") as twice:
+        memplan.Inventory((cpu, cpu))
+    assert twice.value.device == Device("cpu")
+
+
+def _bare_memplan_errors(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [
+        f"{path.relative_to(ROOT.parent)}:{node.lineno}"
+        for node in sorted(ast.walk(tree), key=lambda n: getattr(n, "lineno", 0))
+        if isinstance(node, ast.Raise)
+        and isinstance(node.exc, ast.Call)
+        and isinstance(node.exc.func, ast.Name)
+        and node.exc.func.id == "MemplanError"
+    ]
+
+
+def test_no_bare_memplan_error_is_raised() -> None:
+    """STYLE 16: every error memplan raises is a subclass a caller can catch and read fields of."""
+    bare = [where for path in sorted(ROOT.rglob("*.py")) for where in _bare_memplan_errors(path)]
+    assert not bare, (
+        "raise a MemplanError subclass with fields instead of MemplanError(...) at:\n" + "\n".join(bare)
+    )

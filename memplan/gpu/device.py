@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Literal, cast, get_args
 
-from memplan.errors import InvalidDevice, MemplanError
+from memplan.errors import InvalidDevice, InvalidInventory
 from memplan.units import format_size
 
 __all__ = [
@@ -95,13 +96,13 @@ class DeviceMemory:
 
     def __post_init__(self) -> None:
         if self.source not in _SOURCES:
-            raise MemplanError(f"{self.device}: unknown memory source {self.source!r}")
+            raise InvalidInventory(f"unknown memory source {self.source!r}", self.device)
         for label, value in (("total", self.total), ("free", self.free)):
             if value < 0:
-                raise MemplanError(f"{self.device}: {label} memory cannot be negative ({value})")
+                raise InvalidInventory(f"{label} memory cannot be negative ({value})", self.device)
         if self.free > self.total:
             free, total = format_size(self.free), format_size(self.total)
-            raise MemplanError(f"{self.device}: free {free} exceeds total {total}")
+            raise InvalidInventory(f"free {free} exceeds total {total}", self.device)
 
     @property
     def used(self) -> int:
@@ -161,7 +162,8 @@ class Inventory:
         ordered = tuple(sorted(self.devices, key=lambda m: m.device.sort_key()))
         index = {m.device: m for m in ordered}
         if len(index) != len(ordered):
-            raise MemplanError("an inventory lists each device once")
+            twice = next(a.device for a, b in pairwise(ordered) if a.device == b.device)
+            raise InvalidInventory("listed twice; an inventory lists each device once", twice)
         object.__setattr__(self, "devices", ordered)
         object.__setattr__(self, "_index", index)
 
@@ -226,5 +228,5 @@ def _optional_bytes(value: Any) -> int | None:
     if value is None:
         return None
     if type(value) is not int or value < 0:
-        raise MemplanError(f"runtime_in_use must be a byte count, got {value!r}")
+        raise InvalidInventory(f"runtime_in_use must be a byte count, got {value!r}")
     return value

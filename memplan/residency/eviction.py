@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from memplan.errors import MemplanError
+from memplan.errors import InvalidOption
 
 __all__ = ["GDSF", "LRU", "Belady", "Candidate", "Eviction", "get_eviction"]
 
@@ -71,7 +71,7 @@ class GDSF(Eviction):
 
     def __init__(self, aging: float = 0.5) -> None:
         if not 0 <= aging <= 1:
-            raise MemplanError(f"GDSF aging must be within [0, 1], not {aging}")
+            raise InvalidOption("GDSF aging", aging, "be within [0, 1]")
         self.aging = aging
         self.clock = 0.0
         self._base: dict[str, float] = {}  # clock when each entry was last touched
@@ -123,4 +123,4 @@ def get_eviction(name: str, **options: Any) -> Eviction:
     try:
         return _POLICIES[name](**options)
     except KeyError:
-        raise MemplanError(f"unknown eviction policy {name!r}; use one of {', '.join(_POLICIES)}") from None
+        raise InvalidOption("eviction policy", name, f"be one of {', '.join(_POLICIES)}") from None

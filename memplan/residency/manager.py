@@ -28,7 +28,17 @@ from typing import Any
 
 from memplan._periodic import Periodic
 from memplan._torch_imported import imported_torch
-from memplan.errors import AlreadyManaged, EntryInUse, MemplanError, PinViolation, TierError, TierFull
+from memplan.errors import (
+    AlreadyManaged,
+    EntryInUse,
+    InvalidEntry,
+    InvalidOption,
+    MemplanError,
+    NoSuchEntry,
+    PinViolation,
+    TierError,
+    TierFull,
+)
 from memplan.gpu.device import Device
 from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
@@ -120,10 +130,10 @@ class ResidencyManager:
         clock: Any = time.monotonic,
     ) -> None:
         if not tiers:
-            raise MemplanError("a residency manager needs at least one tier")
+            raise InvalidOption("tiers", list(tiers), "hold at least one tier")
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
-            raise MemplanError(f"tier names must differ: {names}")
+            raise InvalidOption("tier names", names, "differ")
         self.tiers = list(tiers)
         self.eviction = eviction or GDSF()
         self.dedup = dedup
@@ -153,7 +163,7 @@ class ResidencyManager:
         try:
             return self._entries[name]
         except KeyError:
-            raise MemplanError(f"no entry named {name!r} is registered") from None
+            raise NoSuchEntry(name) from None
 
     def __contains__(self, name: object) -> bool:
         with self._state:
@@ -197,7 +207,7 @@ class ResidencyManager:
         with self._lock:
             with self._state:
                 if name in self._entries:
-                    raise MemplanError(f"an entry named {name!r} is already registered")
+                    raise InvalidEntry(name, "an entry of that name is already registered")
                 for need in needs:
                     self._entry(need)
             group = Group(name, obj, dedup=self.dedup)

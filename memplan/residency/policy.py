@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.errors import MemplanError
+from memplan.errors import InvalidOption
 from memplan.residency.pressure import LEVELS, PressureLevel
 
 __all__ = ["RetentionPolicy"]
@@ -32,8 +32,8 @@ class RetentionPolicy:
 
     def __post_init__(self) -> None:
         if self.max_pressure not in LEVELS:
-            raise MemplanError(f"max_pressure must be one of {', '.join(LEVELS)}, not {self.max_pressure!r}")
+            raise InvalidOption("max_pressure", self.max_pressure, f"be one of {', '.join(LEVELS)}")
         if self.priority <= 0:
-            raise MemplanError(f"priority must be > 0, not {self.priority}")
+            raise InvalidOption("priority", self.priority, "be > 0")
         if self.max_idle_s is not None and self.max_idle_s < 0:
-            raise MemplanError(f"max_idle_s must be >= 0, not {self.max_idle_s}")
+            raise InvalidOption("max_idle_s", self.max_idle_s, "be >= 0")
