@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from memplan._torch_imported import imported_torch
 from memplan.gpu._base import Probe, ProbeResult, get_probe
 from memplan.gpu._simulated import parse_simulation, simulation_from_env
 from memplan.gpu.device import Device, DeviceMemory, Inventory, ProbeProblem
@@ -42,7 +42,7 @@ def probe(
 def _runtime_in_use() -> int | None:
     """This process's resident bytes, if torch is imported: its runtime is in use, and counted
     in the host's used memory (a plan must not count it a second time)."""
-    if "torch" not in sys.modules:
+    if imported_torch() is None:
         return None
     import psutil
 

@@ -45,7 +45,7 @@ def _torch() -> Any:
 
 
 def _cgroup_limit() -> int | None:
-    from memplan.gpu._host import read_cgroup_limit
+    from memplan.gpu import read_cgroup_limit
 
     found = read_cgroup_limit(Path("/sys/fs/cgroup"), Path("/proc/self/cgroup"))
     return found.limit if found else None
@@ -88,7 +88,7 @@ def _memlock() -> int:
 
 
 def _spill_dir() -> Path:
-    from memplan.gpu._disk import default_spill_dir
+    from memplan.gpu import default_spill_dir
 
     return default_spill_dir()
 

@@ -39,7 +39,7 @@ from memplan.errors import (
     TierError,
     TierFull,
 )
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
 from memplan.residency.policy import RetentionPolicy

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 
 __all__ = ["LEVELS", "THRESHOLDS", "PressureLevel", "PressureResponse", "level_for", "rank"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from memplan.errors import TierError, TierFull
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.residency import _wire
 from memplan.residency._wire import validate_key
 

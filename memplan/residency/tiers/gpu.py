@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import DeviceOutOfMemory, TierError, TierFull
-from memplan.gpu.allocator import Allocator
-from memplan.gpu.device import Device
+from memplan.gpu import Allocator, Device
 from memplan.residency import _wire
 from memplan.residency.tiers.base import Tier
 from memplan.units import parse_size

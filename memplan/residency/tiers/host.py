@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.residency import _wire
 from memplan.residency.pool import HostPool, size_class
 from memplan.residency.tiers.base import Tier

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.residency import _wire
 from memplan.residency.tiers.base import Tier
 from memplan.units import parse_size

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from memplan.errors import MissingDependency, RemoteTierError
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.residency import _wire
 from memplan.residency.tiers.base import Tier
 from memplan.residency.tiers.disk import key_from_name, name_for_key
