@@ -20,10 +20,18 @@ from typing import Any, Literal
 
 from memplan._periodic import Periodic
 from memplan._torch_imported import imported_torch
-from memplan.gpu._base import Probe, ProbeResult
-from memplan.gpu.allocator import Allocator
-from memplan.gpu.device import Device, DeviceMemory
-from memplan.gpu.probe import measure, probe
+from memplan.gpu import (
+    Allocator,
+    Device,
+    DeviceMemory,
+    Probe,
+    ProbeResult,
+    get_probe,
+    measure,
+    probe,
+    simulation_from_env,
+)
+from memplan.residency import level_for
 
 __all__ = [
     "AllocatorProbe",
@@ -117,9 +125,6 @@ class AllocatorProbe(Probe):
 
 def default_sources(allocator: Allocator | None = None) -> list[Probe]:
     """Host, NVML, torch.cuda and MPS; or an allocator's budgets (for simulated devices)."""
-    from memplan.gpu._base import get_probe
-    from memplan.gpu._simulated import simulation_from_env
-
     if allocator is None and simulation_from_env() is not None:
         allocator = Allocator(probe())  # MEMPLAN_SIMULATE: watch the simulated budgets
     if allocator is not None:
@@ -250,7 +255,7 @@ class MemoryMonitor:
 
         def respond(sample: Sample) -> None:
             for device, reading in sample.readings.items():
-                if reading.ratio >= 0.70:
+                if level_for(reading.ratio) != "none":  # the manager's own levels say when
                     manager.apply_pressure(reading.ratio, device)
 
         self.on_sample(respond)
