@@ -21,9 +21,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import memplan
-
-ROOT = Path(memplan.__file__).parent
+ROOT = Path(__file__).resolve().parents[1] / "memplan"  # read, not imported: a cycle may break import
 PACKAGE = "memplan"
 
 
