@@ -247,7 +247,6 @@ def model_findings(model: str | os.PathLike[str], simulate: str | None = None) -
     except MemplanError as exc:
         return [Finding("plan", "fail", str(exc), "check the model path")]
     decision = chosen.chosen
-    assert decision is not None and decision.strategy is not None
     findings = [Finding("plan", "ok", f"{decision.candidate}: {decision.reason}")]
     better = [d for d in chosen.decisions[: chosen.chosen_index] if d.shortfall]
     for d in better:
