@@ -26,7 +26,7 @@ ModelFactory = Callable[..., "nn.Module"]
 
 @contextmanager
 def empty_parameters() -> Iterator[None]:
-    """Parameters registered inside go to the meta device; buffers stay real.
+    """Parameters this thread registers inside go to the meta device; buffers stay real.
 
     Buffers such as rotary frequency tables are computed in ``__init__`` and absent from
     checkpoints, so they must survive; the same choice as accelerate's ``init_empty_weights``.
@@ -34,24 +34,62 @@ def empty_parameters() -> Iterator[None]:
     ends a model's ``__init__`` then initialises its buffers as ever but skips its parameters,
     whose initial values the load replaces (on meta, torch's initialisers run as slow reference
     code: a fifth of a second for a 1B Llama).
+
+    Only this thread's modules: ``init_empty_weights`` patches ``nn.Module.register_parameter``
+    for the whole process, and a module another thread built meanwhile got meta parameters.
+    Here the patch is installed while any thread is inside and asks a thread-local flag, so
+    other threads' modules are built as ever (``with torch.device("meta")``, thread-local too,
+    would put the buffers on meta as well).
     """
-    from torch import nn
-
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            extra = {k: v for k, v in vars(param).items() if not k.startswith("_")}
-            empty = type(param)(param.to("meta"), requires_grad=False, **extra)
-            empty._is_hf_initialized = True  # type: ignore[attr-defined]
-            module._parameters[name] = empty
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    _install()
+    _building.depth = getattr(_building, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _building.depth -= 1
+        _uninstall()
+
+
+_building = threading.local()  # .depth: how many empty_parameters() this thread is inside
+_patch_lock = threading.Lock()  # guards the two below, and the swap of register_parameter
+_patch_users = 0
+_original_register: Callable[..., None] | None = None
+
+
+def _register_empty(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """``nn.Module.register_parameter`` while the patch is in: the original's, then on the
+    thread inside :func:`empty_parameters`, the parameter moved to meta."""
+    assert _original_register is not None  # set before this is installed, never unset
+    _original_register(module, name, param)
+    if getattr(_building, "depth", 0) and param is not None and param.device.type != "meta":
+        extra = {k: v for k, v in vars(param).items() if not k.startswith("_")}
+        empty = type(param)(param.to("meta"), requires_grad=False, **extra)
+        empty._is_hf_initialized = True  # type: ignore[attr-defined]
+        module._parameters[name] = empty
+
+
+def _install() -> None:
+    global _patch_users, _original_register
+    from torch import nn
+
+    with _patch_lock:
+        # Still in since an earlier build (someone patched over it, and put it back): keep it.
+        if _patch_users == 0 and nn.Module.register_parameter is not _register_empty:
+            _original_register = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_empty  # type: ignore[method-assign,assignment]
+        _patch_users += 1
+
+
+def _uninstall() -> None:
+    global _patch_users
+    from torch import nn
+
+    with _patch_lock:
+        _patch_users -= 1
+        # Patched over by another library since: removing ours would remove theirs. Ours, left
+        # in, does what the original does on every thread outside empty_parameters().
+        if _patch_users == 0 and nn.Module.register_parameter is _register_empty:
+            nn.Module.register_parameter = _original_register  # type: ignore[method-assign,assignment]
 
 
 def _config(checkpoint: Checkpoint, factory: ModelFactory | None) -> Any:
