@@ -192,6 +192,31 @@ def test_a_tensor_read_in_several_chunks_comes_back_whole_and_checked(
         tier.get("k")
 
 
+def test_a_large_read_runs_on_the_process_reading_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool of four threads was made, and taken down, for every read above one request."""
+    import threading
+
+    from memplan._io import THREAD_PREFIX, executor
+
+    made: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        made.append(self.name)
+        real_start(self)
+
+    tier = get_tier("disk", tmp_path)
+    tensor = torch.randint(0, 255, (40 << 20,), dtype=torch.uint8)
+    tier.put("k", tensor)
+    before = executor().stats().requests
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert torch.equal(tier.get("k"), tensor)
+    assert executor().stats().requests - before >= 3  # 40 MiB in 16 MiB requests
+    assert all(name.startswith(THREAD_PREFIX) for name in made), made
+
+
 def _write_v1_blob(path: Path, key: str, tensor: torch.Tensor) -> None:
     """A blob as memplan before v2 wrote it: SHA-256 under the "sha256" key."""
     raw = tensor.contiguous().view(torch.uint8).reshape(-1)

@@ -14,14 +14,15 @@ import os
 import shutil
 import uuid
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from memplan._fileio import private_dirs, read_exactly, write_new_file
-from memplan._threads import stop_pool
+from memplan._io import CHUNK, OpenFile, Range, executor
+from memplan._threads import settle
 from memplan.errors import CheckpointError, TierError
 from memplan.gpu.device import Device
 from memplan.planner.safetensors_header import read_header
@@ -57,46 +58,45 @@ def _pid_of_temp(name: str) -> int | None:
     return int(parts[1]) if len(parts) > 3 and parts[1].isdigit() else None
 
 
-_CHUNK = 16 << 20
 _IN_FLIGHT = 4  # one 16 MiB read at a time reached ~500 MiB/s cold here, four ~1.5 GiB/s
 
 
 def _read(path: Path, offset: int, nbytes: int, algorithm: str) -> tuple[torch.Tensor, str]:
     """The ``nbytes`` at ``offset`` and their checksum, hashed as they arrive: while one chunk
-    is hashed the next ones are being read, so checking costs no second pass."""
+    is hashed the next ones are being read (on the process's reading threads), so checking
+    costs no second pass."""
     import torch
 
     out = torch.empty(nbytes, dtype=torch.uint8)
     view = out.numpy().data
     digest = _wire.hasher(algorithm)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    if nbytes <= _CHUNK:  # one request: starting reader threads for it would cost more than it
+    if nbytes <= CHUNK:  # one request: a thread hop for it would cost more than it
         try:
             read_exactly(fd, view, offset, file=path)
         finally:
             os.close(fd)
         digest.update(view)
         return out, digest.hexdigest()
-    pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="memplan-spill-read")
-    pending: deque[tuple[Future[None], int, int]] = deque()
+    io, source = executor(), OpenFile(fd)
+    pending: deque[tuple[Future[None], memoryview]] = deque()
     try:
-        for at in range(0, nbytes, _CHUNK):
-            n = min(_CHUNK, nbytes - at)
-            pending.append((pool.submit(read_exactly, fd, view[at : at + n], offset + at, file=path), at, n))
-            if len(pending) > _IN_FLIGHT:  # the window is full: hash the oldest chunk once it lands
-                _hash_oldest(digest, pending, view)
+        for request in io.split(Range(path, offset, view)):
+            pending.append((io.submit_read(source, request), request.view))
+            if len(pending) > _IN_FLIGHT:  # enough in flight: hash the oldest chunk once it lands
+                _hash_oldest(digest, pending)
         while pending:
-            _hash_oldest(digest, pending, view)
+            _hash_oldest(digest, pending)
     finally:
-        stop_pool(pool, [future for future, _, _ in pending])  # reads land before the descriptor closes
+        settle([future for future, _ in pending])  # reads land before the descriptor closes
         os.close(fd)
     return out, digest.hexdigest()
 
 
-def _hash_oldest(digest: Any, pending: deque[tuple[Future[None], int, int]], view: memoryview) -> None:
-    future, at, n = pending.popleft()
+def _hash_oldest(digest: Any, pending: deque[tuple[Future[None], memoryview]]) -> None:
+    future, view = pending.popleft()
     future.result()
-    digest.update(view[at : at + n])
+    digest.update(view)
 
 
 class DiskTier(Tier):
