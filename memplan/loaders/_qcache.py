@@ -23,15 +23,15 @@ import hashlib
 import os
 import shutil
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memplan._bnb import import_bitsandbytes
 from memplan._fileio import content_identity, content_key
-from memplan._threads import stop_pool
+from memplan._io import Serial, Window, executor
+from memplan._threads import settle
 from memplan.errors import CheckpointError, TierError
-from memplan.loaders._readahead import ReadAhead, Window
 from memplan.planner.strategies import READ_AHEAD_BYTES, Quantized
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ __all__ = ["QuantCache", "open_quant_cache"]
 
 DEFAULT_CAP = 64 << 30
 _MAX_PENDING = 16  # layers waiting to be written
-_AHEAD = 4  # layers being read at once
 _COMPLETE = "complete"  # a marker: every layer of the load was written
 _CHANGED = "changed on disk during the load (rewritten or replaced): load the model again"
 
@@ -100,15 +99,11 @@ class QuantCache:
         self.tier: DiskTier = DiskTier(folder)
         self.writes = 0  # layers written by this load
         self.failed = False
-        self._writer: ThreadPoolExecutor | None = None  # writes overlap the quantization of later layers
+        self._writer = Serial()  # writes overlap the quantization of later layers, one at a time
         self._pending: deque[Future[None]] = deque()
-        self._ahead: ReadAhead[str, dict[str, torch.Tensor] | None] = ReadAhead(
-            self._read,
-            self._stored_bytes,
-            window=window,
-            threads=_AHEAD,
-            name="memplan-qcache-read",
-        )
+        # Reads ahead run as jobs of the process's executor (a few layers at once), within the
+        # checkpoint reader's window.
+        self.window = window if isinstance(window, Window) else Window(window)
         self._stored: dict[str, list[str]] = {}  # weight -> its state's names, as found at start
         for key in self.tier.keys():  # noqa: SIM118 - a tier is not iterable
             weight, _, name = key.partition("/")
@@ -119,7 +114,10 @@ class QuantCache:
         """Start reading the stored states of ``weights`` (the order :meth:`get` will ask for
         them), several layers in flight, within the window shared with the checkpoint reader: a
         repeat load that read one layer at a time left a cold disk at a third of its speed."""
-        self._ahead.extend(w for w in weights if self.has(w))
+        self.window.extend(self, (w for w in weights if self.has(w)), self._start, self._stored_bytes)
+
+    def _start(self, weight: str) -> Future[dict[str, torch.Tensor] | None]:
+        return executor().submit(self._read, weight)
 
     def _stored_bytes(self, weight: str) -> int:
         try:
@@ -131,7 +129,7 @@ class QuantCache:
         """The stored state of ``weight``'s layer (names relative to the layer), or None."""
         if not self.has(weight):
             return None
-        return self._ahead.take(weight)
+        return self.window.take(self, weight, self._read)
 
     def _read(self, weight: str) -> dict[str, torch.Tensor] | None:
         try:
@@ -147,11 +145,9 @@ class QuantCache:
         if self.complete:
             return
         state = {name: t.detach().cpu() for name, t in layer.state_dict().items() if name != "bias"}
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="memplan-qcache-write")
         while len(self._pending) >= _MAX_PENDING:  # bounds the host copies of GPU states in the queue
             self._pending.popleft().result()
-        self._pending.append(self._writer.submit(self._write, weight, state))
+        self._pending.append(self._writer.submit(lambda: self._write(weight, state)))
 
     def _write(self, weight: str, state: dict[str, torch.Tensor]) -> None:
         for name, tensor in state.items():
@@ -195,9 +191,9 @@ class QuantCache:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        self._ahead.close()  # reads and writes under way finish before the tier closes
-        if self._writer is not None:
-            stop_pool(self._writer, self._pending)
+        """Drop the reads ahead and the writes not started; return once those under way have
+        finished, before the tier closes. A load's own thread runs this, never a finalizer."""
+        settle([*self.window.drop(self), *self._pending])
         self._pending.clear()
         self.tier.close()
 

@@ -2,24 +2,26 @@
 
 The header was validated by :func:`memplan.inspect`; this reads the data it points at into a
 buffer the caller owns (a fresh host tensor, an arena slot, a pinned staging buffer), so a load
-never holds an mmap of the whole file nor a second copy of a tensor. A tensor larger than one
-request is read in parallel chunks; positional reads let threads share descriptors.
+never holds an mmap of the whole file nor a second copy of a tensor. The reads run on the
+process's reading threads (:mod:`memplan._io`), a tensor larger than one request in parallel
+requests; positional reads let threads share descriptors.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memplan._dtypes import TORCH_NAMES
-from memplan._fileio import FileIdentity, read_exactly
-from memplan._threads import settle, stop_pool
+from memplan._fileio import FileIdentity
+from memplan._io import Range, Window, executor, on_read_thread
+from memplan._threads import after_all
 from memplan.errors import CheckpointError
-from memplan.loaders._readahead import ReadAhead, Window
 from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
 from memplan.planner.strategies import READ_AHEAD_BYTES
@@ -29,13 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = ["TensorReader", "torch_dtype"]
 
-_CHUNK = 16 << 20  # 8 MiB requests read the same shards a fifth slower here
-_READERS = 8
 _FILES_PER_THREAD = 4  # descriptors each reading thread keeps open, the most recently used
 _PROC_FDS = Path("/proc/self/fd")  # where a descriptor opens again as the same file (Linux)
 _REOPEN = _PROC_FDS.is_dir()
 _CHANGED = "changed on disk since it was first read (replaced or rewritten): load the model again"
-_AHEAD = 8  # tensors in flight at once; with the chunk readers, enough requests to keep a disk busy
 
 
 def torch_dtype(name: str, *, tensor: str = "", file: Path | None = None) -> torch.dtype:
@@ -67,44 +66,26 @@ class TensorReader:
     ) -> None:
         self.checkpoint = checkpoint
         self.bytes_read = 0
+        self.window = Window(window)  # the read-ahead's byte budget, which a quantized-weights cache shares
         self._on_bytes = on_bytes
         self._files = _Descriptors()
-        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._ahead: ReadAhead[str, torch.Tensor] = ReadAhead(
-            lambda name: self._read_new(self.info(name)),
-            self._size,
-            window=window,
-            threads=_AHEAD,
-            name="memplan-ahead",
-            initializer=self._files.own_thread,
-        )
-
-    @property
-    def window(self) -> Window:
-        """The read-ahead's byte budget, which a quantized-weights cache shares."""
-        return self._ahead.window
+        self._bins: dict[Path, Future[dict[str, torch.Tensor]]] = {}  # each .bin loaded once
 
     def read_ahead(self, names: Iterable[str]) -> None:
-        """Read ``names`` (in this order) ahead of :meth:`read` asking for them, instead of what
-        was queued before: reads under way that ``names`` lacks are let go."""
-        self._ahead.restart(names)
+        """Read ``names`` (in this order) ahead of :meth:`read` asking for them: the one plan of
+        reads ahead, which a later call changes without starting over. Reads already started
+        or landed that ``names`` holds are kept (never read twice) and the rest of the queue
+        follows the new order; reads ``names`` lacks are let go. The same names again change
+        nothing: the reads under way go on."""
+        self.window.replace(self, names, self._start, self._size)
 
     def start_reading(self, names: Iterable[str]) -> None:
-        """Read the first window's worth of ``names`` the checkpoint has, in this order, before
-        the load says what it reads: the load maps its names meanwhile, and :meth:`read_ahead`
-        then takes over. For a load that reads every tensor, in its model's own order."""
-        head: list[str] = []
-        total = 0
-        for info in (self.checkpoint.tensors.get(name) for name in names):
-            if info is None:
-                continue
-            total += info.nbytes
-            if head and total > self._ahead.window.size:
-                break
-            head.append(info.name)
-        self._ahead.restart(head)
+        """:meth:`read_ahead` for the names the checkpoint has (others are left out, not an
+        error): for a load that reads every tensor, in its model's own order, before it has
+        mapped its names. A later :meth:`read_ahead` of what the load reads continues it."""
+        tensors = self.checkpoint.tensors
+        self.read_ahead(name for name in names if name in tensors)
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -115,16 +96,27 @@ class TensorReader:
 
     def read(self, name: str) -> torch.Tensor:
         """A new host tensor with ``name``'s data, in the file's dtype and shape."""
-        return self._ahead.take(name)
+        return self.window.take(self, name, lambda key: self._read_new(self.info(key)))
 
     def _size(self, name: str) -> int | None:
         info = self.checkpoint.tensors.get(name)
         return None if info is None else info.nbytes
 
-    def _read_new(self, info: TensorInfo) -> torch.Tensor:
-        import torch
+    def _start(self, name: str) -> Future[torch.Tensor]:
+        """Start reading ``name`` into a new tensor, returning at once (the window's reads)."""
+        info = self.checkpoint.tensors[name]
+        if info.file.suffix == ".bin":
+            return executor().submit(self._read_new, info)
+        out = _empty(info)
 
-        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype, tensor=info.name, file=info.file))
+        def landed() -> torch.Tensor:
+            self._landed([info])
+            return out
+
+        return executor().start(self._files, self._ranges([(info, out)]), landed)
+
+    def _read_new(self, info: TensorInfo) -> torch.Tensor:
+        out = _empty(info)
         self.read_into(info, out)
         return out
 
@@ -136,43 +128,64 @@ class TensorReader:
         """:meth:`read_into` for every ``(info, out)`` pair, all their reads in flight together:
         a module's tensors one after the other left the disk with one request for each tensor
         of a chunk or less."""
-        import torch
-
-        ranges = []
         for info, out in pairs:
             if info.nbytes and info.file.suffix == ".bin":
                 self._copy_from_bin(info, out)
-            elif info.nbytes:
-                view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-                ranges += [
-                    (info, view, at, min(_CHUNK, info.nbytes - at)) for at in range(0, info.nbytes, _CHUNK)
-                ]
         # Several reads in flight keep a cold disk busy; one synchronous stream reaches a fraction.
-        if len(ranges) == 1:
-            self._read_range(*ranges[0])
-        elif ranges:
-            pool = self._pool()
-            _all_or_none([pool.submit(self._read_range, *r) for r in ranges])
-        for file in {info.file for info, _ in pairs if info.nbytes}:
+        executor().read(self._files, self._ranges(pairs))
+        self._landed([info for info, _ in pairs])
+
+    @staticmethod
+    def _ranges(pairs: list[tuple[TensorInfo, torch.Tensor]]) -> list[Range]:
+        """The positional reads that fill the safetensors tensors of ``pairs``."""
+        import torch
+
+        def view(out: torch.Tensor) -> memoryview:
+            return memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+        return [
+            Range(info.file, info.offset, view(out), info.name)
+            for info, out in pairs
+            if info.nbytes and info.file.suffix != ".bin"
+        ]
+
+    def _landed(self, infos: list[TensorInfo]) -> None:
+        """After the reads of ``infos``: their files are the ones first opened, and the bytes count."""
+        for file in {info.file for info in infos if info.nbytes}:
             self._files.check(file)
-        for info, _ in pairs:
+        for info in infos:
             if info.file.suffix != ".bin":
                 self._count(info.nbytes)
 
-    def _read_range(self, info: TensorInfo, view: memoryview, start: int, length: int) -> None:
-        fd = self._files.fd(info.file)
-        read_exactly(fd, view[start : start + length], info.offset + start, file=info.file, tensor=info.name)
-
     def _copy_from_bin(self, info: TensorInfo, out: torch.Tensor) -> None:
         """A ``.bin`` holds pickled storages, not tensors at offsets: copy from its memory map."""
-        with self._lock:
-            if info.file not in self._bins:
-                self._files.fd(info.file)  # the file as first seen, or an error
-                self._bins[info.file] = load_bin(info.file)
-                self._files.check(info.file, by_path=True)  # and it was that file torch mapped
-            source = self._bins[info.file][info.name]
+        source = self._bin(info.file)[info.name]
         out.copy_(source.reshape(out.shape))
         self._count(info.nbytes)
+
+    def _bin(self, file: Path) -> dict[str, torch.Tensor]:
+        """``file``'s tensors, loaded once: the first thread to ask loads it, with no lock held;
+        others asking meanwhile wait for that thread, and reads of other files go on."""
+        with self._lock:
+            loading = self._bins.get(file)
+            mine = loading is None
+            if loading is None:
+                loading = self._bins[file] = Future()
+        if not mine:
+            return loading.result()
+        try:
+            with self._files.use(file):  # the file as first seen, or an error
+                pass
+            loaded = load_bin(file)
+            self._files.check(file, by_path=True)  # and it was that file torch mapped
+        except BaseException as exc:
+            with self._lock:  # the next read tries again
+                if self._bins.get(file) is loading:
+                    del self._bins[file]
+            loading.set_exception(exc)
+            raise
+        loading.set_result(loaded)
+        return loaded
 
     def _count(self, nbytes: int) -> None:
         with self._lock:
@@ -180,28 +193,28 @@ class TensorReader:
         if self._on_bytes is not None:
             self._on_bytes(nbytes)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    _READERS, thread_name_prefix="memplan-read", initializer=self._files.own_thread
-                )
-            return self._executor
-
     def close(self) -> None:
-        self._ahead.close()  # first: its reads use the chunk pool and the descriptors
+        """Let the reads ahead go and give the descriptors back, waiting for nothing (a garbage
+        collection may run this): reads still under way give them back as the last one lands.
+        A later read opens them again, as the same files."""
+        running = self.window.drop(self)
         with self._lock:
             self._bins = {}
-            executor, self._executor = self._executor, None
-        if executor is not None:  # idle: every chunk read belongs to a read that has returned
-            stop_pool(executor, ())
         self._files.close()
+        if running:  # a read let go may have opened a descriptor after the close above
+            after_all(running, self._files.close)
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _empty(info: TensorInfo) -> torch.Tensor:
+    import torch
+
+    return torch.empty(info.shape, dtype=torch_dtype(info.dtype, tensor=info.name, file=info.file))
 
 
 def _open_shard(file: Path, path: Path) -> int:
@@ -217,56 +230,90 @@ class _Descriptors:
     opened again after close(), or rewritten in place, must still be the file first opened
     (:meth:`check` after each read), or reading it fails.
 
-    Threads of the reader's own pools read through descriptors of their own, opened again from
-    the held one (so the same file): the kernel keeps one read-ahead state per open file, which
+    The process's reading threads read through descriptors of their own, opened again from the
+    held one (so the same file): the kernel keeps one read-ahead state per open file, which
     parallel reads at distant offsets through one descriptor defeat (a fifth slower on the same
     shards here). Other threads (a forward's, a ``state_dict()`` caller's) share the held one.
+
+    No file is opened, stat'ed or closed under the lock. A descriptor is in use from
+    :meth:`use` to the end of its ``with``; close() gives every one back once none is.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[Path, int] = {}
         self._identity: dict[Path, FileIdentity] = {}  # kept across close()
-        self._own: set[int] = set()
-        self._mine: dict[int, dict[Path, int]] = {}  # own thread -> file -> fd, oldest use first
+        self._mine: dict[int, dict[Path, int]] = {}  # reading thread -> file -> fd, oldest use first
+        self._users = 0
+        self._closing = False  # close() was asked while descriptors were in use
 
-    def own_thread(self) -> None:
-        """Called by each thread of the reader's pools as it starts."""
+    @contextmanager
+    def use(self, file: Path) -> Iterator[int]:
+        """A descriptor of ``file`` for this thread to read through while the ``with`` lasts."""
+        with self._using():
+            held = self._held_fd(file)
+            yield self._own_fd(file, held) if _REOPEN and on_read_thread() else held
+
+    @contextmanager
+    def _using(self) -> Iterator[None]:
         with self._lock:
-            self._own.add(threading.get_ident())
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                fds = self._give_back() if self._closing and not self._users else []
+            _close_all(fds)
 
-    def fd(self, file: Path) -> int:
-        """A descriptor of ``file`` for this thread to read through until close()."""
+    def _held_fd(self, file: Path) -> int:
+        """The descriptor held for ``file``: opened outside the lock, the first one published."""
         with self._lock:
             held = self._held.get(file)
-            if held is None:
-                held = self._held[file] = self._open(file)
-            me = threading.get_ident()
-            if me not in self._own or not _REOPEN:
-                return held
+        if held is not None:
+            return held
+        fd = _open_shard(file, file)
+        try:
+            found = FileIdentity.of(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise CheckpointError(file, f"cannot stat shard: {exc.strerror}") from exc
+        with self._lock:
+            same = self._identity.setdefault(file, found).same_bytes(found)
+            held = self._held.get(file)
+            if held is None and same:
+                held = self._held[file] = fd
+                return fd
+        os.close(fd)  # another thread's was published first, or the file is another now
+        if held is None:
+            raise CheckpointError(file, _CHANGED)
+        return held
+
+    def _own_fd(self, file: Path, held: int) -> int:
+        """This reading thread's own descriptor of ``file``; its least recently used one closed
+        past :data:`_FILES_PER_THREAD` (nobody else reads through it)."""
+        me = threading.get_ident()
+        with self._lock:
             mine = self._mine.setdefault(me, {})
             fd = mine.pop(file, None)
-            if fd is None:
-                if len(mine) >= _FILES_PER_THREAD:
-                    os.close(mine.pop(next(iter(mine))))  # this thread's own: nobody else reads it
-                fd = _open_shard(file, _PROC_FDS / str(held))
-            mine[file] = fd
-            return fd
-
-    def _open(self, file: Path) -> int:
-        fd = _open_shard(file, file)
-        found = FileIdentity.of(fd)
-        if not self._identity.setdefault(file, found).same_bytes(found):
-            os.close(fd)
-            raise CheckpointError(file, _CHANGED)
+            if fd is not None:
+                mine[file] = fd
+                return fd
+            evicted = mine.pop(next(iter(mine))) if len(mine) >= _FILES_PER_THREAD else None
+        if evicted is not None:
+            os.close(evicted)
+        fd = _open_shard(file, _PROC_FDS / str(held))
+        with self._lock:
+            self._mine.setdefault(me, {})[file] = fd
         return fd
 
     def check(self, file: Path, *, by_path: bool = False) -> None:
         """Raise if ``file`` (the one held, or ``by_path`` the one its name now leads to) has
         changed since it was first opened: bytes just read from a file rewritten in place may
         be the new ones, or a mix."""
-        with self._lock:
-            held = self._held.get(file)
+        with self._using():
+            with self._lock:
+                held = self._held.get(file)
             if held is None:
                 return
             try:
@@ -277,20 +324,18 @@ class _Descriptors:
                 raise CheckpointError(file, _CHANGED)
 
     def close(self) -> None:
+        """Give every descriptor back: now, or as the last read using one finishes."""
         with self._lock:
-            fds = [*self._held.values(), *(fd for mine in self._mine.values() for fd in mine.values())]
-            self._held, self._mine, self._own = {}, {}, set()
-        for fd in fds:
-            os.close(fd)
+            self._closing = True
+            fds = self._give_back() if not self._users else []
+        _close_all(fds)
+
+    def _give_back(self) -> list[int]:
+        fds = [*self._held.values(), *(fd for mine in self._mine.values() for fd in mine.values())]
+        self._held, self._mine, self._closing = {}, {}, False
+        return fds
 
 
-def _all_or_none(chunks: list[Future[None]]) -> None:
-    """Wait for every chunk; on a failure or a Ctrl-C, cancel the rest and wait for those already
-    running, so that no read writes into the caller's tensor, or uses a descriptor close()
-    gives back, once the caller has left."""
-    try:
-        for future in chunks:
-            future.result()
-    except BaseException:
-        settle(chunks)
-        raise
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -108,7 +108,7 @@ def test_reads_ahead_stay_within_their_window_and_close_waits_for_them(
     real_read = QuantCache._read
 
     def watched(self: QuantCache, weight: str) -> dict[str, torch.Tensor] | None:
-        started.append(self._ahead.held)
+        started.append(self.window.stats().held)
         state = real_read(self, weight)
         finished.append(weight)
         return state
@@ -117,14 +117,14 @@ def test_reads_ahead_stay_within_their_window_and_close_waits_for_them(
     cache = QuantCache(folder)
     weights = sorted({key.partition("/")[0] for key in cache.tier.keys()})  # noqa: SIM118
     largest = max(cache._stored_bytes(w) for w in weights)
-    cache._ahead.window.size = 2 * largest
+    cache.window.size = 2 * largest
     cache.read_ahead(weights)
     states = [cache.get(w) for w in weights]
     assert all(s is not None and {"weight", "SCB"} <= set(s) for s in states)
     assert started and max(started) <= 2 * largest
     started.clear()
     cache.read_ahead(weights)
-    assert cache._ahead.in_flight
+    assert cache.window.stats(cache).in_flight
     cache.close()
     assert len(finished) - len(weights) == len(started)  # every read started has finished
 
@@ -146,7 +146,8 @@ def test_a_repeat_load_reads_from_the_cache_only_the_layers_it_quantizes(
         return real_read(self, weight)
 
     def watched_close(self: QuantCache) -> None:
-        left.append((self._ahead.in_flight, self._ahead.held, self._ahead.queued))
+        mine = self.window.stats(self)
+        left.append((mine.in_flight, mine.held, mine.queued))
         real_close(self)
 
     monkeypatch.setattr(QuantCache, "_read", watched_read)
