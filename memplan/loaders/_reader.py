@@ -21,8 +21,8 @@ from memplan._dtypes import TORCH_NAMES
 from memplan._fileio import FileIdentity
 from memplan._io import Range, Window, executor, on_read_thread
 from memplan._threads import after_all
+from memplan._torchbin import load_bin
 from memplan.errors import CheckpointError
-from memplan.planner.bin_header import load_bin
 from memplan.planner.checkpoint import Checkpoint, TensorInfo
 from memplan.planner.strategies import READ_AHEAD_BYTES
 

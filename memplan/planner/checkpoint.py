@@ -17,10 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from memplan._dtypes import FLOATING
+from memplan._safetensors import ShardHeader, TensorEntry, read_header
+from memplan._torchbin import read_bin_header
 from memplan.errors import CheckpointError
-from memplan.planner.bin_header import BIN_NOTE, read_bin_header
 from memplan.planner.quantization import PreQuantized, read_quantization
-from memplan.planner.safetensors_header import ShardHeader, TensorEntry, read_header
 from memplan.planner.sources import resolve
 
 __all__ = [
@@ -40,6 +41,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 BIN_SINGLE_NAME = "pytorch_model.bin"
+BIN_NOTE = "weights are a PyTorch .bin: their shapes were read with torch.load(weights_only=True)"
 # A block is the first (outermost) numbered child of a stack container in a name: T5's
 # ``decoder.block.3.layer.1.`` is block 3 of ``decoder.block``, not sub-layer 1 of block 3.
 _BLOCK = re.compile(r"^((?:.*?\.)?(?:layers|h|blocks|block|layer))\.(\d+)\.")
@@ -298,7 +300,7 @@ class Checkpoint:
     @property
     def dtype(self) -> str:
         """The floating dtype most bytes are stored in (the model's working dtype)."""
-        floats = {d: n for d, n in self.bytes_by_dtype().items() if d.startswith(("F", "BF"))}
+        floats = {d: n for d, n in self.bytes_by_dtype().items() if d in FLOATING}
         return max(floats, key=lambda d: floats[d]) if floats else "F32"
 
     def non_layer_tensors(self) -> list[TensorInfo]:

@@ -9,7 +9,6 @@ forward: a device's peak is the larger of the two, never their sum. Pure: shapes
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections import defaultdict
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from memplan._dtypes import TORCH_FLOATING, compute_dtype, dtype_bytes, dtype_name, normalize_dtype
 from memplan.errors import ContextTooLong, MemplanError
 from memplan.gpu.device import Device
 from memplan.planner.checkpoint import Architecture, Checkpoint, Stack, TensorInfo, in_module
@@ -40,50 +40,9 @@ __all__ = [
 
 MiB = 2**20
 DEFAULT_CONTEXT = 4096  # tokens per sequence, where the model takes that many
-_DTYPE_ALIASES = {
-    "F32": ("f32", "fp32", "float32", "float"), "F16": ("f16", "fp16", "float16", "half"),
-    "BF16": ("bf16", "bfloat16"), "F64": ("f64", "fp64", "float64", "double"),
-    "F8_E4M3": ("fp8", "f8", "float8_e4m3fn", "f8_e4m3"), "F8_E5M2": ("float8_e5m2", "f8_e5m2"),
-}  # fmt: skip
-_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 NF4_BLOCK = 64
 DOUBLE_QUANT_BLOCK = 256
 NF4_CODE_BYTES = 16 * 4  # the 16 fp32 NF4 levels each quantised weight keeps
-
-
-@functools.lru_cache(maxsize=64)  # called per tensor per candidate; names repeat
-def normalize_dtype(name: str) -> str:
-    """``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"`` and ``"BF16"`` are all ``"BF16"``."""
-    key = name.strip().removeprefix("torch.")
-    if key.upper() in _BYTES:
-        return key.upper()
-    for canonical, aliases in _DTYPE_ALIASES.items():
-        if key.lower() in aliases:
-            return canonical
-    raise MemplanError(f"unknown floating dtype {name!r}; use bf16, fp16, fp32 or fp8")
-
-
-def dtype_name(dtype: object) -> str:
-    """The canonical name of a dtype given by name or as a ``torch.dtype``: ``torch.float16`` is ``"F16"``.
-
-    A torch.dtype prints as ``torch.float16``, which :func:`normalize_dtype` reads, so torch is
-    never imported here.
-    """
-    return normalize_dtype(dtype if isinstance(dtype, str) else str(dtype))
-
-
-def compute_dtype(dtype: object) -> str:
-    """:func:`dtype_name`, for a dtype torch can compute in: fp8 stores weights and KV caches only."""
-    name = dtype_name(dtype)
-    if name.startswith("F8"):
-        raise MemplanError(
-            f"cannot compute in dtype {dtype!s}; use bf16, fp16 or fp32 (fp8 is for weights and KV caches)"
-        )
-    return name
-
-
-def dtype_bytes(name: str) -> int:
-    return _BYTES[normalize_dtype(name)]
 
 
 @dataclass(frozen=True)
@@ -248,7 +207,7 @@ def is_quantizable(tensor: TensorInfo, skip: tuple[str, ...] | None = None) -> b
 def tensor_bytes(tensor: TensorInfo, dtype: str) -> int:
     """Bytes of ``tensor`` once cast to ``dtype``; integer tensors and the quantization states
     stored beside pre-quantized weights keep their own type."""
-    if tensor.dtype not in _BYTES or is_quant_state(tensor.name):
+    if tensor.dtype not in TORCH_FLOATING or is_quant_state(tensor.name):
         return tensor.nbytes
     return tensor.numel * dtype_bytes(dtype)
 
@@ -510,7 +469,7 @@ def _read_in_place(checkpoint: Checkpoint, strategy: Full | Quantized) -> bool:
 
 def _same_dtypes(checkpoint: Checkpoint, dtype: str) -> bool:
     """Whether every floating tensor is stored in ``dtype`` (no cast as it is read)."""
-    return all(t.dtype not in _BYTES or t.dtype == dtype for t in _tensor_kinds(checkpoint).examples)
+    return all(t.dtype not in TORCH_FLOATING or t.dtype == dtype for t in _tensor_kinds(checkpoint).examples)
 
 
 def _largest_quantized(checkpoint: Checkpoint, strategy: Quantized) -> TensorInfo | None:

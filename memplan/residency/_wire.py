@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from memplan._dtypes import torch_dtype_named, torch_name
 from memplan.errors import MissingDependency, TierError
 
 if TYPE_CHECKING:
@@ -131,10 +132,9 @@ def same_dtype_view(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def dtype_named(tier: str, key: str, name: str) -> torch.dtype:
-    import torch
-
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+    """The torch dtype a blob's metadata names (by its torch attribute name: any torch dtype)."""
+    dtype = torch_dtype_named(name)
+    if dtype is None:
         raise TierError(tier, key, f"unknown dtype {name!r}")
     return dtype
 
@@ -144,7 +144,7 @@ def dtype_name(tier: str, key: str, tensor: torch.Tensor) -> str:
 
     if tensor.is_quantized or tensor.layout != torch.strided:
         raise TierError(tier, key, f"cannot store a {tensor.layout} {tensor.dtype} tensor")
-    return str(tensor.dtype).removeprefix("torch.")
+    return torch_name(tensor.dtype)
 
 
 def from_raw(tier: str, key: str, meta: TensorMeta, raw: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memplan._dtypes import BITS, TORCH_NAMES
+
 __all__ = [
     "LLAMA_SHAPES",
     "LlamaShape",
@@ -22,9 +24,6 @@ __all__ = [
     "write_llama_checkpoint",
     "write_safetensors_header",
 ]
-
-_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
-_TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class LlamaShape:
             "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0,
             "hidden_act": "silu",
-            "torch_dtype": _TORCH_NAMES[dtype],
+            "torch_dtype": TORCH_NAMES[dtype],
         }
 
 
@@ -103,7 +102,7 @@ def write_safetensors_header(path: Path, tensors: list[tuple[str, tuple[int, ...
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dims in tensors:
-        nbytes = math.prod(dims) * _BYTES[dtype]
+        nbytes = math.prod(dims) * BITS[dtype] // 8
         header[name] = {"dtype": dtype, "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -120,7 +119,7 @@ def _shards(
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for tensor in tensors:
-        nbytes = math.prod(tensor[1]) * _BYTES[dtype]
+        nbytes = math.prod(tensor[1]) * BITS[dtype] // 8
         if shards[-1] and size + nbytes > max_shard:
             shards.append([])
             size = 0

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from memplan import CheckpointError
-from memplan.planner import safetensors_header as header_module
-from memplan.planner.safetensors_header import read_header
+from memplan import _safetensors as header_module
+from memplan._safetensors import read_header
 
 
 def raw_file(path: Path, header: bytes | str, data: bytes = b"", length: int | None = None) -> Path:

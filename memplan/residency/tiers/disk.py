@@ -22,10 +22,10 @@ import psutil
 
 from memplan._fileio import private_dirs, read_exactly, write_new_file
 from memplan._io import CHUNK, OpenFile, Range, executor
+from memplan._safetensors import read_header
 from memplan._threads import settle
 from memplan.errors import CheckpointError, TierError
 from memplan.gpu.device import Device
-from memplan.planner.safetensors_header import read_header
 from memplan.residency import _wire
 from memplan.residency.tiers.base import Tier
 from memplan.units import parse_size

@@ -1,4 +1,6 @@
-"""Read and validate one safetensors header without touching tensor data.
+"""The safetensors format: read and validate one file's header without touching tensor data.
+
+The planner reads a checkpoint's shape from these headers; the disk tier checks its own files with them.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the data
 buffer. The checks here are those of the safetensors library (its Rust ``Metadata::validate``)
@@ -16,23 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memplan._dtypes import BITS
 from memplan.errors import CheckpointError
 
-__all__ = ["DTYPE_BITS", "MAX_HEADER_BYTES", "ShardHeader", "TensorEntry", "read_header"]
+__all__ = ["MAX_HEADER_BYTES", "ShardHeader", "TensorEntry", "read_header"]
 
 # The safetensors library refuses headers over 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
 MAX_DIMS = 64
 _INT64_MAX = 2**63 - 1
 
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8,
-    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
@@ -132,7 +127,7 @@ def _entry(path: Path, name: str, value: object) -> tuple[str, tuple[int, ...], 
     if not isinstance(value, dict) or value.keys() != _ENTRY_KEYS:
         raise bad("entry must have exactly 'dtype', 'shape' and 'data_offsets'")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in BITS:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad("shape must be a list of non-negative integers")
@@ -148,7 +143,7 @@ def _entry(path: Path, name: str, value: object) -> tuple[str, tuple[int, ...], 
         numel *= dim
         if numel > _INT64_MAX:
             raise bad(f"shape {shape} has more elements than int64 can count")
-    bits = numel * DTYPE_BITS[dtype]
+    bits = numel * BITS[dtype]
     if bits % 8:
         raise bad(f"{numel} elements of {dtype} do not fill whole bytes")
     if bits // 8 != end - begin:

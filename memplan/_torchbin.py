@@ -1,8 +1,9 @@
-"""Shapes of a PyTorch ``.bin`` checkpoint, read without running its pickle.
+"""The PyTorch ``.bin`` format: a checkpoint's tensors, and their shapes, without running its pickle.
 
 ``torch.load(weights_only=True, mmap=True)`` restores only tensors and plain containers (it
 refuses any other class, so nothing in the file runs) and maps the storages instead of reading
-them, so only the pickle is read. This is the one place planning imports torch.
+them, so only the pickle is read. The planner reads shapes here (the one place planning imports
+torch); the loaders read the tensors.
 """
 
 from __future__ import annotations
@@ -10,16 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memplan._dtypes import SAFETENSORS_NAMES
+from memplan._dtypes import SAFETENSORS_NAMES, torch_name
+from memplan._safetensors import ShardHeader, TensorEntry
 from memplan.errors import CheckpointError
-from memplan.planner.safetensors_header import ShardHeader, TensorEntry
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BIN_NOTE", "load_bin", "read_bin_header"]
-
-BIN_NOTE = "weights are a PyTorch .bin: their shapes were read with torch.load(weights_only=True)"
+__all__ = ["load_bin", "read_bin_header"]
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -60,7 +59,7 @@ def read_bin_header(path: Path) -> ShardHeader:
     """The tensors of a ``.bin`` file as header entries (offsets are not file positions here)."""
     entries = []
     for name, tensor in load_bin(path).items():
-        dtype = SAFETENSORS_NAMES.get(str(tensor.dtype).removeprefix("torch."))
+        dtype = SAFETENSORS_NAMES.get(torch_name(tensor.dtype))
         if dtype is None:
             raise CheckpointError(path, f"dtype {tensor.dtype} has no safetensors equivalent", name)
         entries.append(
