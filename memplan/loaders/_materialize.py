@@ -16,8 +16,7 @@ from memplan.loaders._placement import Placement
 from memplan.loaders._prequantized import DamagedState
 from memplan.loaders._quantize import is_quantized_layer, prequantized_weight, quantize_weight, quantized_size
 from memplan.loaders._reader import TensorReader
-from memplan.planner.checkpoint import Checkpoint, in_module
-from memplan.planner.quantization import QUANT_STATE_SUFFIXES
+from memplan.planner import QUANT_STATE_SUFFIXES, Checkpoint, in_module
 
 if TYPE_CHECKING:
     import torch

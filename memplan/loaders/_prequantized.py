@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import CheckpointError
-from memplan.planner.quantization import QUANT_STATE_SUFFIXES
+from memplan.planner import QUANT_STATE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
 
-    from memplan.planner.checkpoint import Checkpoint
+    from memplan.planner import Checkpoint
 
 __all__ = ["DamagedState", "check_states", "stored_layers"]
 

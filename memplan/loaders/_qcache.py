@@ -32,13 +32,13 @@ from memplan._fileio import content_identity, content_key
 from memplan._io import Serial, Window, executor
 from memplan._threads import settle
 from memplan.errors import CheckpointError, TierError
-from memplan.planner.strategies import READ_AHEAD_BYTES, Quantized
+from memplan.planner import READ_AHEAD_BYTES, Quantized
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from memplan.planner.checkpoint import Checkpoint
+    from memplan.planner import Checkpoint
     from memplan.residency.tiers.disk import DiskTier
 
 __all__ = ["QuantCache", "open_quant_cache"]

@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 from memplan._bnb import import_bitsandbytes
 from memplan.loaders._cpu_quantizers import int8_rowwise, nf4_parameter
 from memplan.loaders._prequantized import check_states
-from memplan.planner.checkpoint import TensorInfo
-from memplan.planner.estimate import quantized_bytes
-from memplan.planner.strategies import Quantized
+from memplan.planner import Quantized, TensorInfo, quantized_bytes
 
 if TYPE_CHECKING:
     import torch

@@ -23,8 +23,7 @@ from memplan._io import Range, Window, executor, on_read_thread
 from memplan._threads import after_all
 from memplan._torchbin import load_bin
 from memplan.errors import CheckpointError
-from memplan.planner.checkpoint import Checkpoint, TensorInfo
-from memplan.planner.strategies import READ_AHEAD_BYTES
+from memplan.planner import READ_AHEAD_BYTES, Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import CheckpointError, MemplanError, UnsupportedQuantization
-from memplan.planner.checkpoint import Checkpoint
+from memplan.planner import Checkpoint
 
 if TYPE_CHECKING:
     import torch

@@ -27,10 +27,17 @@ from memplan.loaders._quantize import record_quantization, replace_linears, summ
 from memplan.loaders._reader import TensorReader, torch_dtype
 from memplan.loaders._skeleton import ModelFactory, build_skeleton
 from memplan.loaders._streaming import ModuleStreamer
-from memplan.planner.checkpoint import Checkpoint, in_module
-from memplan.planner.estimate import is_quantizable
-from memplan.planner.quantization import is_quant_state
-from memplan.planner.strategies import Full, Quantized, Sharded, Strategy, Streamed
+from memplan.planner import (
+    Checkpoint,
+    Full,
+    Quantized,
+    Sharded,
+    Strategy,
+    Streamed,
+    in_module,
+    is_quant_state,
+    is_quantizable,
+)
 
 if TYPE_CHECKING:
     import torch

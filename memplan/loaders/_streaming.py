@@ -25,7 +25,7 @@ from memplan._threads import after_all
 from memplan.gpu.device import Device
 from memplan.loaders._materialize import Binding, Materializer, set_tensor
 from memplan.loaders._placement import Placement
-from memplan.planner.estimate import SLOT_ALIGN
+from memplan.planner import SLOT_ALIGN
 
 if TYPE_CHECKING:
     import torch

@@ -23,12 +23,8 @@ from memplan.loaders._reader import TensorReader
 from memplan.loaders._skeleton import ModelFactory, check_config, with_computed_buffers
 from memplan.loaders._strategies import Loaded, LoadOptions, carry_out
 from memplan.loaders.report import Fallback, LoadReport, RssSampler
-from memplan.planner.checkpoint import Checkpoint, inspect
-from memplan.planner.corrections import Corrections
-from memplan.planner.estimate import Workload, strategy_key
-from memplan.planner.plan import Plan, Policy
-from memplan.planner.plan import plan as make_plan
-from memplan.planner.strategies import describe
+from memplan.planner import Checkpoint, Corrections, Plan, Policy, Workload, describe, inspect, strategy_key
+from memplan.planner import plan as make_plan
 
 if TYPE_CHECKING:
     from torch import nn

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from memplan._codec import encode
 from memplan._periodic import Periodic
 from memplan.gpu.device import Device
-from memplan.planner.estimate import Estimate
-from memplan.planner.strategies import Strategy, describe
+from memplan.planner import Estimate, Strategy, describe
 from memplan.units import format_size
 
 __all__ = ["Fallback", "LoadReport", "RssSampler"]

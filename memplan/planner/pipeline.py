@@ -12,7 +12,9 @@ import hashlib
 from pathlib import Path
 
 from memplan.errors import CheckpointError
-from memplan.planner.checkpoint import Architecture, Checkpoint, TensorInfo, inspect, load_json
+from memplan.planner.files import load_json
+from memplan.planner.model import Architecture, Checkpoint, TensorInfo
+from memplan.planner.reading import read_model
 from memplan.units import format_size
 
 __all__ = ["PIPELINE_INDEX", "inspect_pipeline"]
@@ -30,7 +32,7 @@ def inspect_pipeline(path: Path) -> Checkpoint:
             continue
         if "/" in name or name in (".", ".."):
             raise CheckpointError(path / PIPELINE_INDEX, f"component {name!r} is not a folder name")
-        components.append((name, inspect(folder)))
+        components.append((name, read_model(folder)))
     if not components:
         raise CheckpointError(path / PIPELINE_INDEX, "no component of this pipeline has weights")
     tensors: dict[str, TensorInfo] = {}

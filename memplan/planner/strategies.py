@@ -1,7 +1,13 @@
-"""The ways a model can be loaded, as configs: dataclasses dispatched by type, JSON by ``kind``."""
+"""The ways a model can be loaded, as configs: dataclasses dispatched by type, JSON by ``kind``.
+
+Each strategy says what a person reads of it (:meth:`describe`), the name its learned corrections
+are kept under (``correction_key``) and where a module runs (:meth:`runs_on`); how it lays bytes
+out per device is its layout (:mod:`memplan.planner.layouts`), registered by its type.
+"""
 
 from __future__ import annotations
 
+import abc
 import functools
 import itertools
 import operator
@@ -11,6 +17,7 @@ from typing import Literal, Union
 
 from memplan.errors import InvalidSize
 from memplan.gpu.device import Device
+from memplan.planner.model import in_module
 
 __all__ = [
     "READ_AHEAD_BYTES",
@@ -21,6 +28,7 @@ __all__ = [
     "Strategy",
     "Streamed",
     "describe",
+    "strategy_key",
 ]
 
 # The most a load reads ahead of the tensor it is placing (the loaders' read-ahead window), and
@@ -35,10 +43,11 @@ def _window() -> int:
     return field(default=READ_AHEAD_BYTES, compare=False)
 
 
-class _Checked:
-    """A strategy's read-ahead window is whole bytes from one request to the most a plan sizes:
-    a hand-edited plan with another would stage what no estimate counted."""
+class _Base(abc.ABC):
+    """What every strategy answers. Its read-ahead window is whole bytes from one request to the
+    most a plan sizes: a hand-edited plan with another would stage what no estimate counted."""
 
+    kind: str
     read_ahead: int
 
     def __post_init__(self) -> None:
@@ -48,9 +57,22 @@ class _Checked:
                 window, f"read_ahead must be from {READ_REQUEST_BYTES} to {READ_AHEAD_BYTES} bytes"
             )
 
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line a person reads: ``int8 on cuda:0``, ``sharded over cuda:0, cuda:1``."""
+
+    @property
+    def correction_key(self) -> str:
+        """The name corrections are recorded under: ``full``, ``int8``, ``nf4``, ``sharded``, ``streamed``."""
+        return self.kind
+
+    @abc.abstractmethod
+    def runs_on(self, module: str) -> Device:
+        """The device ``module`` runs on (offloaded modules run on the execution device)."""
+
 
 @dataclass(frozen=True)
-class Full(_Checked):
+class Full(_Base):
     """Every weight on one device, in ``dtype``."""
 
     device: Device
@@ -58,9 +80,15 @@ class Full(_Checked):
     kind: Literal["full"] = "full"
     read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
+    def describe(self) -> str:
+        return f"full on {self.device} ({self.dtype})"
+
+    def runs_on(self, module: str) -> Device:
+        return self.device
+
 
 @dataclass(frozen=True)
-class Quantized(_Checked):
+class Quantized(_Base):
     """Linear layers as bitsandbytes int8 (LLM.int8) or nf4; embeddings, norms, lm_head in ``dtype``."""
 
     method: Literal["int8", "nf4"]
@@ -74,9 +102,21 @@ class Quantized(_Checked):
     kind: Literal["quantized"] = "quantized"
     read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
+    def describe(self) -> str:
+        dq = ", double quant" if self.method == "nf4" and self.double_quant else ""
+        stored = "pre-quantized " if self.prequantized else ""
+        return f"{stored}{self.method} on {self.device} (compute {self.dtype}{dq})"
+
+    @property
+    def correction_key(self) -> str:
+        return self.method
+
+    def runs_on(self, module: str) -> Device:
+        return self.device
+
 
 @dataclass(frozen=True)
-class Sharded(_Checked):
+class Sharded(_Base):
     """Whole modules over devices: ``device_map`` pairs a module prefix with its device.
 
     With ``cpu`` entries beside accelerators the model is offloaded: those layers' weights live
@@ -109,6 +149,19 @@ class Sharded(_Checked):
     def offloaded(self) -> bool:
         return any(not d.is_accelerator for d in self.devices) and self.execution_device.is_accelerator
 
+    def describe(self) -> str:
+        counts: Counter[Device] = Counter()
+        for device, modules in self.runs:
+            counts[device] += len(modules)
+        spread = ", ".join(f"{d} ({counts[d]} modules)" for d in self.devices)
+        return f"{'offloaded' if self.offloaded else 'sharded'} over {spread}"
+
+    def runs_on(self, module: str) -> Device:
+        for placed, device in self.device_map:
+            if in_module(module, placed):
+                return device if device.is_accelerator or not self.offloaded else self.execution_device
+        return self.execution_device
+
     def accelerate_device_map(self) -> dict[str, int | str]:
         """The same map in accelerate's spelling (``0``, ``"mps"``, ``"cpu"``)."""
         return {
@@ -118,7 +171,7 @@ class Sharded(_Checked):
 
 
 @dataclass(frozen=True)
-class Streamed(_Checked):
+class Streamed(_Base):
     """Layers live in ``source`` (host RAM or the safetensors files) and pass through
     ``compute_device``: ``resident_layers`` stay there, ``prefetch_depth`` more are in flight."""
 
@@ -130,25 +183,24 @@ class Streamed(_Checked):
     kind: Literal["streamed"] = "streamed"
     read_ahead: int = _window()  # bytes the load may read ahead of the tensor it places
 
+    def describe(self) -> str:
+        return (
+            f"streamed from {self.source} through {self.compute_device}: "
+            f"{self.resident_layers} layers resident, prefetch depth {self.prefetch_depth}"
+        )
+
+    def runs_on(self, module: str) -> Device:
+        return self.compute_device
+
 
 Strategy = Union[Full, Quantized, Sharded, Streamed]  # noqa: UP007  (the codec reads this union)
 
 
 def describe(strategy: Strategy) -> str:
     """One line a person reads: ``int8 on cuda:0``, ``sharded over cuda:0, cuda:1``."""
-    if isinstance(strategy, Full):
-        return f"full on {strategy.device} ({strategy.dtype})"
-    if isinstance(strategy, Quantized):
-        dq = ", double quant" if strategy.method == "nf4" and strategy.double_quant else ""
-        stored = "pre-quantized " if strategy.prequantized else ""
-        return f"{stored}{strategy.method} on {strategy.device} (compute {strategy.dtype}{dq})"
-    if isinstance(strategy, Sharded):
-        counts: Counter[Device] = Counter()
-        for device, modules in strategy.runs:
-            counts[device] += len(modules)
-        spread = ", ".join(f"{d} ({counts[d]} modules)" for d in strategy.devices)
-        return f"{'offloaded' if strategy.offloaded else 'sharded'} over {spread}"
-    return (
-        f"streamed from {strategy.source} through {strategy.compute_device}: "
-        f"{strategy.resident_layers} layers resident, prefetch depth {strategy.prefetch_depth}"
-    )
+    return strategy.describe()
+
+
+def strategy_key(strategy: Strategy) -> str:
+    """The name corrections are recorded under: ``full``, ``int8``, ``nf4``, ``sharded``, ``streamed``."""
+    return strategy.correction_key

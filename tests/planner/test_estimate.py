@@ -10,9 +10,8 @@ import torch
 
 import memplan
 from memplan import Device, Full, MemplanError, Quantized, Streamed, Workload
-from memplan.planner import Corrections, Overheads
-from memplan.planner.checkpoint import TensorInfo
-from memplan.planner.estimate import kv_bytes_per_layer, quantized_bytes
+from memplan.planner import Corrections, Overheads, TensorInfo, quantized_bytes
+from memplan.planner.runtime import kv_bytes_per_layer
 
 GiB = 2**30
 CUDA0, CPU = Device("cuda", 0), Device("cpu")

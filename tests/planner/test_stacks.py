@@ -114,7 +114,7 @@ def test_a_90mb_bert_at_its_512_context_fits_a_gib(tmp_path: Path) -> None:
 def test_int8_counts_only_what_bitsandbytes_replaces(tmp_path: Path) -> None:
     """Single experts are fused into 3-D tensors by transformers 5 and stay unquantized, as do
     embeddings inside a block (T5's relative_attention_bias)."""
-    from memplan.planner.estimate import is_quantizable
+    from memplan.planner import is_quantizable
 
     tensors = [("model.layers.0.mlp.experts.0.w1.weight", (64, 32)), ("model.layers.0.self_attn.q_proj.weight", (32, 32)),
                ("model.layers.0.attn.relative_attention_bias.weight", (32, 4))]  # fmt: skip
