@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from memplan._bnb import import_bitsandbytes
 from memplan.loaders._cpu_quantizers import int8_rowwise, nf4_parameter
 from memplan.loaders._prequantized import check_states
-from memplan.planner import Quantized, TensorInfo, quantized_bytes
+from memplan.planner import INT8_THRESHOLD, Quantized, TensorInfo, quantized_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +32,6 @@ __all__ = [
     "summary",
     "transformers_choice",
 ]
-
-INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold; transformers' default too
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from memplan.planner.inspect import inspect
 from memplan.planner.model import Architecture, Checkpoint, LayerInfo, Stack, TensorInfo, in_module
 from memplan.planner.plan import Plan, plan
 from memplan.planner.policy import CANDIDATES, Policy
-from memplan.planner.quantization import QUANT_STATE_SUFFIXES, is_quant_state
+from memplan.planner.quantization import INT8_THRESHOLD, QUANT_STATE_SUFFIXES, is_quant_state
 from memplan.planner.strategies import (
     READ_AHEAD_BYTES,
     Full,
@@ -29,6 +29,7 @@ from memplan.planner.workload import DEFAULT_CONTEXT, Overheads, Workload
 __all__ = [
     "CANDIDATES",
     "DEFAULT_CONTEXT",
+    "INT8_THRESHOLD",
     "QUANT_STATE_SUFFIXES",
     "READ_AHEAD_BYTES",
     "SLOT_ALIGN",

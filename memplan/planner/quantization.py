@@ -15,7 +15,16 @@ from typing import Any
 
 from memplan.errors import CheckpointError
 
-__all__ = ["QUANT_STATE_SUFFIXES", "PreQuantized", "is_quant_state", "is_skipped", "read_quantization"]
+__all__ = [
+    "INT8_THRESHOLD",
+    "QUANT_STATE_SUFFIXES",
+    "PreQuantized",
+    "is_quant_state",
+    "is_skipped",
+    "read_quantization",
+]
+
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: bitsandbytes' and transformers' default
 
 # The tensors bitsandbytes keeps beside a quantized weight (transformers saves them by these names).
 QUANT_STATE_SUFFIXES = (
@@ -50,7 +59,7 @@ class PreQuantized:
 
     method: str
     double_quant: bool = False
-    threshold: float = 6.0
+    threshold: float = INT8_THRESHOLD
     compute_dtype: str | None = None
     skip_modules: tuple[str, ...] = ()
 
@@ -96,7 +105,7 @@ def _bitsandbytes(found: Mapping[str, Any], source: str) -> PreQuantized:
     if not isinstance(skip, list | tuple) or not all(isinstance(s, str) for s in skip):
         raise CheckpointError(source, "quantization_config.llm_int8_skip_modules must be a list of names")
     if found.get("load_in_8bit"):
-        threshold = found.get("llm_int8_threshold", 6.0)
+        threshold = found.get("llm_int8_threshold", INT8_THRESHOLD)
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold >= 0:
             raise CheckpointError(source, f"quantization_config.llm_int8_threshold is {threshold!r}")
         return PreQuantized("int8", threshold=float(threshold), skip_modules=tuple(skip))

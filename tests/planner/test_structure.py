@@ -86,3 +86,10 @@ def test_no_function_of_the_planner_dispatches_over_strategy_types() -> None:
             if len(tested) > 1:
                 ladders.append(f"{path.name}:{function.name} tests {sorted(tested)}")
     assert not ladders
+
+
+def test_the_int8_threshold_has_one_home() -> None:
+    from memplan.loaders import _quantize
+    from memplan.planner.quantization import PreQuantized
+
+    assert _quantize.INT8_THRESHOLD is memplan.planner.INT8_THRESHOLD == PreQuantized("int8").threshold
