@@ -10,7 +10,7 @@ from memplan.planner.decisions import Decision
 from memplan.planner.estimate import DeviceEstimate, Estimate, estimate
 from memplan.planner.inspect import inspect
 from memplan.planner.model import Architecture, Checkpoint, LayerInfo, Stack, TensorInfo, in_module
-from memplan.planner.plan import Plan, plan
+from memplan.planner.plan import FailedPlan, Plan, plan
 from memplan.planner.policy import CANDIDATES, Policy
 from memplan.planner.quantization import INT8_THRESHOLD, QUANT_STATE_SUFFIXES, is_quant_state
 from memplan.planner.strategies import (
@@ -39,6 +39,7 @@ __all__ = [
     "Decision",
     "DeviceEstimate",
     "Estimate",
+    "FailedPlan",
     "Full",
     "LayerInfo",
     "Overheads",

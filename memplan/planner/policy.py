@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan._dtypes import compute_dtype
-from memplan.errors import MemplanError
+from memplan.errors import InvalidOption
 from memplan.gpu.device import Device, Inventory
 from memplan.planner.workload import Overheads
 
@@ -51,11 +51,13 @@ class Policy:
     def __post_init__(self) -> None:
         unknown = [c for c in self.order if c not in CANDIDATES]
         if unknown:
-            raise MemplanError(f"unknown strategies in policy order: {unknown}; known: {list(CANDIDATES)}")
+            raise InvalidOption(
+                "policy order", unknown, f"name only known strategies ({', '.join(CANDIDATES)})"
+            )
         if not 0 <= self.headroom < 1:
-            raise MemplanError(f"headroom must be in [0, 1), got {self.headroom}")
+            raise InvalidOption("headroom", self.headroom, "be in [0, 1)")
         if self.prefetch_depth < 1:
-            raise MemplanError(f"prefetch_depth must be at least 1, got {self.prefetch_depth}")
+            raise InvalidOption("prefetch_depth", self.prefetch_depth, "be at least 1")
         if self.dtype is not None:  # a name or a torch.dtype; kept as its canonical name
             object.__setattr__(self, "dtype", compute_dtype(self.dtype))
 

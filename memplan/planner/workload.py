@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan._dtypes import dtype_name
-from memplan.errors import ContextTooLong, MemplanError
+from memplan.errors import ContextTooLong, InvalidOption
 from memplan.gpu.device import Device
 from memplan.planner.model import Checkpoint
 
@@ -34,9 +34,9 @@ class Workload:
     def __post_init__(self) -> None:
         for label, value in (("batch", self.batch), ("context", self.tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MemplanError(f"workload {label} must be a positive integer, got {value!r}")
+                raise InvalidOption(f"workload {label}", value, "be a positive integer")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise MemplanError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+            raise InvalidOption("prefill_chunk", self.prefill_chunk, "be positive")
         if self.kv_dtype is not None:  # a name or a torch.dtype; kept as its canonical name
             object.__setattr__(self, "kv_dtype", dtype_name(self.kv_dtype))
 

@@ -38,7 +38,6 @@ def test_a_runtime_in_use_is_not_counted_again(tiny_llama: Path) -> None:
     for held in (None, 220 << 20, 700 << 20):  # not yet, torch alone, everything and more
         inventory = dataclasses.replace(fresh, runtime_in_use=held)
         chosen = memplan.plan(checkpoint, inventory, workload, policy)
-        assert chosen.estimate is not None
         peaks[held] = chosen.estimate.on(CPU).peak
     assert peaks[None] - peaks[220 << 20] == 220 << 20  # what is still to import is still counted
     assert peaks[None] - peaks[700 << 20] == policy.overheads.host_runtime  # never below none

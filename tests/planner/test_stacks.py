@@ -33,7 +33,7 @@ def test_every_stack_is_found_with_its_blocks(tiny_family: Callable[[str], Path]
     assert [layer.prefix for layer in ckpt.layers] == prefixes
     plan = memplan.plan(ckpt, memplan.probe("cpu=8GiB"))
     assert plan.num_layers == 2 * len(STACKS[name])
-    assert not any("no usable config.json" in note for note in plan.estimate.notes)  # type: ignore[union-attr]
+    assert not any("no usable config.json" in note for note in plan.estimate.notes)
 
 
 def test_t5_blocks_are_whole_blocks_not_their_sub_layers(tiny_family: Callable[[str], Path]) -> None:
@@ -107,7 +107,7 @@ def _minilm(path: Path) -> Path:
 def test_a_90mb_bert_at_its_512_context_fits_a_gib(tmp_path: Path) -> None:
     plan = memplan.plan(memplan.inspect(_minilm(tmp_path / "minilm")), memplan.probe("cpu=1GiB"))
     assert plan.workload.context == 512 and isinstance(plan.strategy, Full)
-    assert plan.estimate is not None and plan.estimate.on(CPU).kv_cache == 0
+    assert plan.estimate.on(CPU).kv_cache == 0
     assert plan.estimate.on(CPU).peak < 700 * 2**20
 
 

@@ -4,13 +4,14 @@ layout is registered by type, each candidate's builder by name; no isinstance la
 from __future__ import annotations
 
 import ast
+import dataclasses
 import typing
 from pathlib import Path
 
 import pytest
 
 import memplan
-from memplan import Device, Full, Quantized, Sharded, Streamed
+from memplan import Device, Full, InvalidOption, PlanFormatError, Quantized, Sharded, Streamed
 from memplan.planner import CANDIDATES, Strategy, describe, strategy_key
 from memplan.planner.candidates import BUILDERS
 from memplan.planner.layouts import _LAYOUTS
@@ -93,3 +94,36 @@ def test_the_int8_threshold_has_one_home() -> None:
     from memplan.planner.quantization import PreQuantized
 
     assert _quantize.INT8_THRESHOLD is memplan.planner.INT8_THRESHOLD == PreQuantized("int8").threshold
+
+
+@pytest.mark.parametrize(
+    ("build", "option"),
+    [
+        (lambda: memplan.Policy(order=("full", "bogus")), "policy order"),
+        (lambda: memplan.Policy(headroom=1.0), "headroom"),
+        (lambda: memplan.Policy(prefetch_depth=0), "prefetch_depth"),
+        (lambda: memplan.Policy(dtype="fp8"), "compute dtype"),
+        (lambda: memplan.Workload(batch=0), "workload batch"),
+        (lambda: memplan.Workload(prefill_chunk=0), "prefill_chunk"),
+        (lambda: memplan.Workload(kv_dtype="int3"), "dtype"),
+    ],
+)
+def test_a_setting_out_of_range_is_an_invalid_option_naming_it(
+    build: typing.Callable[[], object], option: str
+) -> None:
+    with pytest.raises(InvalidOption) as info:
+        build()
+    assert info.value.option == option
+
+
+def test_a_plan_always_has_its_choice(tmp_path: Path) -> None:
+    from memplan.testing import LLAMA_SHAPES, write_llama_checkpoint
+
+    checkpoint = memplan.inspect(write_llama_checkpoint(tmp_path / "m", LLAMA_SHAPES["tiny"]))
+    chosen = memplan.plan(checkpoint, memplan.probe("cpu=8GiB"), memplan.Workload(context=16))
+    assert chosen.strategy == chosen.chosen.strategy and chosen.estimate == chosen.chosen.estimate
+    applies_not = next(i for i, d in enumerate(chosen.decisions) if d.strategy is None)
+    with pytest.raises(PlanFormatError, match="no strategy"):
+        dataclasses.replace(chosen, chosen_index=applies_not)
+    with pytest.raises(PlanFormatError, match="not one of its"):
+        dataclasses.replace(chosen, chosen_index=len(chosen.decisions))
