@@ -92,9 +92,9 @@ def load_matches(path: Path, candidate: str, want: Any, **policy: Any) -> tuple[
     model = memplan.load(path, plan=chosen, progress=False)
     got = logits(model)
     same = torch.equal(got, want)
-    report = model.memplan_report
+    report = model.memplan.report
     extra = ""
-    streamer = getattr(model, "memplan_streamer", None)
+    streamer = model.memplan.streamer
     if streamer is not None:
         stats = streamer.stats
         extra = f", {stats.bytes_moved / max(stats.fetch_seconds, 1e-9) / 2**30:.2f} GiB/s, {stats.hidden_fraction:.0%} of I/O hidden"
@@ -118,7 +118,7 @@ def out_of_memory_falls_back(path: Path, want: Any) -> tuple[bool, str]:
     hog = torch.empty(free - (64 << 20), dtype=torch.uint8, device="cuda:0")  # leave too little
     try:
         model = memplan.load(path, plan=chosen, progress=False)
-        fallbacks = model.memplan_report.fallbacks
+        fallbacks = model.memplan.report.fallbacks
         same = torch.equal(logits(model), want)
         del model
     finally:

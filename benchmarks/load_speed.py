@@ -124,7 +124,7 @@ def worker(case: str, path: Path, arg: str) -> dict[str, Any]:
         drop_page_cache(Path(spill), "quantized/*/*")  # a repeat load reads it cold
         chosen = _memplan_plan(path, (method,), "cpu=64GiB", allow_quantization=True)
         model = memplan.load(path, plan=chosen, progress=False)
-        extra["bytes_read"] = model.memplan_report.bytes_read
+        extra["bytes_read"] = model.memplan.report.bytes_read
     elif case == "tf-full":
         from transformers import AutoModelForCausalLM
 
@@ -155,7 +155,7 @@ def worker(case: str, path: Path, arg: str) -> dict[str, Any]:
         loaded = time.perf_counter() - start
         drop_page_cache(path)
         extra["forward_s"] = _forward(model)
-        streamer = model.memplan_streamer  # None when every layer fit resident
+        streamer = model.memplan.streamer  # None when every layer fit resident
         extra["hidden"] = streamer.stats.hidden_fraction if streamer else 1.0
         extra["stream_rate"] = streamer.stats.bytes_moved / streamer.stats.fetch_seconds if streamer else 0.0
         return {"load_s": loaded, "peak": peak_rss(), "base": base, **extra}
@@ -164,7 +164,7 @@ def worker(case: str, path: Path, arg: str) -> dict[str, Any]:
     loaded = time.perf_counter() - start
     first_output = loaded + _forward(model) if case.endswith("full") else loaded
     if case == "mp-full":
-        extra["bytes_read"] = model.memplan_report.bytes_read
+        extra["bytes_read"] = model.memplan.report.bytes_read
     return {"load_s": loaded, "first_output_s": first_output, "peak": peak_rss(), "base": base,
             "footprint": _footprint(model), **extra}  # fmt: skip
 

@@ -32,7 +32,7 @@ def main() -> None:
 
     model = memplan.load(args.model, progress=False)  # <- the one line: plan, load, fall back on OOM
 
-    print(model.memplan_report.explain())
+    print(model.memplan.report.explain())
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()

@@ -32,11 +32,12 @@ from memplan.errors import (
     UnsupportedQuantization,
 )
 from memplan.gpu import Allocator, Device, DeviceMemory, Inventory, probe
-from memplan.loaders import Fallback, LoadReport, load, remove_hooks, with_computed_buffers
+from memplan.loaders import Fallback, LoadReport, ModelHandle, load, remove_hooks, with_computed_buffers
 from memplan.planner import (
     Checkpoint,
     Corrections,
     Estimate,
+    FailedPlan,
     Full,
     Overheads,
     Plan,
@@ -67,6 +68,7 @@ __all__ = [
     "DoesNotFit",
     "EntryInUse",
     "Estimate",
+    "FailedPlan",
     "Fallback",
     "ForwardCheckFailed",
     "Full",
@@ -80,6 +82,7 @@ __all__ = [
     "LoadReport",
     "MemplanError",
     "MissingDependency",
+    "ModelHandle",
     "ModelNotFound",
     "NoSuchEntry",
     "Overheads",

@@ -45,7 +45,10 @@ class FileIdentity:
     @classmethod
     def of(cls, file: int | Path) -> FileIdentity:
         """The identity of an open descriptor, or of the file a path leads to."""
-        found = os.stat(file)
+        return cls.from_stat(os.stat(file))
+
+    @classmethod
+    def from_stat(cls, found: os.stat_result) -> FileIdentity:
         return cls(
             found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_nlink
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan._dtypes import BITS
+from memplan._fileio import FileIdentity
 from memplan.errors import CheckpointError
 
 __all__ = ["MAX_HEADER_BYTES", "ShardHeader", "TensorEntry", "read_header"]
@@ -56,6 +57,7 @@ class ShardHeader:
     file_bytes: int
     metadata: dict[str, str]
     tensors: tuple[TensorEntry, ...]
+    identity: FileIdentity  # the file whose header this is: a reader opening it later checks it still is
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _read_prefix(path: Path) -> tuple[bytes, int]:
+def _read_prefix(path: Path) -> tuple[bytes, FileIdentity]:
     try:
         # Not blocking: a FIFO put in the file's place since it was found must not hang the open.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -87,7 +89,7 @@ def _read_prefix(path: Path) -> tuple[bytes, int]:
                 raise CheckpointError(
                     str(path), f"header length {n} runs past the end of the {size}-byte file"
                 )
-            return f.read(n), size
+            return f.read(n), FileIdentity.from_stat(found)
     except OSError as exc:
         raise CheckpointError(str(path), f"cannot read: {exc.strerror or exc}") from None
 
@@ -172,7 +174,8 @@ def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_bytes: int
 
 def read_header(path: Path) -> ShardHeader:
     """The validated header of the safetensors file ``path``; reads N + 8 bytes, nothing more."""
-    raw, size = _read_prefix(path)
+    raw, identity = _read_prefix(path)
+    size = identity.size
     parsed = _parse_json(path, raw)
     data_start = 8 + len(raw)
     metadata: dict[str, str] = {}
@@ -186,4 +189,4 @@ def read_header(path: Path) -> ShardHeader:
         entries.append(TensorEntry(name, dtype, shape, data_start + begin, end - begin))
         spans.append((begin, end, name))
     _check_layout(path, spans, size - data_start)
-    return ShardHeader(path, len(raw), size, metadata, tuple(entries))
+    return ShardHeader(path, len(raw), size, metadata, tuple(entries), identity)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memplan._dtypes import SAFETENSORS_NAMES, torch_name
+from memplan._fileio import FileIdentity
 from memplan._safetensors import ShardHeader, TensorEntry
 from memplan.errors import CheckpointError
 
@@ -58,6 +59,10 @@ def _load_unmapped(path: Path) -> Any:
 def read_bin_header(path: Path) -> ShardHeader:
     """The tensors of a ``.bin`` file as header entries (offsets are not file positions here)."""
     entries = []
+    try:  # before it is read: a file replaced meanwhile reads as changed when it is loaded
+        identity = FileIdentity.of(path)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot stat: {exc.strerror or exc}") from None
     for name, tensor in load_bin(path).items():
         dtype = SAFETENSORS_NAMES.get(torch_name(tensor.dtype))
         if dtype is None:
@@ -65,4 +70,4 @@ def read_bin_header(path: Path) -> ShardHeader:
         entries.append(
             TensorEntry(name, dtype, tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
         )
-    return ShardHeader(path, 0, path.stat().st_size, {}, tuple(entries))
+    return ShardHeader(path, 0, identity.size, {}, tuple(entries), identity)

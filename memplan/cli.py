@@ -59,7 +59,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
-    from memplan.loaders import LoadReport, load
+    from memplan.loaders import handle_of, load
 
     try:
         chosen = _plan_from(args)
@@ -67,7 +67,9 @@ def _cmd_load(args: argparse.Namespace) -> int:
         return _nothing_fits(args, exc)
     model = load(args.model, revision=args.revision, plan=chosen, progress=not args.json)
     forward = _forward_check(model, min(args.tokens, chosen.workload.tokens))
-    report: LoadReport = model.memplan_report  # type: ignore[assignment]
+    handle = handle_of(model)
+    assert handle is not None  # load() hangs one on every model it returns
+    report = handle.report
     if args.json:
         print(json.dumps({"report": report.to_dict(), "forward": forward}, indent=2))
     else:

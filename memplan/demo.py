@@ -80,12 +80,14 @@ def machines(checkpoint: Checkpoint) -> list[tuple[str, str, Policy]]:
 def _load_and_run(checkpoint: Checkpoint, chosen: Plan, ids: Any, say: Callable[[str], None]) -> Any:
     import torch
 
-    from memplan.loaders import LoadReport, load
+    from memplan.loaders import handle_of, load
 
     model = load(checkpoint.path, plan=chosen, progress=False)
     with torch.no_grad():
         logits = model(ids).logits
-    report: LoadReport = model.memplan_report  # type: ignore[assignment]
+    handle = handle_of(model)
+    assert handle is not None  # load() hangs one on every model it returns
+    report = handle.report
     say(report.explain())
     return logits
 

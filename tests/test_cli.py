@@ -82,7 +82,7 @@ def test_plan_command_json_round_trips(hollow_70b, capsys: pytest.CaptureFixture
 
     assert main(["plan", str(hollow_70b), "--simulate", "cuda:0=80GiB,cuda:1=80GiB,cpu=64GiB", "--json"]) == 0
     plan = memplan.Plan.from_json(capsys.readouterr().out)
-    assert plan.strategy is not None and plan.strategy.kind == "sharded"
+    assert plan.strategy.kind == "sharded"
 
 
 def test_plan_command_nothing_fits_exits_1_with_shortfalls(hollow_70b) -> None:  # type: ignore[no-untyped-def]

@@ -361,7 +361,7 @@ def _memplan_outcome(
     except Exception as exc:
         return {"status": "error", "error": type(exc).__name__, "message": _message(exc)}
     outcome: dict[str, Any] = {"status": _verdict(mine, unsaved, reference)}
-    streamer = getattr(model, "memplan_streamer", None)
+    streamer = model.memplan.streamer
     if mode == "streamed":
         outcome["fetches"] = streamer.stats.fetches if streamer is not None else 0
     if outcome["status"] == "differ":

@@ -18,7 +18,7 @@ def llama_8b(tmp_path_factory: pytest.TempPathFactory) -> object:
 @pytest.mark.memplan_devices("cuda:0=80GiB,cpu=256GiB")
 def test_an_80gb_card_loads_8b_in_full(llama_8b: object) -> None:
     chosen = memplan.plan(memplan.inspect(llama_8b), memplan.probe())
-    assert chosen.strategy is not None and chosen.strategy.kind == "full"
+    assert chosen.strategy.kind == "full"
 
 
 @pytest.mark.memplan_devices("cuda:0=12GiB,cpu=64GiB,disk=1TiB")
@@ -26,7 +26,7 @@ def test_a_12gb_card_needs_quantization_for_8b(llama_8b: object) -> None:
     chosen = memplan.plan(
         memplan.inspect(llama_8b), memplan.probe(), policy=memplan.Policy(allow_quantization=True)
     )
-    assert chosen.strategy is not None and chosen.strategy.kind == "quantized"
+    assert chosen.strategy.kind == "quantized"
 
 
 @pytest.mark.memplan_devices("cuda:0=1MiB,cpu=1GiB")

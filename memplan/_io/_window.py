@@ -7,7 +7,7 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -205,18 +205,38 @@ class Window:
     def _top_up(self) -> None:
         with self._lock:
             claimed = self._claim()
-        for entry in claimed:
-            try:
-                inner = entry.start(entry.key)
-            except Exception as exc:  # the taker raises it
-                inner = Future()
-                inner.set_exception(exc)
-            with self._lock:
-                entry.inner = inner
-                cancel = entry.let_go  # while it was starting
-            if cancel:
-                inner.cancel()
-            inner.add_done_callback(functools.partial(self._landed, entry))
+        wired = 0
+        try:
+            for entry in claimed:
+                self._start(entry)
+                wired += 1
+        except BaseException:  # a Ctrl-C: what was claimed and not wired is waited on by nobody's read
+            for entry in claimed[wired:]:
+                self._abandon(entry)
+            raise
+
+    def _start(self, entry: _Entry) -> None:
+        try:
+            inner = entry.start(entry.key)
+        except Exception as exc:  # the taker raises it
+            inner = Future()
+            inner.set_exception(exc)
+        with self._lock:
+            entry.inner = inner
+            cancel = entry.let_go  # while it was starting
+        if cancel:
+            inner.cancel()
+        inner.add_done_callback(functools.partial(self._landed, entry))
+
+    def _abandon(self, entry: _Entry) -> None:
+        """An entry claimed whose read may never report: its bytes leave the window and whoever
+        waits for it (a taker, a closing owner) sees it cancelled, so nothing waits forever."""
+        if entry.inner is not None:
+            entry.inner.cancel()
+        with self._lock:
+            entry.landed = entry.gone = entry.let_go = True
+            self._release(entry)
+        _complete(entry.done, CancelledError())
 
     def _cancel(self, entries: list[_Entry]) -> None:
         for entry in entries:
@@ -228,10 +248,21 @@ class Window:
             entry.landed = True
             freed = self._release(entry) if entry.gone else 0
         if inner.cancelled():
-            entry.done.set_exception(CancelledError())
+            _complete(entry.done, CancelledError())
         elif inner.exception() is not None:
-            entry.done.set_exception(inner.exception())
+            _complete(entry.done, inner.exception())
         else:
-            entry.done.set_result(inner.result())
+            _complete(entry.done, None, inner.result())
         if freed:
             self._top_up()
+
+
+def _complete(done: Future[Any], error: BaseException | None, result: Any = None) -> None:
+    """Settle ``done`` once: a read that lands after its entry was abandoned settles nothing."""
+    try:
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+    except InvalidStateError:
+        pass

@@ -3,9 +3,17 @@
 Imports torch only when a load runs.
 """
 
-from memplan.loaders._hooks import remove_hooks
 from memplan.loaders._skeleton import with_computed_buffers
+from memplan.loaders.handle import ModelHandle, handle_of, remove_hooks
 from memplan.loaders.load import load
 from memplan.loaders.report import Fallback, LoadReport
 
-__all__ = ["Fallback", "LoadReport", "load", "remove_hooks", "with_computed_buffers"]
+__all__ = [
+    "Fallback",
+    "LoadReport",
+    "ModelHandle",
+    "handle_of",
+    "load",
+    "remove_hooks",
+    "with_computed_buffers",
+]

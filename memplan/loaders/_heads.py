@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.loaders._materialize import Binding, Materializer, set_tensor
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from memplan.loaders._streaming import ModuleStreamer
 
-__all__ = ["Hooks", "remove_hooks"]
+__all__ = ["Hooks"]
 
 
 class Hooks:
@@ -38,14 +38,3 @@ class Hooks:
             handle.remove()
         if self.streamer is not None:
             self.streamer.close()
-
-
-def remove_hooks(model: nn.Module) -> None:
-    """Take off every hook :func:`memplan.load` put on ``model`` and stop its prefetch thread.
-
-    Like accelerate's ``remove_hook_from_module``: a sharded model keeps its weights where they
-    are; streamed layers keep the placeholders they hold between forwards, so they no longer run.
-    """
-    hooks = getattr(model, "memplan_hooks", None)
-    if isinstance(hooks, Hooks):
-        hooks.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import warnings
 from collections import defaultdict
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from memplan.errors import CheckpointError
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.loaders._conversion import Conversion, KeyMap
 from memplan.loaders._placement import Placement
 from memplan.loaders._prequantized import DamagedState
@@ -24,12 +25,29 @@ if TYPE_CHECKING:
 
     from memplan.loaders._qcache import QuantCache
 
-__all__ = ["Binding", "Materializer", "bindings", "in_module", "set_tensor", "unused_tensors"]
+__all__ = [
+    "Binding",
+    "Materializer",
+    "Origin",
+    "bindings",
+    "is_quantized_weight",
+    "set_tensor",
+    "unused_tensors",
+]
 
 _LACKS = "the model needs it, the checkpoint lacks it"
 _NO_PLACE = (
     "the checkpoint has it, the model has no place for it (does config.json describe this checkpoint?)"
 )
+
+
+class Origin(enum.Enum):
+    """Where a binding's tensor comes from: decided once per load, by the strategy's executor."""
+
+    CHECKPOINT = "checkpoint"  # read from the file, cast to its dtype, placed
+    STORED = "stored"  # a pre-quantized layer's weight and states, as the checkpoint saved them
+    CACHED = "cached"  # the states an earlier load quantized (the quantized-weights cache)
+    QUANTIZE = "quantize"  # read from the file and quantized as it arrives (then kept in the cache)
 
 
 @dataclass
@@ -45,6 +63,7 @@ class Binding:
     # A buffer keeps the dtype the model built it in (transformers casts a loaded tensor to the
     # model's own); None: a floating parameter takes the load's dtype, an integer one the file's.
     dtype: torch.dtype | None = None
+    origin: Origin = Origin.CHECKPOINT
 
 
 @dataclass(frozen=True)
@@ -181,18 +200,17 @@ def set_tensor(binding: Binding, tensor: torch.Tensor, *, trainable: bool = Fals
 
 
 class Materializer:
-    """Reads each binding's tensor, checks it, casts it to ``dtype`` and places it (quantising
-    bitsandbytes layers' weights on the way)."""
+    """Reads each binding's tensor from its origin, checks it, casts it to ``dtype`` and places it
+    (quantising bitsandbytes layers' weights on the way)."""
 
     def __init__(
-        self, reader: TensorReader, placement: Placement, dtype: torch.dtype, *, prequantized: bool = False,
-        trainable: bool = True, quant_cache: QuantCache | None = None,
+        self, reader: TensorReader, placement: Placement, dtype: torch.dtype, *, trainable: bool = True,
+        quant_cache: QuantCache | None = None,
     ) -> None:  # fmt: skip
         self.reader = reader
         self.placement = placement
         self.dtype = dtype
         self.trainable = trainable  # parameters placed for good require grad, as transformers leaves them
-        self.prequantized = prequantized  # bnb layers take their stored weights, not quantize them
         self.quant_cache = quant_cache  # quantized states of an earlier load, and where to keep them
 
     def host_tensor(self, binding: Binding) -> torch.Tensor:
@@ -218,33 +236,43 @@ class Materializer:
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def load(self, binding: Binding, device: Device) -> None:
-        module = binding.owners[0][0]
-        if not _quantized_weight(binding):
+        """Place ``binding``'s tensor on ``device``, from where its origin says."""
+        if binding.origin is Origin.STORED:
+            self._load_stored(binding, device)
+        elif binding.origin is Origin.CACHED:
+            self._load_cached(binding, device)
+        elif binding.origin is Origin.QUANTIZE:
+            self._load_quantizing(binding, device)
+        else:
             host = self.host_tensor(binding)
             set_tensor(binding, self.placement.put(host, device, binding.name), trainable=self.trainable)
-            return
-        if self.prequantized:  # as saved quantized in the checkpoint
-            stored = self._stored_quantized(binding.source)
+
+    def _load_stored(self, binding: Binding, device: Device) -> None:
+        stored = self._stored_quantized(binding.source)
+        try:
+            param = self._from_states(binding.owners[0][0], stored, device, binding)
+        except DamagedState as damaged:
+            layer = binding.source.removesuffix(".weight")
+            name = f"{layer}.{damaged.name}"
+            file = self.reader.info(name if name in self.reader.checkpoint.tensors else binding.source).file
+            raise CheckpointError(file, damaged.reason, name) from damaged
+        set_tensor(binding, param, trainable=self.trainable)
+
+    def _load_cached(self, binding: Binding, device: Device) -> None:
+        assert self.quant_cache is not None  # only a load with a cache gives this origin
+        cached = self.quant_cache.get(binding.source)
+        if cached is not None:
             try:
-                param = self._from_states(module, stored, device, binding)
-            except DamagedState as damaged:
-                layer = binding.source.removesuffix(".weight")
-                name = f"{layer}.{damaged.name}"
-                file = self.reader.info(
-                    name if name in self.reader.checkpoint.tensors else binding.source
-                ).file
-                raise CheckpointError(file, damaged.reason, name) from damaged
-            set_tensor(binding, param, trainable=self.trainable)
-            return
-        cached = self.quant_cache.get(binding.source) if self.quant_cache is not None else None
-        if cached is not None:  # as an earlier load quantized it
-            try:
-                param = self._from_states(module, cached, device, binding)
+                param = self._from_states(binding.owners[0][0], cached, device, binding)
             except (KeyError, ValueError):  # a state file lost (removed as torn at start): quantize again
                 pass
             else:
                 set_tensor(binding, param, trainable=self.trainable)
                 return
+        self._load_quantizing(binding, device)
+
+    def _load_quantizing(self, binding: Binding, device: Device) -> None:
+        module = binding.owners[0][0]
         host = self.host_tensor(binding)
         size = quantized_size(module, self.reader.info(binding.source))
         param = self.placement.place(
@@ -265,40 +293,38 @@ class Materializer:
     def _stored_quantized(self, weight: str) -> dict[str, torch.Tensor]:
         """A pre-quantized layer's weight and states as stored, keyed relative to the layer."""
         layer = weight.removesuffix(".weight")
-        names = _stored_names(weight, self.reader.checkpoint.tensors)
+        names = stored_names(weight, self.reader.checkpoint.tensors)
         return {name.removeprefix(f"{layer}."): self.reader.read(name) for name in names}
 
     def load_all(self, items: Iterable[Binding], device_for: Callable[[str], Device]) -> None:
         items = list(items)
-        # The next tensors come off the disk while this one is cast, quantized or placed.
-        cached = self.quant_cache.has if self.quant_cache is not None else lambda _: False
+        # The next tensors come off the disk (or the cache) while this one is cast, quantized or placed.
         tensors = self.reader.checkpoint.tensors
-        self.reader.read_ahead(
-            name for b in items if not cached(b.source) for name in _reads(b, self.prequantized, tensors)
-        )
-        if self.quant_cache is not None:  # only layers this load quantizes ask the cache
-            self.quant_cache.read_ahead(
-                [b.source for b in items if cached(b.source) and _quantized_weight(b)]
-            )
+        self.reader.read_ahead(name for b in items for name in _reads(b, tensors))
+        if self.quant_cache is not None:
+            self.quant_cache.read_ahead([b.source for b in items if b.origin is Origin.CACHED])
         for binding in items:
             self.load(binding, device_for(binding.name))
 
 
-def _quantized_weight(binding: Binding) -> bool:
+def is_quantized_weight(binding: Binding) -> bool:
+    """Whether ``binding`` is the weight of a bitsandbytes layer (quantized, stored or cached)."""
     module, attr = binding.owners[0]
     return attr == "weight" and is_quantized_layer(module)
 
 
-def _reads(binding: Binding, prequantized: bool, tensors: Mapping[str, object]) -> list[str]:
+def _reads(binding: Binding, tensors: Mapping[str, object]) -> list[str]:
     """The checkpoint tensors loading ``binding`` reads, in the order it reads them."""
+    if binding.origin is Origin.CACHED:
+        return []
+    if binding.origin is Origin.STORED:
+        return stored_names(binding.source, tensors)
     if binding.conversion is not None:
         return binding.conversion.names
-    if prequantized and binding.name.endswith(".weight"):
-        return _stored_names(binding.source, tensors)
     return [binding.source]
 
 
-def _stored_names(weight: str, tensors: Mapping[str, object]) -> list[str]:
+def stored_names(weight: str, tensors: Mapping[str, object]) -> list[str]:
     """A pre-quantized weight and the quantization states the checkpoint keeps beside it."""
     layer = weight.removesuffix(".weight")
     return [weight] + [layer + s for s in QUANT_STATE_SUFFIXES if layer + s in tensors]

@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from memplan.gpu import Device
 from memplan.gpu.allocator import Allocator, Reservation, mapped_oom
-from memplan.gpu.device import Device
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,7 +67,7 @@ class TensorReader:
         self.bytes_read = 0
         self.window = Window(window)  # the read-ahead's byte budget, which a quantized-weights cache shares
         self._on_bytes = on_bytes
-        self._files = _Descriptors()
+        self._files = _Descriptors(checkpoint.identities)
         self._lock = threading.Lock()
         self._bins: dict[Path, Future[dict[str, torch.Tensor]]] = {}  # each .bin loaded once
 
@@ -165,24 +165,26 @@ class TensorReader:
     def _bin(self, file: Path) -> dict[str, torch.Tensor]:
         """``file``'s tensors, loaded once: the first thread to ask loads it, with no lock held;
         others asking meanwhile wait for that thread, and reads of other files go on."""
-        with self._lock:
-            loading = self._bins.get(file)
-            mine = loading is None
-            if loading is None:
-                loading = self._bins[file] = Future()
-        if not mine:
-            return loading.result()
-        try:
+        loading: Future[dict[str, torch.Tensor]] | None = None
+        try:  # from before the future is published: a Ctrl-C anywhere leaves no waiter hanging
+            with self._lock:
+                found = self._bins.get(file)
+                if found is None:
+                    loading = self._bins[file] = Future()
+            if found is not None:
+                return found.result()
             with self._files.use(file):  # the file as first seen, or an error
                 pass
             loaded = load_bin(file)
             self._files.check(file, by_path=True)  # and it was that file torch mapped
         except BaseException as exc:
-            with self._lock:  # the next read tries again
-                if self._bins.get(file) is loading:
-                    del self._bins[file]
-            loading.set_exception(exc)
+            if loading is not None:
+                with self._lock:  # the next read tries again
+                    if self._bins.get(file) is loading:
+                        del self._bins[file]
+                loading.set_exception(exc)
             raise
+        assert loading is not None  # published above, when nobody was loading it
         loading.set_result(loaded)
         return loaded
 
@@ -238,10 +240,12 @@ class _Descriptors:
     :meth:`use` to the end of its ``with``; close() gives every one back once none is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inspected: Mapping[Path, FileIdentity]) -> None:
         self._lock = threading.Lock()
         self._held: dict[Path, int] = {}
-        self._identity: dict[Path, FileIdentity] = {}  # kept across close()
+        # Each file as inspect read its header, kept across close(): a file first opened after it
+        # was replaced holds tensors where the old header said, or none (other weights, no error).
+        self._identity: dict[Path, FileIdentity] = dict(inspected)
         self._mine: dict[int, dict[Path, int]] = {}  # reading thread -> file -> fd, oldest use first
         self._users = 0
         self._closing = False  # close() was asked while descriptors were in use

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memplan.errors import CheckpointError, MemplanError, UnsupportedQuantization
+from memplan.errors import CheckpointError, UnsupportedQuantization
 from memplan.planner import Checkpoint
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def check_config(checkpoint: Checkpoint) -> None:
 def build_skeleton(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.dtype) -> nn.Module:
     """Build ``model_cls`` (or transformers' class for the config) with meta parameters, in eval mode."""
     # One build at a time: transformers' lazy imports are not thread-safe (8 threads loading in a
-    # fresh process raised ImportError), and empty_parameters patches nn.Module for everyone.
+    # fresh process raised ImportError).
     with _BUILD_LOCK:
         return _build(checkpoint, model_cls, dtype)
 
@@ -213,9 +213,10 @@ def _build(checkpoint: Checkpoint, model_cls: ModelFactory | None, dtype: torch.
     factory = model_cls
     if factory is None:
         if config is None or isinstance(config, dict):
-            raise MemplanError(
+            raise CheckpointError(
+                checkpoint.path,
                 f"cannot tell which model class {checkpoint.name} is: pass model_cls=..., or install "
-                "transformers (pip install 'memplan[hf]') and keep config.json beside the weights"
+                "transformers (pip install 'memplan[hf]') and keep config.json beside the weights",
             )
         factory = _transformers_class(config)
     with empty_parameters():

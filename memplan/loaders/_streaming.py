@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from memplan._threads import after_all
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.loaders._materialize import Binding, Materializer, set_tensor
 from memplan.loaders._placement import Placement
 from memplan.planner import SLOT_ALIGN
@@ -357,5 +357,5 @@ class ModuleStreamer:
         with self._fills_lock:
             fills = list(self._fills)
         running = [future for future in fills if not future.cancel()]  # cancel() runs _filled
-        # The fills reopened the descriptors after the load closed its reader.
+        # The streamer owns the load's reader: it closes once the fills under way are done.
         after_all(running, self.materializer.reader.close)

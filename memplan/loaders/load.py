@@ -7,23 +7,31 @@ import logging
 import sys
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
+from memplan._torch_imported import imported_torch
 from memplan.errors import DeviceOutOfMemory, DoesNotFit, PlanMismatch
-from memplan.gpu.allocator import Allocator
-from memplan.gpu.device import Device, Inventory
-from memplan.gpu.probe import probe
+from memplan.gpu import Allocator, Device, Inventory, probe
+from memplan.loaders._build import Loaded, LoadOptions, carry_out
 from memplan.loaders._hooks import Hooks
 from memplan.loaders._malloc import fix_mmap_threshold
 from memplan.loaders._placement import Placement
 from memplan.loaders._reader import TensorReader
 from memplan.loaders._skeleton import ModelFactory, check_config, with_computed_buffers
-from memplan.loaders._strategies import Loaded, LoadOptions, carry_out
+from memplan.loaders.handle import ModelHandle
 from memplan.loaders.report import Fallback, LoadReport, RssSampler
-from memplan.planner import Checkpoint, Corrections, Plan, Policy, Workload, describe, inspect, strategy_key
+from memplan.planner import (
+    Checkpoint,
+    Corrections,
+    Plan,
+    Policy,
+    Strategy,
+    Workload,
+    describe,
+    inspect,
+)
 from memplan.planner import plan as make_plan
 
 if TYPE_CHECKING:
@@ -58,7 +66,8 @@ def load(
     ``workload`` and ``policy``. ``allocator`` is the budget to charge (share one with a residency
     manager); by default a fresh one over the probed inventory. When a strategy runs out of memory
     the load frees what it placed, re-plans on what is really free and takes the next strategy.
-    The result carries ``model.memplan_report`` (:class:`LoadReport`).
+    The result carries ``model.memplan`` (:class:`ModelHandle`): its ``report``
+    (:class:`LoadReport`) and ``close()``, which gives the model's budget back.
 
     Checkpoint names are converted as transformers converts them (renamed, experts fused); a head
     the checkpoint lacks is initialised as transformers does, warned about and listed in
@@ -87,22 +96,24 @@ def load(
     current = plan or make_plan(checkpoint, inventory, workload, policy, corrections=corrections)
     start = time.perf_counter()
     options = LoadOptions(trainable=trainable, quant_cache=quant_cache)
-    built = _first_that_loads(checkpoint, current, allocator, model_cls, progress, corrections, options)
+    model, handle = _first_that_loads(
+        checkpoint, current, allocator, model_cls, progress, corrections, options
+    )
     try:
-        report: LoadReport = built.model.memplan_report  # type: ignore[assignment]
-        built.model.memplan_report = replace(report, seconds=time.perf_counter() - start)  # type: ignore[assignment]
+        handle.report = replace(handle.report, seconds=time.perf_counter() - start)
         if keep:
             corrections.save()
     except BaseException:
-        built.unload()  # the caller will never have the model: give its budget back now
+        handle.close()  # the caller will never have the model: give its budget back now
         raise
-    return built.model
+    handle.attach(model)
+    return model
 
 
 def _first_that_loads(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
     progress: bool, corrections: Corrections, options: LoadOptions,
-) -> _Built:  # fmt: skip
+) -> tuple[nn.Module, ModelHandle]:  # fmt: skip
     """The plan's strategy loaded, or on running out of memory the next one that does."""
     fallbacks: list[Fallback] = []
     while True:
@@ -112,11 +123,6 @@ def _first_that_loads(
             )
         except DeviceOutOfMemory as exc:
             current = _fall_back(checkpoint, current, allocator, corrections, exc, fallbacks)
-
-
-class _Built(NamedTuple):
-    model: nn.Module
-    unload: Callable[[], object]  # the model's finaliser: gives its budget back, once
 
 
 def _check_plan(plan: Plan, checkpoint: Checkpoint, workload: Workload | None, policy: Policy | None) -> None:
@@ -139,48 +145,48 @@ def _check_plan(plan: Plan, checkpoint: Checkpoint, workload: Workload | None, p
 def _attempt(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, model_cls: ModelFactory | None,
     progress: bool, corrections: Corrections, fallbacks: list[Fallback], options: LoadOptions,
-) -> _Built:  # fmt: skip
+) -> tuple[nn.Module, ModelHandle]:  # fmt: skip
     strategy, estimate = current.strategy, current.estimate
-    assert strategy is not None and estimate is not None  # plan() raises when nothing was chosen
     placement, hooks = Placement(allocator), Hooks()
     try:  # everything up to the finaliser's registration: every exit gives the budget back
         before = {d: allocator.usage(d).used for d in allocator.devices()}
         for device in allocator.devices():
             allocator.reset_peak(device)
         _reset_cuda_peaks(allocator)
-        with (
-            _progress_bar(checkpoint, progress) as bar,
-            RssSampler() as rss,
-            TensorReader(checkpoint, on_bytes=bar.update, window=strategy.read_ahead) as reader,
-        ):
-            loaded = carry_out(strategy, reader, placement, model_cls, hooks, options)
+        with _progress_bar(checkpoint, progress) as bar, RssSampler() as rss:
+            loaded, bytes_read = _carry_out(strategy, checkpoint, bar, placement, model_cls, hooks, options)
         # Measured as the estimate counts: from the runtime, or above it where it was in use already.
         in_use = current.inventory.runtime_in_use is not None
         peaks = _peaks(allocator, before, rss.peak - (rss.start if in_use else 0))
         report = LoadReport(
-            checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, reader.bytes_read,
+            checkpoint.name, strategy, estimate, tuple(fallbacks), 0.0, bytes_read,
             tuple(sorted(peaks.items())), allocator.simulated, unused_tensors=loaded.unused_tensors,
             newly_initialized=loaded.newly_initialized, notes=loaded.notes,
         )  # fmt: skip
         if not allocator.simulated:
             _record(corrections, checkpoint, current, peaks)
-        return _finish(loaded, placement, hooks, report)
+        # The model's bytes stay charged, and its hooks on, for as long as the model lives.
+        unload = weakref.finalize(loaded.model, _unload, placement, hooks)
+        return loaded.model, ModelHandle(report, placement, hooks, unload)
     except BaseException:
         _unload(placement, hooks)
         gc.collect()
         raise
 
 
-def _finish(loaded: Loaded, placement: Placement, hooks: Hooks, report: LoadReport) -> _Built:
-    model = loaded.model
-    # The model's bytes stay charged, and its hooks on, for as long as the model lives.
-    unload = weakref.finalize(model, _unload, placement, hooks)
-    model.memplan_report = report  # type: ignore[assignment]
-    model.memplan_hooks = hooks  # type: ignore[assignment]
-    model.memplan_streamer = hooks.streamer  # type: ignore[assignment]
-    # A residency manager that takes the model over releases this: its tiers charge the bytes then.
-    model.memplan_placement = placement  # type: ignore[assignment]
-    return _Built(model, unload)
+def _carry_out(
+    strategy: Strategy, checkpoint: Checkpoint, bar: Any, placement: Placement,
+    model_cls: ModelFactory | None, hooks: Hooks, options: LoadOptions,
+) -> tuple[Loaded, int]:  # fmt: skip
+    """The loaded model and the bytes its load read. A streamer that reads through the load's
+    reader owns it from then on (and closes it); otherwise the reader closes with the load."""
+    reader = TensorReader(checkpoint, on_bytes=bar.update, window=strategy.read_ahead)
+    try:
+        loaded = carry_out(strategy, reader, placement, model_cls, hooks, options)
+        return loaded, reader.bytes_read
+    finally:
+        if hooks.streamer is None:
+            reader.close()
 
 
 def _unload(placement: Placement, hooks: Hooks) -> None:
@@ -192,12 +198,10 @@ def _fall_back(
     checkpoint: Checkpoint, current: Plan, allocator: Allocator, corrections: Corrections,
     exc: DeviceOutOfMemory, fallbacks: list[Fallback],
 ) -> Plan:  # fmt: skip
-    failed = current.chosen
-    assert failed is not None and failed.strategy is not None
-    fallbacks.append(Fallback(failed.strategy, str(exc)))
+    fallbacks.append(Fallback(current.strategy, str(exc)))
     # The text, not the exception: a kept log record must not keep the failed attempt's frames alive.
-    log.warning("%s ran out of memory (%s); trying the next strategy", describe(failed.strategy), str(exc))
-    order = tuple(c for c in current.policy.order if c != failed.candidate)
+    log.warning("%s ran out of memory (%s); trying the next strategy", describe(current.strategy), str(exc))
+    order = tuple(c for c in current.policy.order if c != current.chosen.candidate)
     if not order:
         raise exc
     # Plan again on what the allocator really has free now, not on what was probed.
@@ -224,8 +228,7 @@ def _record(
     corrections: Corrections, checkpoint: Checkpoint, current: Plan, peaks: dict[Device, int]
 ) -> None:
     """Teach the planner: each device's measured load peak against the part of the estimate a load reaches."""
-    assert current.estimate is not None and current.strategy is not None
-    key = strategy_key(current.strategy)
+    key = current.strategy.correction_key
     for planned in current.estimate.devices:
         measured = peaks.get(planned.device, 0)
         if measured:
@@ -234,8 +237,8 @@ def _record(
 
 def _peaks(allocator: Allocator, before: dict[Device, int], rss: int) -> dict[Device, int]:
     peaks = {d: allocator.usage(d).peak - before[d] for d in allocator.devices() if d.is_accelerator}
-    torch = sys.modules.get("torch")
-    if not allocator.simulated and torch is not None and torch.cuda.is_initialized():
+    torch = imported_torch(cuda="initialized")
+    if not allocator.simulated and torch is not None:
         for device in peaks:
             if device.kind == "cuda":
                 peaks[device] = int(torch.cuda.max_memory_allocated(device.index))
@@ -244,8 +247,8 @@ def _peaks(allocator: Allocator, before: dict[Device, int], rss: int) -> dict[De
 
 
 def _reset_cuda_peaks(allocator: Allocator) -> None:
-    torch = sys.modules.get("torch")
-    if allocator.simulated or torch is None or not torch.cuda.is_available():
+    torch = imported_torch(cuda="available")
+    if allocator.simulated or torch is None:
         return
     for device in allocator.devices():
         if device.kind == "cuda":

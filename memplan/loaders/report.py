@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from memplan._codec import encode
 from memplan._periodic import Periodic
-from memplan.gpu.device import Device
+from memplan.gpu import Device
 from memplan.planner import Estimate, Strategy, describe
 from memplan.units import format_size
 
@@ -23,7 +23,7 @@ class Fallback:
 
 @dataclass(frozen=True)
 class LoadReport:
-    """Attached to a loaded model as ``model.memplan_report``.
+    """Attached to a loaded model as ``model.memplan.report``.
 
     ``peaks`` are measured during the load: the allocator's high-water mark on accelerators
     (``torch.cuda.max_memory_allocated`` on real CUDA), sampled process RSS on the host.

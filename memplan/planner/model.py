@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from memplan._dtypes import FLOATING
+from memplan._fileio import FileIdentity
 from memplan.planner.quantization import PreQuantized
 
 __all__ = [
@@ -126,6 +127,9 @@ class Checkpoint:
     # module name, in bytes. Only a built model knows them: memplan.loaders.with_computed_buffers
     # fills them in (load does); empty means not known, and the estimate counts none.
     computed_buffers: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+    # Each weight file as inspect found it: a reader opening one later must find the same file
+    # (its headers said where every tensor is), or refuse it.
+    identities: Mapping[Path, FileIdentity] = field(default_factory=dict, compare=False, repr=False)
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:

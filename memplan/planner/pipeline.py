@@ -47,9 +47,11 @@ def inspect_pipeline(path: Path) -> Checkpoint:
         notes.append(f"component {name} ({kind}): {format_size(part.nbytes)}")
     files = tuple(f for _, part in components for f in part.files)
     digest = hashlib.sha256("".join(f"{n}:{p.fingerprint};" for n, p in components).encode()).hexdigest()
+    identities = {file: identity for _, part in components for file, identity in part.identities.items()}
     return Checkpoint(
-        path, files, tensors, Architecture(), (), digest[:16], tuple(notes), components=tuple(components)
-    )
+        path, files, tensors, Architecture(), (), digest[:16], tuple(notes), components=tuple(components),
+        identities=identities,
+    )  # fmt: skip
 
 
 def _has_weights(folder: Path) -> bool:

@@ -22,7 +22,8 @@ def read_model(path: Path) -> Checkpoint:
     """The shape of the model at ``path``: a model directory (safetensors or ``.bin``, sharded or
     not), or one weights file with its config beside it."""
     directory, files, weight_map = discover(path)
-    entries = collect(read_headers(files), weight_map)
+    headers = read_headers(files)
+    entries = collect(headers, weight_map)
     config, source = read_config(directory)
     architecture = model_architecture(config, source)
     stacks, layers = find_stacks(entries, config, source)
@@ -36,9 +37,11 @@ def read_model(path: Path) -> Checkpoint:
     notes: tuple[str, ...] = (BIN_NOTE,) if any(f.suffix == ".bin" for f in files) else ()
     if architecture.quantization is not None:
         notes += (architecture.quantization.note(),)
+    identities = {h.path: h.identity for h in headers}
     return Checkpoint(
-        path, tuple(files), infos, architecture, layers, _fingerprint(entries), notes, stacks=stacks
-    )
+        path, tuple(files), infos, architecture, layers, _fingerprint(entries), notes, stacks=stacks,
+        identities=identities,
+    )  # fmt: skip
 
 
 def _fingerprint(entries: dict[str, tuple[TensorEntry, Path]]) -> str:

@@ -130,7 +130,7 @@ def test_streamed_disk_outputs_equal_transformers(saved: Saved, family: Family) 
     model = load(saved.path(family), "streamed-disk")
     assert torch.equal(output(model, family), output(saved.reference(family), family))
     # the layers the planner named were found and really streamed
-    assert model.memplan_streamer.stats.fetches > 0
+    assert model.memplan.streamer.stats.fetches > 0
     assert "disk" in model.hf_device_map.values()
 
 
@@ -146,7 +146,7 @@ def test_int8_outputs_equal_transformers_bitsandbytes(saved: Saved, family: Fami
     theirs = saved.reference(family, "int8")
     converted = _int8_layers(model)
     assert converted == _int8_layers(theirs)
-    assert model.memplan_report.notes[-1].startswith(f"int8: {len(converted)} of ")
+    assert model.memplan.report.notes[-1].startswith(f"int8: {len(converted)} of ")
     assert torch.equal(output(model, family), output(theirs, family))
 
 

@@ -97,4 +97,4 @@ def test_reach_outputs_equal_transformers(
     model = load(path, candidate, model_cls=getattr(transformers, reach.model))
     assert _equal(outputs(model, reach), theirs), reach.cause
     if candidate == "streamed-disk" and memplan.inspect(path).layers:
-        assert model.memplan_streamer.stats.fetches > 0
+        assert model.memplan.streamer.stats.fetches > 0

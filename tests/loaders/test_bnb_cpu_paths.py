@@ -52,7 +52,7 @@ def test_4bit_layers_left_to_repack_are_the_ones_bitsandbytes_can_repack(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)}
     kept = sorted(n for n, m in layers.items() if not m.support_avx512bf16_for_cpu)
     assert kept == [f"model.layers.{i}.mlp.down_proj" for i in range(4)]  # 160 inputs: 2.5 blocks of 64
-    (note,) = [n for n in model.memplan_report.notes if "generic CPU path" in n]
+    (note,) = [n for n in model.memplan.report.notes if "generic CPU path" in n]
     assert "model.layers.0.mlp.down_proj (160 inputs, not a multiple of the blocksize 64)" in note
     assert "4 4-bit layers" in note
     for name, layer in layers.items():
@@ -70,7 +70,7 @@ def test_nothing_is_kept_back_where_the_cpu_lacks_the_feature(
     import bitsandbytes.nn.modules
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
-    assert not [n for n in nf4(tiny_llama).memplan_report.notes if "generic CPU path" in n]
+    assert not [n for n in nf4(tiny_llama).memplan.report.notes if "generic CPU path" in n]
 
 
 def test_an_nf4_model_gives_transformers_logits_forward_after_forward(

@@ -65,8 +65,8 @@ def test_a_config_without_architectures_loads_the_base_model_as_automodel_does(
     assert type(model) is type(want)
     with torch.no_grad():
         assert torch.equal(model(IDS).last_hidden_state, want(IDS).last_hidden_state)
-    assert "cls.predictions.bias" in model.memplan_report.unused_tensors
-    assert model.memplan_report.newly_initialized == ("pooler.dense.weight", "pooler.dense.bias")
+    assert "cls.predictions.bias" in model.memplan.report.unused_tensors
+    assert model.memplan.report.newly_initialized == ("pooler.dense.weight", "pooler.dense.bias")
 
 
 def test_a_new_head_on_a_base_checkpoint_is_initialised_as_transformers_does(bert_base: Path) -> None:
@@ -77,7 +77,7 @@ def test_a_new_head_on_a_base_checkpoint_is_initialised_as_transformers_does(ber
     torch.manual_seed(5)
     with pytest.warns(UserWarning, match=r"lacks classifier\.weight, classifier\.bias; newly initialised"):
         model = _full(bert_base, model_cls=BertForSequenceClassification)
-    assert model.memplan_report.newly_initialized == ("classifier.weight", "classifier.bias")
+    assert model.memplan.report.newly_initialized == ("classifier.weight", "classifier.bias")
     assert torch.equal(model.classifier.weight, want.classifier.weight)  # same draws from the same seed
     assert torch.equal(model.classifier.bias, torch.zeros(2))
     with torch.no_grad():
@@ -124,6 +124,6 @@ def test_sharded_model_has_accelerates_device_map(tiny_llama: Path) -> None:
     each = memplan.inspect(tiny_llama).nbytes  # less headroom, neither device can hold the model alone
     chosen = plan_only(tiny_llama, "sharded", f"cuda:0={each},cuda:1={each},cpu=8GiB")
     model = memplan.load(tiny_llama, plan=chosen, progress=False)
-    assert chosen.strategy is not None and chosen.strategy.kind == "sharded"
+    assert chosen.strategy.kind == "sharded"
     assert set(model.hf_device_map.values()) == {0, 1}
     assert model.hf_device_map["model.embed_tokens"] == 0 and model.hf_device_map["lm_head"] == 1

@@ -59,7 +59,7 @@ def test_full_load_gives_transformers_logits_bit_for_bit(tiny_llama: Path, want:
     model = memplan.load(
         tiny_llama, plan=plan_only(tiny_llama, "full", "cuda:0=1GiB,cpu=8GiB"), progress=False
     )
-    report = model.memplan_report
+    report = model.memplan.report
     assert torch.equal(logits(model), want)
     assert report.strategy == memplan.Full(CUDA0, "BF16")
     assert report.bytes_read == memplan.inspect(tiny_llama).nbytes
@@ -76,7 +76,7 @@ def test_tied_embeddings_are_loaded_once_and_shared(tiny_llama_single: Path) -> 
 def test_default_load_on_this_machine_plans_and_records_the_measured_peak(tiny_llama: Path) -> None:
     corrections = Corrections()
     model = memplan.load(tiny_llama, progress=False, corrections=corrections)
-    report = model.memplan_report
+    report = model.memplan.report
     assert not report.simulated
     assert report.peak(CPU) > 0  # sampled RSS
     fingerprint = memplan.inspect(tiny_llama).fingerprint
@@ -154,15 +154,15 @@ def test_skip_modules_are_honoured_as_transformers_llm_int8_skip_modules(blockwi
 
     assert converted(model) == converted(theirs)
     assert "lm_head" in converted(model) and not any(n.endswith("down_proj") for n in converted(model))
-    assert model.memplan_report.notes[-1].startswith("int8: 25 of 29 Linear layers (kept in high precision: ")
+    assert model.memplan.report.notes[-1].startswith("int8: 25 of 29 Linear layers (kept in high precision: ")
     assert torch.equal(logits(model), logits(theirs))
     default = plan_only(path, "int8", "cpu=8GiB", allow_quantization=True)
     down = [t for t in memplan.inspect(path).tensors.values() if t.name.endswith("down_proj.weight")]
     # each down_proj stays bf16 (2 bytes a weight) rather than int8 with an fp32 scale per row
     kept_bytes = sum(t.numel * 2 - (t.numel + t.shape[0] * 4) for t in down)
-    assert chosen.estimate.on(CPU).weights - default.estimate.on(CPU).weights == kept_bytes  # type: ignore[union-attr]
+    assert chosen.estimate.on(CPU).weights - default.estimate.on(CPU).weights == kept_bytes
     # the plan says what its figure assumes: 7 Linears in each of 4 blocks, less the 4 down_proj
-    assert "int8 bytes assume the 24 Linear weights of the repeated blocks" in chosen.estimate.notes[-1]  # type: ignore[union-attr]
+    assert "int8 bytes assume the 24 Linear weights of the repeated blocks" in chosen.estimate.notes[-1]
 
 
 def test_sharded_load_splits_layers_over_two_budgeted_devices(tiny_llama: Path, want: torch.Tensor) -> None:
@@ -171,7 +171,7 @@ def test_sharded_load_splits_layers_over_two_budgeted_devices(tiny_llama: Path, 
     chosen = plan_only(tiny_llama, "sharded", f"cuda:0={each:.0f},cuda:1={each:.0f},cpu=8GiB")
     allocator = Allocator(chosen.inventory)
     model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
-    assert isinstance(model.memplan_report.strategy, Sharded)
+    assert isinstance(model.memplan.report.strategy, Sharded)
     used = {d: allocator.usage(d).used for d in (CUDA0, CUDA1)}
     assert all(0 < u <= each for u in used.values())
     assert torch.equal(logits(model), want)
@@ -188,9 +188,9 @@ def test_streamed_load_keeps_the_arena_bounded_and_logits_exact(
     model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
     assert torch.equal(logits(model), want)
     assert torch.equal(logits(model), want)  # the arena's slots are reused on the second pass
-    stats = model.memplan_streamer.stats
+    stats = model.memplan.streamer.stats
     assert stats.fetches >= 2 * 3  # three streamed layers, twice
-    assert allocator.usage(CUDA0).peak <= chosen.estimate.on(CUDA0).peak  # type: ignore[union-attr]
+    assert allocator.usage(CUDA0).peak <= chosen.estimate.on(CUDA0).peak
     assert 0.0 <= stats.hidden_fraction <= 1.0
 
 
@@ -268,7 +268,7 @@ def test_a_partial_backward_never_reads_a_slot_being_refilled(
         plan=plan_only(tiny_llama, "streamed-disk", tight_spec(tiny_llama, strategy), prefetch_depth=1),
         progress=False,
     )
-    assert model.memplan_report.strategy == strategy
+    assert model.memplan.report.strategy == strategy
     read = _reader.TensorReader.read_all_into
 
     def slow(self: Any, pairs: Any) -> None:
@@ -340,17 +340,40 @@ def _streamed_disk(path: Path) -> torch.nn.Module:
 def test_a_streamed_model_whose_shards_are_replaced_keeps_its_weights_or_says_so(
     tiny_llama: Path, want: torch.Tensor, tmp_path: Path
 ) -> None:
-    """Streamed layers are read at every forward: files swapped under a running model must not
-    mix other weights into it silently."""
+    """Streamed layers are read at every forward: files swapped under a model must not mix other
+    weights into it silently. The model's streamer owns the load's reader, so it goes on reading
+    the files it opened; a file it had not opened yet must still be the one ``inspect`` read."""
     first, second = shutil.copytree(tiny_llama, tmp_path / "a"), shutil.copytree(tiny_llama, tmp_path / "b")
     running = _streamed_disk(first)
     assert torch.equal(logits(running), want)
     _replace_shards_with_other_weights(first)
-    assert torch.equal(logits(running), want)  # it goes on reading the files it opened
+    assert torch.equal(logits(running), want)
     not_yet_run = _streamed_disk(second)
     _replace_shards_with_other_weights(second)
     with pytest.raises(memplan.CheckpointError, match="changed"):
         logits(not_yet_run)
+
+
+def test_a_shard_only_streamed_layers_live_in_is_the_one_inspect_read(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The load reads nothing of a file that holds only streamed layers; the first forward does.
+    Replaced between the two, it held other weights, read without an error."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "m")
+    model = _streamed_disk(folder)  # layer 0 resident, the rest streamed
+    tensors = memplan.inspect(folder).tensors.values()
+    resident = {t.file.name for t in tensors if t.layer is None or t.layer < 1}
+    streamed_only = [s for s in sorted(folder.glob("*.safetensors")) if s.name not in resident]
+    assert streamed_only, "the tiny Llama has a shard of streamed layers only"
+    for shard in streamed_only:
+        other = {k: v + 1 for k, v in load_file(shard).items()}
+        save_file(other, shard.with_suffix(".new"), metadata={"format": "pt"})
+        os.replace(shard.with_suffix(".new"), shard)
+    with pytest.raises(memplan.CheckpointError, match="changed") as raised:
+        logits(model)
+    assert raised.value.file in {str(s) for s in streamed_only}
 
 
 def test_a_streamed_model_unloaded_on_its_own_prefetch_thread_does_not_hang(
@@ -362,7 +385,7 @@ def test_a_streamed_model_unloaded_on_its_own_prefetch_thread_does_not_hang(
     from memplan.loaders._streaming import ModuleStreamer
 
     model = _streamed_disk(tiny_llama)
-    streamer = model.memplan_streamer
+    streamer = model.memplan.streamer
     real_fill = ModuleStreamer._fill
 
     def fill(self: ModuleStreamer, index: int, slot: int) -> float:
@@ -394,7 +417,7 @@ def test_a_fill_that_outlives_its_models_unloading_leaves_no_descriptor_open(
     gc.collect()
     before = held()
     model = _streamed_disk(tiny_llama)
-    streamer = model.memplan_streamer
+    streamer = model.memplan.streamer
     release, real_fill = threading.Event(), ModuleStreamer._fill
 
     def slow_fill(self: ModuleStreamer, index: int, slot: int) -> float:
@@ -455,9 +478,10 @@ def test_a_shard_rewritten_in_place_with_its_mtime_put_back_says_so(
         logits(running)
 
 
-def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_says_so(
-    tiny_llama: Path, tmp_path: Path
+def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_keeps_its_weights(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
 ) -> None:
+    """The streamer reads through the load's reader: the file the load opened, not its new bytes."""
     from tests.loaders.test_sources import save_bin
 
     folder = tmp_path / "bin"
@@ -466,8 +490,7 @@ def test_a_streamed_bin_checkpoint_replaced_before_its_first_forward_says_so(
     state = torch.load(folder / "pytorch_model.bin", weights_only=True)
     torch.save({k: v + 1 for k, v in state.items()}, folder / "new.bin")
     os.replace(folder / "new.bin", folder / "pytorch_model.bin")
-    with pytest.raises(memplan.CheckpointError, match="changed"):
-        logits(model)
+    assert torch.equal(logits(model), want)
 
 
 def _target(fd: str) -> str:
@@ -495,7 +518,7 @@ def test_out_of_memory_during_load_falls_back_and_frees_what_it_placed(
     chosen = memplan.plan(ckpt, chosen.inventory, WORKLOAD, Policy(overheads=EXACT))
     allocator = Allocator(chosen.inventory, capacities={CUDA0: ckpt.nbytes // 2})
     model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
-    report = model.memplan_report
+    report = model.memplan.report
     assert [f.strategy.kind for f in report.fallbacks] == ["full"]
     assert "cuda:0 is out of memory" in report.fallbacks[0].reason
     assert report.strategy.kind in ("sharded", "streamed")
@@ -535,7 +558,7 @@ def test_an_offloaded_base_model_skips_the_head_its_checkpoint_has(tiny_llama: P
     del config["architectures"]
     (folder / "config.json").write_text(json.dumps(config))
     chosen = plan_only(folder, "offloaded", f"cuda:0={memplan.inspect(folder).nbytes // 2},cpu=8GiB")
-    assert any(module == "lm_head" for module, _ in chosen.strategy.device_map)  # type: ignore[union-attr]
+    assert any(module == "lm_head" for module, _ in chosen.strategy.device_map)
     with pytest.warns(UserWarning, match="lm_head"):
         model = memplan.load(folder, plan=chosen, progress=False)
     with torch.no_grad():
@@ -552,16 +575,16 @@ def test_a_load_reads_ahead_within_the_window_its_plan_chose(
     from memplan.loaders import _reader
 
     chosen = plan_only(tiny_llama, "int8", "cpu=8GiB", allow_quantization=True)
-    small = dataclasses.replace(chosen.strategy, read_ahead=32 << 20)  # type: ignore[type-var]
+    small = dataclasses.replace(chosen.strategy, read_ahead=32 << 20)
     decisions = tuple(dataclasses.replace(d, strategy=small) if d.fits else d for d in chosen.decisions)
     chosen = dataclasses.replace(chosen, decisions=decisions)
     windows: list[int] = []
-    real = _reader.ReadAhead.__init__
+    real = _reader.Window.__init__
 
-    def recorded(self: object, *args: object, window: object, **kwargs: object) -> None:
-        windows.append(getattr(window, "size", window))  # type: ignore[arg-type]
-        real(self, *args, window=window, **kwargs)  # type: ignore[arg-type]
+    def recorded(self: _reader.Window, size: int) -> None:
+        windows.append(size)
+        real(self, size)
 
-    monkeypatch.setattr(_reader.ReadAhead, "__init__", recorded)
+    monkeypatch.setattr(_reader.Window, "__init__", recorded)
     memplan.load(tiny_llama, plan=chosen, progress=False, quant_cache=False)
     assert windows == [32 << 20]

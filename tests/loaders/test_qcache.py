@@ -49,7 +49,7 @@ def test_a_repeat_quantized_load_reads_the_stored_states(
         for t in memplan.inspect(tiny_llama).tensors.values()
         if t.layer is not None and len(t.shape) == 2
     )
-    assert again.memplan_report.bytes_read == first.memplan_report.bytes_read - block_linears
+    assert again.memplan.report.bytes_read == first.memplan.report.bytes_read - block_linears
 
 
 def test_turned_off_it_writes_nothing(tiny_llama: Path, spill: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +70,7 @@ def test_a_damaged_or_partial_cache_is_not_trusted(tiny_llama: Path, spill: Path
     (folder / "complete").unlink()  # as if the first load had died part way
     model = quantized(tiny_llama, "int8")
     assert torch.equal(logits(model), want)
-    assert model.memplan_report.bytes_read == memplan.inspect(tiny_llama).nbytes
+    assert model.memplan.report.bytes_read == memplan.inspect(tiny_llama).nbytes
 
 
 @pytest.mark.parametrize(("method", "state"), [("int8", "SCB"), ("nf4", "weight.absmax")])
@@ -155,7 +155,7 @@ def test_a_repeat_load_reads_from_the_cache_only_the_layers_it_quantizes(
     model = _load_skipping(tiny_llama, ("down_proj",))
     assert read and not [w for w in read if "down_proj" in w]
     assert len(read) == len(set(read)) and left == [(0, 0, 0)]
-    assert model.memplan_report is not None
+    assert model.memplan.report is not None
 
 
 def _load_skipping(path: Path, skip: tuple[str, ...]) -> torch.nn.Module:
@@ -184,7 +184,7 @@ def test_two_models_of_one_shape_never_share_quantized_weights(
     quantized(base, method)
     model = quantized(tuned, method)
     assert torch.equal(logits(model), uncached(tuned, method))
-    assert model.memplan_report.bytes_read == memplan.inspect(tuned).nbytes  # nothing came from base's
+    assert model.memplan.report.bytes_read == memplan.inspect(tuned).nbytes  # nothing came from base's
     assert len(list(spill.iterdir())) == 2
 
 
@@ -195,7 +195,7 @@ def test_a_checkpoint_saved_again_at_the_same_path_is_quantized_again(tmp_path: 
     save_tiny_llama(path, seed=1)
     model = quantized(path, "int8")
     assert torch.equal(logits(model), uncached(path, "int8"))
-    assert model.memplan_report.bytes_read == memplan.inspect(path).nbytes
+    assert model.memplan.report.bytes_read == memplan.inspect(path).nbytes
 
 
 def test_a_shard_rewritten_with_its_mtime_put_back_is_quantized_again(tmp_path: Path, spill: Path) -> None:
@@ -215,7 +215,7 @@ def test_two_revisions_sharing_blobs_share_the_quantized_weights(
     first = quantized(cache_repo(tmp_path / "hub", "org/tiny", tiny_llama), "int8")
     again = quantized(cache_repo(tmp_path / "hub", "org/tiny", tiny_llama, revision="v2"), "int8")
     assert len(list(spill.iterdir())) == 1
-    assert again.memplan_report.bytes_read < first.memplan_report.bytes_read
+    assert again.memplan.report.bytes_read < first.memplan.report.bytes_read
     assert torch.equal(logits(again), logits(first))
 
 
@@ -230,7 +230,7 @@ def test_a_blob_written_through_its_snapshot_link_is_quantized_again(
     rewrite_in_place_keeping_mtime(snapshot, other)  # through each link, into its blob
     assert all(shard.is_symlink() for shard in snapshot.glob("*.safetensors"))
     model = quantized(snapshot, "int8")
-    assert model.memplan_report.bytes_read == memplan.inspect(snapshot).nbytes
+    assert model.memplan.report.bytes_read == memplan.inspect(snapshot).nbytes
     assert torch.equal(logits(model), uncached(other, "int8"))
 
 

@@ -64,7 +64,6 @@ def test_a_prequantized_checkpoint_is_planned_at_its_stored_size(saved_quantized
     strategy = chosen.strategy
     assert isinstance(strategy, memplan.Quantized) and strategy.prequantized
     assert strategy.method == stored.method
-    assert chosen.estimate is not None
     weights = chosen.estimate.on(memplan.Device("cuda", 0)).weights
     assert weights == checkpoint.nbytes  # what is stored is what is placed
     assert "pre-quantized" in chosen.explain() and "never re-quantized" in chosen.explain()
@@ -75,7 +74,7 @@ def test_a_prequantized_checkpoint_loads_like_transformers(
 ) -> None:
     _, folder = saved_quantized
     model = memplan.load(folder, progress=False)
-    assert model.memplan_report.strategy.prequantized  # type: ignore[union-attr]
+    assert model.memplan.report.strategy.prequantized  # type: ignore[union-attr]
     assert torch.equal(logits(model), transformers_logits(folder))
 
 

@@ -144,10 +144,10 @@ def test_a_full_load_starts_reading_before_it_maps_its_names(
 ) -> None:
     """Mapping the checkpoint's names onto the model takes a while (0.09 s for a 1B Llama,
     transformers' conversion rules): the disk works meanwhile."""
-    from memplan.loaders import _strategies
+    from memplan.loaders import _build
 
     reading = threading.Event()
-    real_read, real_bindings = TensorReader._start, _strategies._bindings
+    real_read, real_bindings = TensorReader._start, _build.bindings
     seen = []
 
     def start(self: TensorReader, name: str) -> object:
@@ -159,7 +159,7 @@ def test_a_full_load_starts_reading_before_it_maps_its_names(
         return real_bindings(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(TensorReader, "_start", start)
-    monkeypatch.setattr(_strategies, "_bindings", bindings)
+    monkeypatch.setattr(_build, "bindings", bindings)
     model = memplan.load(tiny_llama, progress=False)
     assert seen == [True]
     with TensorReader(memplan.inspect(tiny_llama)) as reader:
@@ -182,8 +182,8 @@ def test_reading_early_reads_nothing_the_model_does_not_take(tiny_llama: Path, t
     checkpoint = memplan.inspect(folder)
     model = memplan.load(folder, progress=False)
     unused = checkpoint.tensors["a_head_nobody_loads.weight"].nbytes
-    assert model.memplan_report.unused_tensors == ("a_head_nobody_loads.weight",)
-    assert model.memplan_report.bytes_read == checkpoint.nbytes - unused
+    assert model.memplan.report.unused_tensors == ("a_head_nobody_loads.weight",)
+    assert model.memplan.report.bytes_read == checkpoint.nbytes - unused
 
 
 def _open_files() -> list[str]:

@@ -206,8 +206,8 @@ def test_an_unknown_tensor_outside_the_layers_is_loaded_past_with_a_warning(
     extra = single_file_copy(tiny_llama, tmp_path / "m", edit=add)
     with pytest.warns(UserWarning, match="value_head.weight"):
         model = memplan.load(extra, plan=plan_only(extra, "full", FULL_SPEC), progress=False)
-    assert model.memplan_report.unused_tensors == ("value_head.weight",)
-    assert "value_head.weight" in model.memplan_report.explain()
+    assert model.memplan.report.unused_tensors == ("value_head.weight",)
+    assert "value_head.weight" in model.memplan.report.explain()
     assert torch.equal(logits(model), want)
 
 
@@ -230,7 +230,7 @@ def test_a_plan_with_another_workload_or_policy_is_refused(tiny_llama: Path) -> 
     with pytest.raises(PlanMismatch, match="policy"):
         memplan.load(tiny_llama, plan=chosen, policy=Policy(order=("sharded",)), progress=False)
     same = memplan.load(tiny_llama, plan=chosen, workload=WORKLOAD, policy=chosen.policy, progress=False)
-    assert same.memplan_report.strategy == chosen.strategy
+    assert same.memplan.report.strategy == chosen.strategy
 
 
 # --- 4. Ctrl-C during a load --------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_a_torch_oom_while_quantizing_falls_back_to_the_next_strategy(
         tiny_llama, plan=memplan.plan(checkpoint, inventory, WORKLOAD, policy), allocator=allocator,
         progress=False,
     )  # fmt: skip
-    report = model.memplan_report
+    report = model.memplan.report
     assert report.strategy == memplan.Full(CUDA0, "BF16")
     assert [f.strategy for f in report.fallbacks] == [memplan.Quantized("int8", CUDA0, "BF16")]
     assert "cuda:0 is out of memory" in report.fallbacks[0].reason

@@ -116,7 +116,7 @@ class DiskTier(Tier):
         bandwidth: float = 2e9,
         name: str | None = None,
     ) -> None:
-        from memplan.gpu._disk import default_spill_dir
+        from memplan.gpu import default_spill_dir
 
         self.path = Path(path) if path is not None else default_spill_dir()
         self._prepare_directory()
