@@ -7,10 +7,12 @@ tensor gets the same new parameter.
 
 Each tensor has two tier keys. On an addressable tier the module runs from the stored tensor
 itself, so a write through a lease writes there: such tiers get a key private to the entry, and
-writes never cross entries. Tiers that decode a fresh copy on every ``get`` (disk, remote,
-compressed host) get a content key when deduplicating, so identical tensors of different entries
-are stored once there; the content is hashed again on its way down from an addressable tier, so
-a tensor changed in place gets a key of its new content.
+writes never cross entries, nor registrations: a ``salt`` new to each registration makes a key
+that a failed registration could not free one no later entry of the same name can ever read.
+Tiers that decode a fresh copy on every ``get`` (disk, remote, compressed host) get a content key
+when deduplicating, so identical tensors of different entries are stored once there; the content
+is hashed again on its way down from an addressable tier, so a tensor changed in place gets a key
+of its new content.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _module_tensors(module: Any) -> dict[int, tuple[str, Any, list[_Slot]]]:
 class Group:
     """The tensors of one registered entry: an ``nn.Module`` or a mapping of names to tensors."""
 
-    def __init__(self, entry: str, obj: Any, *, dedup: bool) -> None:
+    def __init__(self, entry: str, obj: Any, *, dedup: bool, salt: str = "") -> None:
         self.module = obj if hasattr(obj, "named_modules") else None
         if self.module is None and not isinstance(obj, Mapping):
             raise InvalidEntry(entry, "register an nn.Module or a mapping of tensors")
@@ -99,7 +101,7 @@ class Group:
         self.taken = {id(tensor): weakref.ref(tensor) for _, tensor, _ in found.values()}
         self.records: list[TensorRecord] = []
         for path, tensor, slots in found.values():
-            private = hashlib.sha256(f"{entry}\0{path}".encode()).hexdigest()[:48]
+            private = hashlib.sha256(f"{entry}\0{salt}\0{path}".encode()).hexdigest()[:48]
             digest = digest_of(tensor) if dedup else None  # hashing only pays where it dedups
             key = digest[:48] if digest else private
             nbytes = tensor.numel() * tensor.element_size()
@@ -140,6 +142,16 @@ class Group:
 
         self._plug({r.path: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in self.records})
         self._tensors = {}
+
+    def restore(self) -> None:
+        """Put the tensors it was registered with back where they were (a registration failed)."""
+        self._tensors = {}
+        for record in self.records:
+            original = self.originals[record.private_key]
+            for slot in record.slots:
+                if slot.owner is not None:
+                    table = slot.owner._parameters if slot.is_parameter else slot.owner._buffers
+                    table[slot.attr] = original
 
     def drop_originals(self) -> None:
         self.originals = {}

@@ -21,6 +21,7 @@ import gc
 import logging
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from memplan.errors import (
     TierFull,
 )
 from memplan.gpu import Device
+from memplan.loaders import handle_of
 from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
 from memplan.residency.policy import RetentionPolicy
@@ -202,6 +204,9 @@ class ResidencyManager:
         tier with free room; nothing is evicted for a newcomer) and the module's own
         tensors are replaced by the tier's, or by meta tensors if that tier is not addressable.
         A model from :func:`memplan.load` hands its device budget over to the tiers.
+
+        If it fails (or is interrupted), nothing it wrote stays on any tier and ``obj`` keeps its
+        own tensors.
         """
         policy = policy or RetentionPolicy()
         with self._lock:
@@ -210,7 +215,8 @@ class ResidencyManager:
                     raise InvalidEntry(name, "an entry of that name is already registered")
                 for need in needs:
                     self._entry(need)
-            group = Group(name, obj, dedup=self.dedup)
+            # Keys of its own: one a failed registration could not free is never read again.
+            group = Group(name, obj, dedup=self.dedup, salt=uuid.uuid4().hex)
             with self._state:
                 self._refuse_managed(name, group)
             entry = _Entry(name, group, policy, tuple(needs), tier=-1, last_use=self.clock())
@@ -220,10 +226,18 @@ class ResidencyManager:
             else:  # newcomers take free room only; they evict nobody
                 fits = [i for i, t in enumerate(self.tiers) if t.available >= self._needed(entry, i)]
                 order = fits or [len(self.tiers) - 1]
-            self._place_new(entry, order)
-            entry.pinned = self._tier_index(policy.pinned_tier) if policy.pinned_tier else None
-            with self._state:
-                self._entries[name] = entry
+            pinned = self._tier_index(policy.pinned_tier) if policy.pinned_tier else None
+            try:
+                self._place_new(entry, order)
+                with self._state:
+                    entry.pinned = pinned
+                    self._entries[name] = entry
+            except BaseException:
+                with self._state:
+                    published = self._entries.get(name) is entry
+                if not published:
+                    self._abandon(entry)
+                raise
             group.drop_originals()
             _release_load_budget(obj)
             return self.info(name)
@@ -247,17 +261,35 @@ class ResidencyManager:
                         raise AlreadyManaged(name, other.name, record.path)
 
     def _place_new(self, entry: _Entry, order: Sequence[int]) -> None:
+        """Onto the first tier of ``order`` that takes the newcomer's tensors and hands them back;
+        where one fails, what was written there goes again before the next is tried."""
         last: TierError | None = None
         for index in order:
             try:
                 self._copy_in(entry, index, entry.group.originals)
-            except TierError as exc:
+                entry.tier = index
+                self._bind(entry, self._read_back(entry, index))
+                return
+            except BaseException as exc:
+                if entry.tier >= 0 and isinstance(exc, MemplanError):
+                    self._counts["failures"] += 1  # the read-back failed (_copy_in counts its own)
+                self._abandon(entry)
+                if not isinstance(exc, TierError):
+                    raise
                 last = exc
-                continue
-            entry.tier = index
-            self._rebind(entry)
-            return
         raise last or TierFull(self.tiers[-1].name, entry.name, entry.group.nbytes, 0)
+
+    def _abandon(self, entry: _Entry) -> None:
+        """Undo an unpublished registration: free the keys it holds on its tier and give the
+        caller's module its own tensors back. Never raises an ``Exception``: the failure that
+        brought it here is the one the caller sees."""
+        index, entry.tier = entry.tier, -1
+        try:
+            entry.group.restore()
+        except Exception:
+            log.exception("could not give %s its own tensors back", entry.name)
+        if index >= 0:
+            self._unref_quietly(index, entry.group.sizes(self.tiers[index].addressable))
 
     def unregister(self, name: str) -> None:
         """Forget ``name`` and free its bytes on every tier. Its module is left with meta tensors."""
@@ -306,6 +338,7 @@ class ResidencyManager:
         rekey = self.dedup and not tier.addressable and isinstance(source, int)
         rekey = rekey and self.tiers[source].addressable  # type: ignore[index]
         written, counted = 0, set()
+        putting: str | None = None  # a key this call is writing, not yet counted
         try:
             for record in entry.group.records:
                 fetched = self._source_tensor(record, source) if rekey else None
@@ -317,13 +350,21 @@ class ResidencyManager:
                 if refs[key] == 0:
                     tensor = fetched if fetched is not None else self._source_tensor(record, source)
                     self._drop_orphan(index, key)
+                    putting = None if key in tier else key  # a key it found there is not its own
                     written += tier.put(key, tensor)
                 with self._state:
                     refs[key] += 1
                 counted.add(key)
-        except MemplanError:
-            self._unref(index, counted)  # the keys written here go again: no one else holds them
-            self._counts["failures"] += 1
+                putting = None
+        except BaseException as exc:  # a Ctrl-C too: the keys taken here go again
+            if putting is not None and putting not in counted:  # interrupted just after its put
+                if refs[putting]:
+                    counted.add(putting)
+                elif putting in tier:
+                    self._unref_quietly(index, [putting], held=False)
+            self._unref_quietly(index, counted)
+            if isinstance(exc, MemplanError):
+                self._counts["failures"] += 1
             raise
         return written
 
@@ -341,6 +382,22 @@ class ResidencyManager:
                     del refs[key]
             if gone:
                 self._drop_quietly(index, key)
+
+    def _unref_quietly(self, index: int, keys: Iterable[str], *, held: bool = True) -> None:
+        """:meth:`_unref` (or, not ``held``, just the drop) key by key while a failure is raised:
+        a key whose drop fails in any way stays an orphan, retried later, and nothing is raised."""
+        for key in keys:
+            try:
+                if held:
+                    self._unref(index, [key])
+                else:
+                    self._drop_quietly(index, key)
+            except Exception as exc:
+                present = key in self.tiers[index]
+                with self._state:
+                    if present and not self._refs[index][key]:
+                        self._orphans[index].add(key)
+                log.warning("could not free %s on tier %s: %s", key, self.tiers[index].name, exc)
 
     def _drop_quietly(self, index: int, key: str) -> None:
         try:
@@ -364,22 +421,39 @@ class ResidencyManager:
                 with contextlib.suppress(TierError):
                     self._drop_orphan(index, key)
 
-    def _rebind(self, entry: _Entry) -> None:
-        tier = self.tiers[entry.tier]
-        if tier.addressable:
-            entry.group.attach({key: tier.get(key) for key in entry.group.sizes(True)})
+    def _read_back(self, entry: _Entry, index: int) -> dict[str, Any] | None:
+        """The tensors tier ``index`` holds for ``entry``, by private key, if a module can run
+        from them there (tier I/O: never under ``_state``)."""
+        tier = self.tiers[index]
+        if not tier.addressable:
+            return None
+        return {key: tier.get(key) for key in entry.group.sizes(True)}
+
+    def _bind(self, entry: _Entry, tensors: dict[str, Any] | None) -> None:
+        """Plug what :meth:`_read_back` gave into the entry's module, or unplug it."""
+        if tensors is not None:
+            entry.group.attach(tensors)
         else:
             entry.group.release()
 
     def _move(self, entry: _Entry, target: int, reason: str) -> None:
-        """Copy down or up, publish, then free the old copy (the caller marked it moving)."""
+        """Copy down or up, read back, publish, then free the old copy (the caller marked it
+        moving). If the copy or the read-back fails, the entry stays whole where it was and
+        nothing it wrote stays on ``target``."""
         source = entry.tier
         if source == target:
             return
         written = self._copy_in(entry, target, source)
+        try:
+            tensors = self._read_back(entry, target)
+        except BaseException as exc:
+            self._unref_quietly(target, entry.group.sizes(self.tiers[target].addressable))
+            if isinstance(exc, MemplanError):
+                self._counts["failures"] += 1
+            raise
         with self._state:
             entry.tier = target
-            self._rebind(entry)  # before the release, so no module still holds what is freed
+            self._bind(entry, tensors)  # before the release, so no module still holds what is freed
         self._release_keys(entry, source)
         route = f"{self.tiers[source].name}->{self.tiers[target].name}"
         self._routes[route] += written
@@ -785,9 +859,9 @@ class ResidencyManager:
 def _release_load_budget(obj: Any) -> None:
     """A model from :func:`memplan.load` holds its device reservations for its lifetime; once
     its tensors live on the manager's tiers, the tiers charge them, so the load's go."""
-    placement = getattr(obj, "memplan_placement", None)
-    if placement is not None:
-        placement.release()
+    handle = handle_of(obj)
+    if handle is not None:
+        handle.placement.release()
 
 
 def _pressured(tier: Tier, device: Device | None) -> bool:
