@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from memplan.errors import InvalidOption
 from memplan.gpu.device import DeviceMemory, ProbeProblem
 
 __all__ = ["Probe", "ProbeResult", "get_probe", "probe_names", "register_probe"]
@@ -43,7 +44,8 @@ def get_probe(name: str, **kwargs: Any) -> Probe:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"no probe named {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        known = ", ".join(sorted(_REGISTRY))
+        raise InvalidOption("probe", name, f"be one of the registered probes ({known})") from None
     return factory(**kwargs)
 
 

@@ -134,3 +134,9 @@ def test_real_cpu_inventory_places_on_cpu() -> None:
     t = alloc.place(torch.zeros(4), CPU)
     assert alloc.usage(CPU).used == 16
     del t
+
+
+def test_an_unknown_probe_name_is_a_typed_error_naming_the_known_ones() -> None:
+    with pytest.raises(memplan.InvalidOption, match="nvml") as raised:
+        memplan.gpu.get_probe("cuda-magic")
+    assert raised.value.option == "probe" and raised.value.value == "cuda-magic"
