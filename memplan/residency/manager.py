@@ -41,7 +41,6 @@ from memplan.errors import (
     TierFull,
 )
 from memplan.gpu import Device
-from memplan.loaders import handle_of
 from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
 from memplan.residency.policy import RetentionPolicy
@@ -859,9 +858,11 @@ class ResidencyManager:
 def _release_load_budget(obj: Any) -> None:
     """A model from :func:`memplan.load` holds its device reservations for its lifetime; once
     its tensors live on the manager's tiers, the tiers charge them, so the load's go."""
-    handle = handle_of(obj)
-    if handle is not None:
-        handle.placement.release()
+    # Read by name, not through memplan.loaders: the loaders' quantized cache is built on the
+    # disk tier, and residency does not import them back.
+    placement = getattr(getattr(obj, "memplan", None), "placement", None)
+    if placement is not None:
+        placement.release()
 
 
 def _pressured(tier: Tier, device: Device | None) -> bool:
