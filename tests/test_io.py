@@ -226,7 +226,7 @@ def test_a_read_asked_for_on_a_reading_thread_runs_there(tmp_path: Path) -> None
         seen.append(threading.current_thread().name)
 
     class Nesting:
-        def use(self, file: Path) -> object:
+        def use(self, file: Path, tensor: str | None = None) -> object:
             nested()
             return OpenFile(fd).use(file)
 

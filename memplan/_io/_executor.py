@@ -59,9 +59,10 @@ class Range(NamedTuple):
 
 
 class Source(Protocol):
-    """Where a read gets its descriptor: for as long as the ``with`` lasts, it stays open."""
+    """Where a read gets its descriptor: for as long as the ``with`` lasts, it stays open.
+    ``tensor`` is what the read is for, for an error to name."""
 
-    def use(self, file: Path) -> AbstractContextManager[int]: ...
+    def use(self, file: Path, tensor: str | None = None) -> AbstractContextManager[int]: ...
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class OpenFile:
 
     fd: int
 
-    def use(self, file: Path) -> AbstractContextManager[int]:
+    def use(self, file: Path, tensor: str | None = None) -> AbstractContextManager[int]:
         return nullcontext(self.fd)
 
 
@@ -164,7 +165,7 @@ class IOExecutor:
             return IOStats(self.read_threads, self.job_threads, self._requests, self._bytes)
 
     def _pread(self, source: Source, part: Range) -> None:
-        with source.use(part.file) as fd:
+        with source.use(part.file, part.tensor) as fd:
             read_exactly(fd, part.view, part.offset, file=part.file, tensor=part.tensor)
         with self._lock:
             self._requests += 1

@@ -33,7 +33,7 @@ __all__ = ["TensorReader", "torch_dtype"]
 _FILES_PER_THREAD = 4  # descriptors each reading thread keeps open, the most recently used
 _PROC_FDS = Path("/proc/self/fd")  # where a descriptor opens again as the same file (Linux)
 _REOPEN = _PROC_FDS.is_dir()
-_CHANGED = "changed on disk since it was first read (replaced or rewritten): load the model again"
+_CHANGED = "changed on disk since it was inspected (replaced or rewritten): inspect and load it again"
 
 
 def torch_dtype(name: str, *, tensor: str = "", file: Path | None = None) -> torch.dtype:
@@ -251,10 +251,10 @@ class _Descriptors:
         self._closing = False  # close() was asked while descriptors were in use
 
     @contextmanager
-    def use(self, file: Path) -> Iterator[int]:
+    def use(self, file: Path, tensor: str | None = None) -> Iterator[int]:
         """A descriptor of ``file`` for this thread to read through while the ``with`` lasts."""
         with self._using():
-            held = self._held_fd(file)
+            held = self._held_fd(file, tensor)
             yield self._own_fd(file, held) if _REOPEN and on_read_thread() else held
 
     @contextmanager
@@ -269,7 +269,7 @@ class _Descriptors:
                 fds = self._give_back() if self._closing and not self._users else []
             _close_all(fds)
 
-    def _held_fd(self, file: Path) -> int:
+    def _held_fd(self, file: Path, tensor: str | None) -> int:
         """The descriptor held for ``file``: opened outside the lock, the first one published."""
         with self._lock:
             held = self._held.get(file)
@@ -289,7 +289,7 @@ class _Descriptors:
                 return fd
         os.close(fd)  # another thread's was published first, or the file is another now
         if held is None:
-            raise CheckpointError(file, _CHANGED)
+            raise CheckpointError(file, _CHANGED, tensor)
         return held
 
     def _own_fd(self, file: Path, held: int) -> int:

@@ -232,6 +232,12 @@ class ModuleStreamer:
             self.stats.fetch_seconds += seconds
         return seconds
 
+    @property
+    def reads_files(self) -> bool:
+        """Whether forwards read the checkpoint's files (source "disk"); from "host" they copy
+        the host copies made at load, and the files are not needed after it."""
+        return self.source == "disk"
+
     def _reads_straight_in(self, b: Binding, view: torch.Tensor, file_dtype: torch.dtype) -> bool:
         """The file's bytes are the slot's: read from disk into the slot, no copy on the way."""
         return self.source == "disk" and not self._cuda and view.dtype == file_dtype and b.conversion is None

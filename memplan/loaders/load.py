@@ -178,14 +178,14 @@ def _carry_out(
     strategy: Strategy, checkpoint: Checkpoint, bar: Any, placement: Placement,
     model_cls: ModelFactory | None, hooks: Hooks, options: LoadOptions,
 ) -> tuple[Loaded, int]:  # fmt: skip
-    """The loaded model and the bytes its load read. A streamer that reads through the load's
-    reader owns it from then on (and closes it); otherwise the reader closes with the load."""
+    """The loaded model and the bytes its load read. A streamer that reads the files at each
+    forward owns the load's reader from then on (and closes it); otherwise it closes here."""
     reader = TensorReader(checkpoint, on_bytes=bar.update, window=strategy.read_ahead)
     try:
         loaded = carry_out(strategy, reader, placement, model_cls, hooks, options)
         return loaded, reader.bytes_read
     finally:
-        if hooks.streamer is None:
+        if hooks.streamer is None or not hooks.streamer.reads_files:
             reader.close()
 
 

@@ -320,6 +320,27 @@ def test_a_streamed_model_gives_its_shards_descriptors_back_when_it_goes(tiny_ll
     assert held() == before
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("kind", ["offloaded", "streamed-host"])
+def test_a_model_whose_layers_wait_in_host_memory_holds_no_shard_open(tiny_llama: Path, kind: str) -> None:
+    """Offloaded and host-streamed layers are copied from host memory at each forward: the files
+    are not read again, so the load gives their descriptors back (a server keeps many models)."""
+    shards = {str(t.file.resolve()) for t in memplan.inspect(tiny_llama).tensors.values()}
+    held = lambda: sum(1 for fd in os.listdir("/proc/self/fd") if _target(fd) in shards)  # noqa: E731
+    before = held()
+    ckpt = memplan.inspect(tiny_llama)
+    if kind == "offloaded":
+        chosen = plan_only(tiny_llama, "offloaded", f"cuda:0={ckpt.nbytes * 0.6:.0f},cpu=8GiB")
+    else:
+        strategy = Streamed(CUDA0, "host", resident_layers=1, prefetch_depth=1, dtype="BF16")
+        chosen = plan_only(tiny_llama, "streamed-host", tight_spec(tiny_llama, strategy), prefetch_depth=1)
+    model = memplan.load(tiny_llama, plan=chosen, progress=False)
+    assert model.memplan.streamer is not None
+    assert held() == before
+    logits(model)
+    assert held() == before
+
+
 def _replace_shards_with_other_weights(folder: Path) -> None:
     """Every shard swapped for one with the same layout and other values, as a new download
     into the same folder would do (a new file renamed over the old)."""
