@@ -20,6 +20,7 @@ __all__ = [
     "ContextTooLong",
     "DeviceOutOfMemory",
     "DoesNotFit",
+    "EntryExists",
     "EntryInUse",
     "ForwardCheckFailed",
     "InvalidAddress",
@@ -183,6 +184,13 @@ class InvalidEntry(MemplanError):
         self.entry = entry
         self.reason = reason
         super().__init__(f"cannot register {entry!r}: {reason}")
+
+
+class EntryExists(InvalidEntry):
+    """A residency manager has an entry (or a model added by name) called ``entry`` already."""
+
+    def __init__(self, entry: str) -> None:
+        super().__init__(entry, "an entry of that name is already registered")
 
 
 class AlreadyManaged(MemplanError):

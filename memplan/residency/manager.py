@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 import uuid
@@ -31,8 +32,9 @@ from memplan._periodic import Periodic
 from memplan._torch_imported import imported_torch
 from memplan.errors import (
     AlreadyManaged,
+    DoesNotFit,
+    EntryExists,
     EntryInUse,
-    InvalidEntry,
     InvalidOption,
     MemplanError,
     NoSuchEntry,
@@ -43,6 +45,7 @@ from memplan.errors import (
 from memplan.gpu import Device
 from memplan.residency._groups import Group, TensorRecord, digest_of
 from memplan.residency.eviction import GDSF, Candidate, Eviction
+from memplan.residency.models import ModelSource, Room, model_loader
 from memplan.residency.policy import RetentionPolicy
 from memplan.residency.pressure import ACTIONS, PressureLevel, PressureResponse, level_for, rank
 from memplan.residency.tiers.base import Tier
@@ -143,6 +146,10 @@ class ResidencyManager:
         self.moves: deque[Move] = deque(maxlen=1000)
         self.responses: deque[PressureResponse] = deque(maxlen=100)
         self._entries: dict[str, _Entry] = {}
+        # Models added by name: their sources, kept after loading (the name stays taken), and
+        # one lock each so that concurrent first uses load a model once.
+        self._models: dict[str, tuple[ModelSource, RetentionPolicy]] = {}
+        self._loading: dict[str, threading.Lock] = {}
         self._refs: list[Counter[str]] = [Counter() for _ in self.tiers]
         self._orphans: list[set[str]] = [set() for _ in self.tiers]  # keys a failed drop left behind
         self._lock = threading.RLock()
@@ -168,7 +175,7 @@ class ResidencyManager:
 
     def __contains__(self, name: object) -> bool:
         with self._state:
-            return name in self._entries
+            return name in self._entries or name in self._models
 
     def names(self) -> list[str]:
         with self._state:
@@ -207,11 +214,18 @@ class ResidencyManager:
         If it fails (or is interrupted), nothing it wrote stays on any tier and ``obj`` keeps its
         own tensors.
         """
+        return self._register(name, obj, policy, needs, tier, model=False)
+
+    def _register(
+        self, name: str, obj: Any, policy: RetentionPolicy | None, needs: Sequence[str], tier: str | None,
+        *, model: bool,
+    ) -> EntryInfo:  # fmt: skip
+        """:meth:`register`; ``model``: the entry of a model :meth:`add_model` added, now loaded."""
         policy = policy or RetentionPolicy()
         with self._lock:
             with self._state:
-                if name in self._entries:
-                    raise InvalidEntry(name, "an entry of that name is already registered")
+                if name in self._entries or (name in self._models and not model):
+                    raise EntryExists(name)
                 for need in needs:
                     self._entry(need)
             # Keys of its own: one a failed registration could not free is never read again.
@@ -240,6 +254,65 @@ class ResidencyManager:
             group.drop_originals()
             _release_load_budget(obj)
             return self.info(name)
+
+    def add_model(
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        *,
+        policy: RetentionPolicy | None = None,
+        workload: Any = None,
+        revision: str | None = None,
+        model_cls: Any = None,
+    ) -> None:
+        """Register the model at ``source`` (anything :func:`memplan.load` takes) as entry
+        ``name`` without loading it: its first :meth:`use` loads it, whole, in its own dtype,
+        planned for the room on the fastest addressable tier that holds it (free room only:
+        nothing is evicted for a newcomer), then leases it as any entry. A source that does not
+        load raises the loader's error there and stays added, unloaded, for the next use."""
+        with self._state:
+            if name in self._entries or name in self._models:
+                raise EntryExists(name)
+            self._models[name] = (
+                ModelSource(source, workload, revision, model_cls),
+                policy or RetentionPolicy(),
+            )
+            self._loading[name] = threading.Lock()
+
+    def _load_if_added(self, name: str) -> None:
+        """Load model ``name`` if it was added and is not loaded yet; concurrent callers wait
+        for the one loading it."""
+        with self._state:
+            if name in self._entries or name not in self._models:
+                return
+            source, policy = self._models[name]
+            lock = self._loading[name]
+        with lock:
+            with self._state:
+                if name in self._entries:
+                    return
+            model, tier = self._load_model(source)
+            self._register(name, model, policy, (), tier, model=True)
+
+    def _load_model(self, source: ModelSource) -> tuple[Any, str]:
+        """The model, loaded for the first addressable tier (fastest first) with room for it."""
+        loader, host = model_loader(), self._host_room()
+        refused: DoesNotFit | None = None
+        for tier in self.tiers:
+            if not tier.addressable:
+                continue
+            try:
+                return loader(source, Room(tier.name, tier.device, tier.available, host)), tier.name
+            except DoesNotFit as exc:
+                refused = refused or exc  # the fastest tier's shortfall says most
+        if refused is None:
+            raise InvalidOption("tiers", [t.name for t in self.tiers], "include one a model can run from")
+        raise refused
+
+    def _host_room(self) -> int | None:
+        """Free bytes on the first host tier, where a load stages what it reads; None: no such tier."""
+        hosts = [t for t in self.tiers if t.addressable and not t.device.is_accelerator]
+        return hosts[0].available if hosts else None
 
     def _refuse_managed(self, name: str, group: Group) -> None:
         """Refuse a group holding a module (the same one, a submodule or a parent of one) or a
@@ -291,9 +364,13 @@ class ResidencyManager:
             self._unref_quietly(index, entry.group.sizes(self.tiers[index].addressable))
 
     def unregister(self, name: str) -> None:
-        """Forget ``name`` and free its bytes on every tier. Its module is left with meta tensors."""
+        """Forget ``name`` and free its bytes on every tier. Its module is left with meta tensors.
+        A model added by name is forgotten too, loaded or not."""
         with self._lock:
             with self._state:
+                if name in self._models and name not in self._entries:
+                    del self._models[name], self._loading[name]
+                    return
                 entry = self._entry(name)
                 if entry.pinned is not None:
                     raise PinViolation(name, "unpin it before unregistering")
@@ -305,6 +382,8 @@ class ResidencyManager:
                 with self._state:
                     entry.group.release()
                     del self._entries[name]
+                    self._models.pop(name, None)
+                    self._loading.pop(name, None)
             self.eviction.forgotten(name)
 
     # -- moving data ---------------------------------------------------------------------
@@ -595,6 +674,7 @@ class ResidencyManager:
     def use(self, name: str) -> Iterator[Any]:
         """Lease ``name`` (and what it needs) on the fastest tier with room; yields the module
         or a mapping of its tensors. Leased entries are never moved, by anything."""
+        self._load_if_added(name)
         group, handle = self._lease_settled(name)
         if group is None:
             group, handle = self._lease_moving(name)

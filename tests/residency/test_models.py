@@ -1,0 +1,126 @@
+"""Models as entries: ``add_model`` registers a source, the first ``use`` loads it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import memplan
+from memplan import Allocator, Device, ResidencyManager, get_tier
+from memplan.gpu import parse_simulation
+from tests.conftest import run_threads
+from tests.loaders.test_load import logits, transformers_logits
+
+GPU = Device("cuda", 0)
+
+
+@pytest.fixture(scope="module")
+def want(tiny_llama: Path) -> torch.Tensor:
+    return transformers_logits(tiny_llama)
+
+
+def _manager(tmp_path: Path, gpu: str = "64MiB") -> tuple[ResidencyManager, Allocator]:
+    allocator = Allocator(parse_simulation(f"cuda:0={gpu},cpu=4GiB"))
+    tiers = [
+        get_tier("gpu", allocator=allocator),
+        get_tier("host", "256MiB"),
+        get_tier("disk", tmp_path / "d"),
+    ]
+    return ResidencyManager(tiers), allocator
+
+
+def test_a_model_added_by_name_loads_on_its_first_use_onto_the_fastest_tier(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    rm, allocator = _manager(tmp_path)
+    with rm:
+        rm.add_model("llama", tiny_llama)
+        assert "llama" in rm and rm.names() == [] and allocator.usage(GPU).used == 0  # nothing loaded
+        with rm.use("llama") as model:
+            assert torch.equal(logits(model), want)
+        assert rm.tier_of("llama").name == "gpu"
+        assert allocator.usage(GPU).used > 0
+        with rm.use("llama") as again:  # loaded once
+            assert again is model
+        rm.demote("llama", "disk")
+        with rm.use("llama") as back:
+            assert torch.equal(logits(back), want)
+    assert allocator.usage(GPU).used == 0
+
+
+def test_a_model_larger_than_the_accelerator_room_loads_onto_the_host_tier(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    """Loaded where there is free room (nothing evicted for a newcomer); the lease then moves it
+    to the fastest tier it fits, as for any entry."""
+    rm, _ = _manager(tmp_path, gpu="400KiB")  # the 465 KiB model fits only the host
+    with rm:
+        rm.add_model("llama", tiny_llama)
+        with rm.use("llama") as model:
+            assert torch.equal(logits(model), want)
+        assert rm.tier_of("llama").name == "host"
+
+
+def test_a_model_no_tier_holds_is_does_not_fit_and_nothing_moves(tiny_llama: Path, tmp_path: Path) -> None:
+    allocator = Allocator(parse_simulation("cuda:0=256KiB,cpu=4GiB"))
+    tiers = [
+        get_tier("gpu", allocator=allocator),
+        get_tier("host", "256KiB"),
+        get_tier("disk", tmp_path / "d"),
+    ]
+    with ResidencyManager(tiers) as rm:
+        rm.register("small", {"w": torch.ones(1024)})
+        rm.add_model("llama", tiny_llama)
+        with pytest.raises(memplan.DoesNotFit) as raised, rm.use("llama"):
+            pass
+        assert raised.value.device == GPU and raised.value.needed > raised.value.available
+        assert rm.tier_of("small").name == "gpu" and rm.names() == ["small"]
+        assert "llama" in rm  # still added, for when there is room
+
+
+def test_a_source_that_does_not_load_raises_its_error_and_stays_added(tmp_path: Path) -> None:
+    rm, allocator = _manager(tmp_path)
+    with rm:
+        rm.add_model("ghost", tmp_path / "no-such-model")
+        for _ in range(2):
+            with pytest.raises(memplan.CheckpointError), rm.use("ghost"):
+                pass
+        assert "ghost" in rm and rm.names() == []
+        assert allocator.usage(GPU).used == 0
+
+
+def test_one_name_twice_is_entry_exists(tiny_llama: Path, tmp_path: Path) -> None:
+    rm, _ = _manager(tmp_path)
+    with rm:
+        rm.add_model("llama", tiny_llama)
+        with pytest.raises(memplan.EntryExists):
+            rm.add_model("llama", tiny_llama)
+        with pytest.raises(memplan.EntryExists):
+            rm.register("llama", {"w": torch.ones(4)})
+        rm.register("weights", {"w": torch.ones(4)})
+        with pytest.raises(memplan.EntryExists):
+            rm.add_model("weights", tiny_llama)
+        rm.unregister("llama")  # unloaded: just forgotten
+        assert "llama" not in rm
+
+
+def test_threads_using_a_model_at_once_load_it_once(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    rm, _ = _manager(tmp_path)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def worker(_: int) -> None:
+        with rm.use("llama") as model, torch.no_grad():
+            assert torch.equal(logits(model), want)
+            with lock:
+                seen.append(id(model))
+
+    with rm:
+        rm.add_model("llama", tiny_llama)
+        assert run_threads(worker, 4, timeout_s=120) == []
+    assert len(seen) == 4 and len(set(seen)) == 1
