@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from memplan._bnb import import_bitsandbytes
+from memplan._bnb_state import UNPACKED
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["prepare_4bit_layers_for_cpu"]
 
 _REPACK_ROWS = 32  # output rows per block of the packed layout (bitsandbytes' block_n)
-_UNPACKED = "_memplan_unpacked_state"  # the layer's quantization state before the repacking
 
 
 def prepare_4bit_layers_for_cpu(model: nn.Module) -> tuple[str, ...]:
@@ -79,7 +79,7 @@ def _keep_unpacked_state(module: nn.Module, args: Any) -> None:
     the repacking replaces (it sets new ones on the state; it changes none in place)."""
     state = getattr(module.weight, "quant_state", None)
     if state is not None and not getattr(state, "packing_format_for_cpu", False):
-        setattr(module, _UNPACKED, copy.copy(state))
+        setattr(module, UNPACKED, copy.copy(state))
 
 
 def _save_unpacked(
@@ -90,7 +90,7 @@ def _save_unpacked(
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     state = getattr(module.weight, "quant_state", None)
-    unpacked = getattr(module, _UNPACKED, None)
+    unpacked = getattr(module, UNPACKED, None)
     if state is None or not getattr(state, "packing_format_for_cpu", False) or unpacked is None:
         type(module)._save_to_state_dict(module, destination, prefix, keep_vars)
         return

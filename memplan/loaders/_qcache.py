@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memplan._bnb import import_bitsandbytes
+from memplan._bnb_state import quantized_state
 from memplan._fileio import content_identity, content_key
 from memplan._io import Serial, Window, executor
 from memplan._threads import settle
@@ -144,7 +145,7 @@ class QuantCache:
         """Keep ``layer``'s quantized state (as it serialises) under ``weight``, in the background."""
         if self.complete:
             return
-        state = {name: t.detach().cpu() for name, t in layer.state_dict().items() if name != "bias"}
+        state = {name: t.detach().cpu() for name, t in quantized_state(layer).items()}
         while len(self._pending) >= _MAX_PENDING:  # bounds the host copies of GPU states in the queue
             self._pending.popleft().result()
         self._pending.append(self._writer.submit(lambda: self._write(weight, state)))

@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from memplan._bnb import import_bitsandbytes
+from memplan._bnb_state import build_weight, is_quantized_layer
 from memplan.loaders._cpu_quantizers import int8_rowwise, nf4_parameter
 from memplan.loaders._prequantized import check_states
 from memplan.planner import INT8_THRESHOLD, Quantized, TensorInfo, quantized_bytes
@@ -134,13 +135,6 @@ def _stored_transposed(module: nn.Module) -> bool:
     return source is not None and utils is not None and issubclass(source, utils.Conv1D)
 
 
-def is_quantized_layer(module: nn.Module) -> bool:
-    if "bitsandbytes" not in sys.modules:  # no bnb layer can exist before bnb is imported
-        return False
-    bnb = import_bitsandbytes()
-    return isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit)
-
-
 def quantize_weight(module: nn.Module, weight: torch.Tensor, torch_device: str) -> nn.Parameter:
     """``weight`` (in the compute dtype, on the host) as the layer's quantised parameter on the device."""
     bnb = import_bitsandbytes()
@@ -174,15 +168,7 @@ def prequantized_weight(
     method = "int8" if int8 else str(getattr(module.weight, "quant_type", ""))
     layer: Any = module
     check_states(method, stored, (int(layer.out_features), int(layer.in_features)))
-    weight = stored["weight"]
-    if isinstance(module, bnb.nn.Linear8bitLt):
-        kwargs = dict(module.weight.__dict__)
-        kwargs["SCB"] = stored["SCB"]
-        return bnb.nn.Int8Params(weight, requires_grad=False, **kwargs).to(torch_device)  # type: ignore[no-any-return]
-    states = {name: tensor for name, tensor in stored.items() if name != "weight"}
-    return bnb.nn.Params4bit.from_prequantized(  # type: ignore[no-any-return]
-        data=weight, quantized_stats=states, requires_grad=False, device=torch_device, module=module
-    )
+    return build_weight(module, stored, torch_device)
 
 
 def record_quantization(model: nn.Module, strategy: Quantized, compute_dtype: torch.dtype) -> None:

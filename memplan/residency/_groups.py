@@ -13,6 +13,15 @@ Tiers that decode a fresh copy on every ``get`` (disk, remote, compressed host) 
 when deduplicating, so identical tensors of different entries are stored once there; the content
 is hashed again on its way down from an addressable tier, so a tensor changed in place gets a key
 of its new content.
+
+A bitsandbytes weight means nothing without the state bitsandbytes keeps beside it (an int8
+weight's row scales, a 4-bit weight's quantization state; some of it on the layer, not the
+parameter). Such a weight is kept as the tensors it serialises to (``memplan._bnb_state``: the
+quantized weights cache keeps the same), each a record of its own named ``<layer>.<name>``
+(``...q_proj.SCB``, ``...q_proj.weight.absmax``), so every tier stores and checks plain tensors;
+plugging it in builds the bitsandbytes parameter from the tier's tensors, and the layer lets go
+of what it held of the old one. A 4-bit weight that bitsandbytes repacked for its AVX512-BF16
+kernel is kept as it was before the repacking, and its next forward repacks it again.
 """
 
 from __future__ import annotations
@@ -24,6 +33,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from memplan._bnb_state import (
+    build_weight,
+    cannot_serialise,
+    is_quantized_layer,
+    quantized_state,
+    set_state_on_layer,
+    state_on_layer,
+)
 from memplan.errors import InvalidEntry
 from memplan.residency import _wire
 
@@ -64,6 +81,23 @@ class TensorRecord:
             self.key = self.digest[:48]
 
 
+@dataclass
+class _Quantized:
+    """A bitsandbytes layer's weight, kept as the tensors it serialises to (records named
+    ``<prefix><name>``) and built back into the layer's parameter from them."""
+
+    layer: Any
+    prefix: str  # the layer's path and a dot ("" for a registered layer itself)
+    names: tuple[str, ...]
+    parameter: Any  # what it was registered with, and what the layer held of it, until the
+    held: dict[str, Any]  # registration succeeds (a failed one puts them back)
+
+    def build(self, by_path: Mapping[str, torch.Tensor]) -> Any:
+        stored = {name: by_path[self.prefix + name] for name in self.names}
+        set_state_on_layer(self.layer, {})  # the new parameter carries its own
+        return build_weight(self.layer, stored, str(stored["weight"].device))
+
+
 def digest_of(tensor: torch.Tensor) -> str:
     raw = _wire.raw_bytes(tensor).cpu()
     h = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
@@ -99,8 +133,10 @@ class Group:
         # What it was registered with, by identity: a tensor tied elsewhere is found again after
         # the entry's own slots hold its tier's copies.
         self.taken = {id(tensor): weakref.ref(tensor) for _, tensor, _ in found.values()}
+        self.quantized: dict[str, _Quantized] = {}  # by the weight's path
+        pieces = self._serialise_quantized(entry, found) if self.module is not None else list(found.values())
         self.records: list[TensorRecord] = []
-        for path, tensor, slots in found.values():
+        for path, tensor, slots in pieces:
             private = hashlib.sha256(f"{entry}\0{salt}\0{path}".encode()).hexdigest()[:48]
             digest = digest_of(tensor) if dedup else None  # hashing only pays where it dedups
             key = digest[:48] if digest else private
@@ -111,9 +147,28 @@ class Group:
         self._tensors: dict[str, torch.Tensor] = {}
         # Until the first tier holds them, the caller's tensors are the source, by private key.
         self.originals: dict[str, torch.Tensor] = {
-            record.private_key: tensor
-            for record, (_, tensor, _) in zip(self.records, found.values(), strict=True)
+            record.private_key: tensor for record, (_, tensor, _) in zip(self.records, pieces, strict=True)
         }
+
+    def _serialise_quantized(
+        self, entry: str, found: dict[int, tuple[str, Any, list[_Slot]]]
+    ) -> list[tuple[str, Any, list[_Slot]]]:
+        """The tensors to keep: each bitsandbytes weight as the tensors it serialises to (the
+        weight's slots go with its ``weight``), every other tensor as it is."""
+        pieces: list[tuple[str, Any, list[_Slot]]] = []
+        for path, tensor, slots in found.values():
+            layer = slots[0].owner
+            if not (slots[0].is_parameter and slots[0].attr == "weight" and is_quantized_layer(layer)):
+                pieces.append((path, tensor, slots))
+                continue
+            why = cannot_serialise(layer)
+            if why is not None:
+                raise InvalidEntry(entry, f"{path!r} {why}")
+            state = quantized_state(layer)
+            prefix = path.removesuffix("weight")
+            self.quantized[path] = _Quantized(layer, prefix, tuple(state), tensor, state_on_layer(layer))
+            pieces += [(prefix + name, t, slots if name == "weight" else []) for name, t in state.items()]
+        return pieces
 
     @staticmethod
     def _mapping_tensors(entry: str, obj: Mapping[str, Any]) -> dict[int, tuple[str, Any, list[_Slot]]]:
@@ -140,23 +195,34 @@ class Group:
         """Unplug: meta tensors in the module, nothing in the mapping."""
         import torch
 
-        self._plug({r.path: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in self.records})
+        self._plug(
+            {r.path: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in self.records}, build=False
+        )
+        for quantized in self.quantized.values():
+            set_state_on_layer(quantized.layer, {})
         self._tensors = {}
 
     def restore(self) -> None:
         """Put the tensors it was registered with back where they were (a registration failed)."""
         self._tensors = {}
         for record in self.records:
-            original = self.originals[record.private_key]
+            quantized = self.quantized.get(record.path)
+            original = quantized.parameter if quantized is not None else self.originals[record.private_key]
             for slot in record.slots:
                 if slot.owner is not None:
                     table = slot.owner._parameters if slot.is_parameter else slot.owner._buffers
                     table[slot.attr] = original
+        for quantized in self.quantized.values():
+            set_state_on_layer(quantized.layer, quantized.held)
 
     def drop_originals(self) -> None:
         self.originals = {}
+        for quantized in self.quantized.values():
+            quantized.parameter, quantized.held = None, {}
 
-    def _plug(self, by_path: dict[str, torch.Tensor]) -> None:
+    def _plug(self, by_path: dict[str, torch.Tensor], *, build: bool = True) -> None:
+        """Put ``by_path``'s tensors in; ``build``: bitsandbytes weights as their parameters
+        (else as plain ones: meta tensors make no bitsandbytes parameter)."""
         import torch
 
         self._tensors = {}
@@ -164,9 +230,14 @@ class Group:
             tensor = by_path[record.path]
             for slot in record.slots:
                 self._tensors[record.path if slot.owner is not None else slot.attr] = tensor
-            if self.module is None:
+            if self.module is None or not record.slots:  # a bitsandbytes state goes in with its weight
                 continue
-            parameter = torch.nn.Parameter(tensor, requires_grad=record.slots[0].requires_grad)
+            quantized = self.quantized.get(record.path) if build else None
+            parameter = (
+                quantized.build(by_path)
+                if quantized is not None
+                else torch.nn.Parameter(tensor, requires_grad=record.slots[0].requires_grad)
+            )
             for slot in record.slots:
                 table = slot.owner._parameters if slot.is_parameter else slot.owner._buffers
                 table[slot.attr] = parameter if slot.is_parameter else tensor
