@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,8 @@ from memplan.errors import (
     TierFull,
 )
 from memplan.gpu import Device
-from memplan.residency._groups import Group, TensorRecord, digest_of
+from memplan.residency._groups import Group, digest_of
+from memplan.residency._keystore import KeyStore
 from memplan.residency.eviction import GDSF, Candidate, Eviction
 from memplan.residency.models import ModelSource, Room, model_loader
 from memplan.residency.policy import RetentionPolicy
@@ -150,11 +151,10 @@ class ResidencyManager:
         # one lock each so that concurrent first uses load a model once.
         self._models: dict[str, tuple[ModelSource, RetentionPolicy]] = {}
         self._loading: dict[str, threading.Lock] = {}
-        self._refs: list[Counter[str]] = [Counter() for _ in self.tiers]
-        self._orphans: list[set[str]] = [set() for _ in self.tiers]  # keys a failed drop left behind
         self._lock = threading.RLock()
         self._state = threading.Condition(threading.RLock())
         self._counts: Counter[str] = Counter()
+        self._keys = KeyStore(self.tiers, self._state, self._counts, dedup=dedup)
         self._routes: Counter[str] = Counter()
         self._worker = Periodic("memplan-residency", interval_s, self.maintain)
 
@@ -338,13 +338,13 @@ class ResidencyManager:
         last: TierError | None = None
         for index in order:
             try:
-                self._copy_in(entry, index, entry.group.originals)
+                self._keys.copy_in(entry.group, index, entry.group.originals)
                 entry.tier = index
-                self._bind(entry, self._read_back(entry, index))
+                self._bind(entry, self._keys.read_back(entry.group, index))
                 return
             except BaseException as exc:
                 if entry.tier >= 0 and isinstance(exc, MemplanError):
-                    self._counts["failures"] += 1  # the read-back failed (_copy_in counts its own)
+                    self._counts["failures"] += 1  # the read-back failed (copy_in counts its own)
                 self._abandon(entry)
                 if not isinstance(exc, TierError):
                     raise
@@ -361,7 +361,7 @@ class ResidencyManager:
         except Exception:
             log.exception("could not give %s its own tensors back", entry.name)
         if index >= 0:
-            self._unref_quietly(index, entry.group.sizes(self.tiers[index].addressable))
+            self._keys.release_quietly(entry.group, index)
 
     def unregister(self, name: str) -> None:
         """Forget ``name`` and free its bytes on every tier. Its module is left with meta tensors.
@@ -378,7 +378,7 @@ class ResidencyManager:
                 if dependants:
                     raise EntryInUse(name, f"needed by {', '.join(dependants)}")
             with self._moving(entry, "unregister"):
-                self._release_keys(entry, entry.tier)
+                self._keys.release(entry.group, entry.tier)
                 with self._state:
                     entry.group.release()
                     del self._entries[name]
@@ -402,113 +402,8 @@ class ResidencyManager:
                 entry.moving = False
                 self._state.notify_all()
 
-    def _source_tensor(self, record: TensorRecord, source: dict[str, Any] | int) -> Any:
-        if isinstance(source, dict):
-            return source[record.private_key]
-        tier = self.tiers[source]
-        return tier.get(record.key_on(tier.addressable))
-
-    def _copy_in(self, entry: _Entry, index: int, source: dict[str, Any] | int) -> int:
-        """Put the entry's keys on tier ``index`` (those it lacks) from ``source`` (the caller's
-        tensors, or the index of the tier it is on); all or nothing."""
-        tier, refs = self.tiers[index], self._refs[index]
-        # Leaving a tier where leases write in place: key the content as it is now.
-        rekey = self.dedup and not tier.addressable and isinstance(source, int)
-        rekey = rekey and self.tiers[source].addressable  # type: ignore[index]
-        written, counted = 0, set()
-        putting: str | None = None  # a key this call is writing, not yet counted
-        try:
-            for record in entry.group.records:
-                fetched = self._source_tensor(record, source) if rekey else None
-                if fetched is not None:
-                    record.rekey(fetched)
-                key = record.key_on(tier.addressable)
-                if key in counted:  # identical tensors of this entry share one key and one reference
-                    continue
-                if refs[key] == 0:
-                    tensor = fetched if fetched is not None else self._source_tensor(record, source)
-                    self._drop_orphan(index, key)
-                    putting = None if key in tier else key  # a key it found there is not its own
-                    written += tier.put(key, tensor)
-                with self._state:
-                    refs[key] += 1
-                counted.add(key)
-                putting = None
-        except BaseException as exc:  # a Ctrl-C too: the keys taken here go again
-            if putting is not None and putting not in counted:  # interrupted just after its put
-                if refs[putting]:
-                    counted.add(putting)
-                elif putting in tier:
-                    self._unref_quietly(index, [putting], held=False)
-            self._unref_quietly(index, counted)
-            if isinstance(exc, MemplanError):
-                self._counts["failures"] += 1
-            raise
-        return written
-
-    def _release_keys(self, entry: _Entry, index: int) -> None:
-        self._unref(index, entry.group.sizes(self.tiers[index].addressable))
-
-    def _unref(self, index: int, keys: Iterable[str]) -> None:
-        """Take one reference off each of ``keys`` on tier ``index``; free those nothing holds now."""
-        refs = self._refs[index]
-        for key in keys:
-            with self._state:
-                refs[key] -= 1
-                gone = refs[key] == 0
-                if gone:
-                    del refs[key]
-            if gone:
-                self._drop_quietly(index, key)
-
-    def _unref_quietly(self, index: int, keys: Iterable[str], *, held: bool = True) -> None:
-        """:meth:`_unref` (or, not ``held``, just the drop) key by key while a failure is raised:
-        a key whose drop fails in any way stays an orphan, retried later, and nothing is raised."""
-        for key in keys:
-            try:
-                if held:
-                    self._unref(index, [key])
-                else:
-                    self._drop_quietly(index, key)
-            except Exception as exc:
-                present = key in self.tiers[index]
-                with self._state:
-                    if present and not self._refs[index][key]:
-                        self._orphans[index].add(key)
-                log.warning("could not free %s on tier %s: %s", key, self.tiers[index].name, exc)
-
-    def _drop_quietly(self, index: int, key: str) -> None:
-        try:
-            self.tiers[index].drop(key)
-        except TierError as exc:  # the copy elsewhere is whole; the stray key is retried later
-            with self._state:
-                self._orphans[index].add(key)
-            self._counts["failures"] += 1
-            log.warning("could not free %s on tier %s: %s", key, self.tiers[index].name, exc)
-
-    def _drop_orphan(self, index: int, key: str) -> None:
-        """Free ``key`` left behind by a failed drop before it is written again (raises if it cannot)."""
-        if key in self._orphans[index]:
-            self.tiers[index].drop(key)
-            with self._state:
-                self._orphans[index].discard(key)
-
-    def _retry_orphans(self) -> None:
-        for index, orphans in enumerate(self._orphans):
-            for key in list(orphans):
-                with contextlib.suppress(TierError):
-                    self._drop_orphan(index, key)
-
-    def _read_back(self, entry: _Entry, index: int) -> dict[str, Any] | None:
-        """The tensors tier ``index`` holds for ``entry``, by private key, if a module can run
-        from them there (tier I/O: never under ``_state``)."""
-        tier = self.tiers[index]
-        if not tier.addressable:
-            return None
-        return {key: tier.get(key) for key in entry.group.sizes(True)}
-
     def _bind(self, entry: _Entry, tensors: dict[str, Any] | None) -> None:
-        """Plug what :meth:`_read_back` gave into the entry's module, or unplug it."""
+        """Plug what the key store's ``read_back`` gave into the entry's module, or unplug it."""
         if tensors is not None:
             entry.group.attach(tensors)
         else:
@@ -521,18 +416,18 @@ class ResidencyManager:
         source = entry.tier
         if source == target:
             return
-        written = self._copy_in(entry, target, source)
+        written = self._keys.copy_in(entry.group, target, source)
         try:
-            tensors = self._read_back(entry, target)
+            tensors = self._keys.read_back(entry.group, target)
         except BaseException as exc:
-            self._unref_quietly(target, entry.group.sizes(self.tiers[target].addressable))
+            self._keys.release_quietly(entry.group, target)
             if isinstance(exc, MemplanError):
                 self._counts["failures"] += 1
             raise
         with self._state:
             entry.tier = target
             self._bind(entry, tensors)  # before the release, so no module still holds what is freed
-        self._release_keys(entry, source)
+        self._keys.release(entry.group, source)
         route = f"{self.tiers[source].name}->{self.tiers[target].name}"
         self._routes[route] += written
         self._counts["promotions" if target < source else "demotions"] += 1
@@ -542,9 +437,7 @@ class ResidencyManager:
 
     # -- room ----------------------------------------------------------------------------
     def _needed(self, entry: _Entry, index: int) -> int:
-        tier, refs = self.tiers[index], self._refs[index]
-        sizes = entry.group.sizes(tier.addressable)
-        return sum(tier.footprint(n) for key, n in sizes.items() if refs[key] == 0)
+        return self._keys.needed(entry.group, index)
 
     def _blocked(self, entry: _Entry, index: int) -> str | None:
         """Why ``entry`` cannot leave tier ``index`` now, or None."""
@@ -569,7 +462,7 @@ class ResidencyManager:
 
     def _evictable_bytes(self, index: int, protect: set[str]) -> int:
         """Bytes evicting every movable entry would free on tier ``index`` (shared keys excluded)."""
-        tier, refs = self.tiers[index], self._refs[index]
+        tier, refs = self.tiers[index], self._keys.refs[index]
         return sum(
             tier.size_of(key)
             for e in self._entries.values()
@@ -790,7 +683,7 @@ class ResidencyManager:
         """
         demoted = []
         with self._lock:
-            self._retry_orphans()
+            self._keys.retry_orphans()
             now = self.clock()
             for entry in list(self._entries.values()):
                 limit = entry.policy.max_idle_s
@@ -827,7 +720,7 @@ class ResidencyManager:
             for entry in list(self._entries.values()):
                 keep = entry.policy.persistent and self.tiers[entry.tier].durable
                 if not keep:
-                    self._release_keys(entry, entry.tier)
+                    self._keys.release(entry.group, entry.tier)
                 with self._state:
                     entry.group.release()
             with self._state:
@@ -910,7 +803,7 @@ class ResidencyManager:
         with self._state:
             saved = sum(
                 self.tiers[i].size_of(key) * (n - 1)
-                for i, refs in enumerate(self._refs)
+                for i, refs in enumerate(self._keys.refs)
                 for key, n in refs.items()
             )
             c = self._counts
@@ -926,13 +819,13 @@ class ResidencyManager:
         left there: always ``tier.used``."""
         with self._state:
             index = self._tier_index(tier)
-            held = set(self._refs[index]) | self._orphans[index]
+            held = set(self._keys.refs[index]) | self._keys.orphans[index]
             return sum(self.tiers[index].size_of(key) for key in held)
 
     def orphans(self, tier: str) -> list[str]:
         """Keys a failed drop left on ``tier``; :meth:`maintain` retries freeing them."""
         with self._state:
-            return sorted(self._orphans[self._tier_index(tier)])
+            return sorted(self._keys.orphans[self._tier_index(tier)])
 
 
 def _release_load_budget(obj: Any) -> None:
