@@ -1,0 +1,73 @@
+"""Every memplan model survives every move (issue "Serving many models", item 2, the bf16 half;
+tests/residency/test_quantized_models.py is the quantized half): a model loaded under each
+strategy, registered, demoted to each tier and used again gives the logits it gave before it
+moved, and every budget is back where it started once the manager closes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import memplan
+from memplan import Allocator, Device, ResidencyManager, Streamed, get_tier
+from tests.loaders.test_load import CUDA0, logits, plan_only, tight_spec
+from tests.residency.test_quantized_models import TIERS, below_host
+
+CPU = Device("cpu")
+
+
+def _plan(path: Path, kind: str) -> memplan.Plan:
+    ckpt = memplan.inspect(path)
+    if kind == "full":
+        return plan_only(path, "full", "cuda:0=64MiB,cpu=8GiB")
+    if kind == "offloaded":
+        return plan_only(path, "offloaded", f"cuda:0={ckpt.nbytes * 0.6:.0f},cpu=8GiB")
+    if kind == "sharded":
+        each = ckpt.nbytes  # less headroom, neither device holds the model alone
+        return plan_only(path, "sharded", f"cuda:0={each},cuda:1={each},cpu=8GiB")
+    source = kind.removeprefix("streamed-")
+    strategy = Streamed(CUDA0, source, resident_layers=1, prefetch_depth=1, dtype="BF16")  # type: ignore[arg-type]
+    return plan_only(path, kind, tight_spec(path, strategy), prefetch_depth=1)
+
+
+# A model whose layers wait outside the compute device (offloaded, streamed) holds placeholders
+# there between forwards, which registration refuses (InvalidEntry): its streamer, not the
+# manager, keeps those weights. Moving such a model is open work (issue "Serving many models").
+_STREAMS = pytest.mark.xfail(
+    raises=memplan.InvalidEntry, strict=True, reason="streamed layers hold placeholders"
+)
+KINDS = [
+    "full",
+    "sharded",
+    pytest.param("offloaded", marks=_STREAMS),
+    pytest.param("streamed-host", marks=_STREAMS),
+    pytest.param("streamed-disk", marks=_STREAMS),
+]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_model_demoted_and_used_gives_the_logits_it_gave_before(
+    tiny_llama: Path, tmp_path: Path, request: pytest.FixtureRequest, kind: str, tier: str
+) -> None:
+    chosen = _plan(tiny_llama, kind)
+    allocator = Allocator(chosen.inventory)
+    start = {d: allocator.usage(d).used for d in allocator.devices()}
+    model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
+    want = logits(model)
+    tiers = [get_tier("host", "1GiB")] + ([] if tier == "host" else [below_host(tier, tmp_path, request)])
+    with ResidencyManager(tiers) as rm:
+        rm.register("llama", model)
+        if tier != "host":
+            rm.demote("llama", tier)
+        with rm.use("llama") as leased:
+            assert torch.equal(logits(leased), want)
+            assert torch.equal(logits(leased), want)  # a second forward too (streamers refill)
+        assert rm.verify() == []
+    del model, leased
+    import gc
+
+    gc.collect()
+    assert {d: allocator.usage(d).used for d in allocator.devices()} == start
