@@ -39,6 +39,7 @@ class Periodic:
         self.on_error = on_error
         self.thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a pass asked for now, or the stop
         self._stopped = threading.Event()
         self._starting = threading.Lock()  # two start() at once would make two threads
 
@@ -52,6 +53,7 @@ class Periodic:
                     return  # running
                 self._stopped.wait()  # a stop (perhaps one a Ctrl-C cut short) ends its last pass first
             self._stop.clear()
+            self._wake.clear()
             self._stopped.clear()
             self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self.thread.start()
@@ -63,7 +65,7 @@ class Periodic:
             self._stopped.set()
 
     def _passes(self) -> None:
-        if not self.immediately and self._stop.wait(self.interval_s):
+        if not self.immediately and self._sleep():
             return
         while True:
             try:
@@ -73,14 +75,25 @@ class Periodic:
                     log.exception("%s: a pass failed", self.name)
                 else:
                     self.on_error(exc)
-            if self._stop.wait(self.interval_s):
+            if self._sleep():
                 return
+
+    def _sleep(self) -> bool:
+        """Wait one interval, or until :meth:`wake` or :meth:`stop`; whether stopped."""
+        self._wake.wait(self.interval_s)
+        self._wake.clear()
+        return self._stop.is_set()
+
+    def wake(self) -> None:
+        """Run the next pass now rather than at the end of the interval (after the one under way)."""
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop; returns within one interval (plus a pass in progress), once the last pass is done.
 
         Waits for the thread's last pass, not ``join``: see :mod:`memplan._threads`."""
         self._stop.set()
+        self._wake.set()
         # From inside a pass (a callback that stops its monitor) the thread ends after this pass.
         if self.thread is not None and self.thread is not threading.current_thread():
             self._stopped.wait()

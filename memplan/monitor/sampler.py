@@ -251,12 +251,13 @@ class MemoryMonitor:
         self.stop()
 
     def drive(self, manager: Any) -> None:
-        """Feed each sample's ratios to a residency manager's pressure levels."""
+        """Feed each sample's ratios to a residency manager's pressure levels. The manager answers
+        on its own worker thread (``signal_pressure``): sampling goes on while entries move."""
 
         def respond(sample: Sample) -> None:
             for device, reading in sample.readings.items():
                 if level_for(reading.ratio) != "none":  # the manager's own levels say when
-                    manager.apply_pressure(reading.ratio, device)
+                    manager.signal_pressure(reading.ratio, device)
 
         self.on_sample(respond)
 

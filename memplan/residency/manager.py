@@ -156,7 +156,8 @@ class ResidencyManager:
         self._counts: Counter[str] = Counter()
         self._keys = KeyStore(self.tiers, self._state, self._counts, dedup=dedup)
         self._routes: Counter[str] = Counter()
-        self._worker = Periodic("memplan-residency", interval_s, self.maintain)
+        self._worker = Periodic("memplan-residency", interval_s, self._work)
+        self._pressure: dict[Device | None, float] = {}  # the latest reading per device, not yet answered
 
     # -- lookup --------------------------------------------------------------------------
     def _tier_index(self, name: str) -> int:
@@ -735,6 +736,23 @@ class ResidencyManager:
         self.close()
 
     # -- pressure ------------------------------------------------------------------------
+    def signal_pressure(self, ratio: float, device: Device | None = None) -> None:
+        """Note that ``device`` (default: every memory tier) is ``ratio`` full, and return at once:
+        the manager's own worker answers with :meth:`apply_pressure`, so a sampler that signals
+        goes on sampling while entries move. Readings not answered yet are replaced by newer ones."""
+        with self._state:
+            self._pressure[device] = ratio
+        self._worker.start()  # running already: nothing happens
+        self._worker.wake()
+
+    def _work(self) -> None:
+        """The worker's pass: answer the pressure signalled since the last one, then clean up."""
+        with self._state:
+            pending, self._pressure = self._pressure, {}
+        for device, ratio in pending.items():
+            self.apply_pressure(ratio, device)
+        self.maintain()
+
     def apply_pressure(self, ratio: float, device: Device | None = None) -> PressureResponse:
         """Respond to ``device`` (default: every memory tier) being ``ratio`` full; recorded."""
         level = level_for(ratio)

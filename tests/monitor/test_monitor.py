@@ -98,7 +98,42 @@ def test_the_monitor_drives_the_residency_managers_pressure_levels() -> None:
     monitor.sample_once()
     assert not rm.responses
     monitor.sample_once()
+    deadline = time.monotonic() + 10  # answered on the manager's own worker, soon
+    while not rm.responses and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert rm.responses[-1].level == "medium" and rm.tier_of("m").name == "host"
+    rm.close()
+
+
+def test_a_slow_move_under_pressure_does_not_stop_the_sampling() -> None:
+    """The demotion pressure asks for runs on the manager's worker: a tier that takes seconds to
+    write delays that worker, never the sampler (which used to run the moves itself)."""
+    import threading
+
+    from memplan.residency.tiers.memory import MemoryTier
+
+    release = threading.Event()
+
+    class SlowTier(MemoryTier):
+        def put(self, key: str, tensor: torch.Tensor) -> int:
+            release.wait(10)
+            return super().put(key, tensor)
+
+    rm = ResidencyManager([get_tier("memory", name="gpu", device=GPU), SlowTier(name="host")])
+    rm.register("m", {"w": torch.randn(8)})
+    monitor = MemoryMonitor([SteppingProbe([0.85] * 10)])
+    monitor.drive(rm)
+    began = time.perf_counter()
+    for _ in range(5):
+        monitor.sample_once()
+    assert time.perf_counter() - began < 2  # the move is stuck in the slow put meanwhile
+    assert rm.tier_of("m").name == "gpu"
+    release.set()
+    deadline = time.monotonic() + 10
+    while rm.tier_of("m").name != "host" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rm.tier_of("m").name == "host"
+    rm.close()
 
 
 def test_an_injected_leak_is_found_and_a_steady_workload_is_not() -> None:
