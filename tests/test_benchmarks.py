@@ -16,7 +16,7 @@ BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("[!_]*.py"))
 def test_every_benchmark_is_listed_here() -> None:
     assert BENCHMARKS == [
         "estimate_accuracy.py", "gpu_check.py", "load_speed.py", "monitor_overhead.py", "plan_speed.py",
-        "residency_trace.py",
+        "residency_trace.py", "serving.py",
     ]  # fmt: skip
 
 
@@ -33,6 +33,9 @@ def test_benchmark_quick_run(script: str) -> None:
     if script == "gpu_check.py" and "no CUDA device here" in result.stdout:
         return  # it checks real GPUs only; here it must say so and pass
     assert "x" in result.stdout or "%" in result.stdout  # each prints ratios against its peer
+    if script == "serving.py":  # it checks every request's logits against the peers' before it prints
+        assert "memplan / count-LRU: p50" in result.stdout
+        assert "logits identical under the three policies: yes" in result.stdout
 
 
 def test_a_model_dir_the_benchmark_did_not_write_is_never_overwritten(tmp_path: Path) -> None:
