@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         name: save_tiny_llama(root / name, layers=layers, intermediate=inter, seed=seed)
         for name, (layers, inter, seed) in MODELS.items()
     }
-    paths["huge"] = save_tiny_llama(root / "huge", layers=24, intermediate=512, seed=4)  # 4.6 MiB
+    paths["huge"] = save_tiny_llama(root / "huge", layers=24, intermediate=512, seed=4)  # 5.2 MiB
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "examples/serve_many_models.py", "--port", str(port),
@@ -60,15 +61,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
          "--gpu", "1.75MiB", "--host-tier", "1.5MiB", "--disk", str(root / "spill"), "--context", "64"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert process.stdout is not None
-    line = process.stdout.readline()  # printed once it listens
-    assert line.startswith(f"serving 4 models at http://127.0.0.1:{port}"), line + process.stdout.read()
+    stdout = process.stdout
+    assert stdout is not None
+    said: list[str] = []  # warnings may come first; "serving ..." is printed once it listens
+    while not (said and said[-1].startswith("serving")) and (line := stdout.readline()):
+        said.append(line)
+    assert said and said[-1].startswith(f"serving 4 models at http://127.0.0.1:{port}"), "".join(said)
+    drain = threading.Thread(target=lambda: said.extend(stdout), daemon=True)
+    drain.start()  # a full pipe would stall the server
     try:
         yield Served(f"http://127.0.0.1:{port}", paths, process)
     finally:
         process.terminate()
-        out, _ = process.communicate(timeout=60)
-        assert process.returncode == 0, out  # shut down cleanly on SIGTERM, every lease given back
+        process.wait(timeout=60)
+        drain.join(timeout=10)
+        assert process.returncode == 0, "".join(said)  # shut down cleanly on SIGTERM, every lease given back
 
 
 def summary(logits: torch.Tensor) -> tuple[list[list[int]], str]:
