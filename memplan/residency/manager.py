@@ -35,6 +35,7 @@ from memplan.errors import (
     DoesNotFit,
     EntryExists,
     EntryInUse,
+    InvalidEntry,
     InvalidOption,
     MemplanError,
     NoSuchEntry,
@@ -43,6 +44,7 @@ from memplan.errors import (
     TierFull,
 )
 from memplan.gpu import Device
+from memplan.planner import Workload
 from memplan.residency._groups import Group, digest_of
 from memplan.residency._keystore import KeyStore
 from memplan.residency.eviction import GDSF, Candidate, Eviction
@@ -158,6 +160,7 @@ class ResidencyManager:
         self._routes: Counter[str] = Counter()
         self._worker = Periodic("memplan-residency", interval_s, self._work)
         self._pressure: dict[Device | None, float] = {}  # the latest reading per device, not yet answered
+        self._closed = False
 
     # -- lookup --------------------------------------------------------------------------
     def _tier_index(self, name: str) -> int:
@@ -215,18 +218,21 @@ class ResidencyManager:
         If it fails (or is interrupted), nothing it wrote stays on any tier and ``obj`` keeps its
         own tensors.
         """
-        return self._register(name, obj, policy, needs, tier, model=False)
+        return self._register(name, obj, policy, needs, tier, added=None)
 
     def _register(
         self, name: str, obj: Any, policy: RetentionPolicy | None, needs: Sequence[str], tier: str | None,
-        *, model: bool,
+        *, added: tuple[ModelSource, RetentionPolicy] | None,
     ) -> EntryInfo:  # fmt: skip
-        """:meth:`register`; ``model``: the entry of a model :meth:`add_model` added, now loaded."""
+        """:meth:`register`; ``added``: what :meth:`add_model` kept for the model ``obj`` is,
+        which must still be what the name means (not unregistered or added again meanwhile)."""
         policy = policy or RetentionPolicy()
         with self._lock:
             with self._state:
-                if name in self._entries or (name in self._models and not model):
+                if name in self._entries or (name in self._models and added is None):
                     raise EntryExists(name)
+                if added is not None and self._models.get(name) is not added:
+                    raise NoSuchEntry(name)  # forgotten (or closed) while it loaded: this load is void
                 for need in needs:
                     self._entry(need)
             # Keys of its own: one a failed registration could not free is never read again.
@@ -271,13 +277,14 @@ class ResidencyManager:
         planned for the room on the fastest addressable tier that holds it (free room only:
         nothing is evicted for a newcomer), then leases it as any entry. A source that does not
         load raises the loader's error there and stays added, unloaded, for the next use."""
+        _check_model_args(name, source, policy, workload, revision, model_cls)
         with self._state:
+            if self._closed:
+                raise InvalidEntry(name, "the manager is closed")
             if name in self._entries or name in self._models:
                 raise EntryExists(name)
-            self._models[name] = (
-                ModelSource(source, workload, revision, model_cls),
-                policy or RetentionPolicy(),
-            )
+            added = ModelSource(source, workload, revision, model_cls)
+            self._models[name] = (added, policy or RetentionPolicy())
             self._loading[name] = threading.Lock()
 
     def _load_if_added(self, name: str) -> None:
@@ -286,14 +293,14 @@ class ResidencyManager:
         with self._state:
             if name in self._entries or name not in self._models:
                 return
-            source, policy = self._models[name]
+            added = self._models[name]
             lock = self._loading[name]
         with lock:
             with self._state:
                 if name in self._entries:
                     return
-            model, tier = self._load_model(source)
-            self._register(name, model, policy, (), tier, model=True)
+            model, tier = self._load_model(added[0])
+            self._register(name, model, added[1], (), tier, added=added)
 
     def _load_model(self, source: ModelSource) -> tuple[Any, str]:
         """The model, loaded for the first addressable tier (fastest first) with room for it."""
@@ -714,8 +721,11 @@ class ResidencyManager:
         durable tiers, which a later manager over the same tiers finds again."""
         with self._state:
             leased = [e.name for e in self._entries.values() if e.leases]
-        if leased:
-            raise EntryInUse(", ".join(leased), "leased; release every lease before closing the manager")
+            if leased:
+                raise EntryInUse(", ".join(leased), "leased; release every lease before closing the manager")
+            self._closed = True  # no pressure answered, no model added or loaded from here on
+            self._models.clear()
+            self._loading.clear()
         self._worker.stop()
         with self._lock:
             for entry in list(self._entries.values()):
@@ -740,7 +750,10 @@ class ResidencyManager:
         """Note that ``device`` (default: every memory tier) is ``ratio`` full, and return at once:
         the manager's own worker answers with :meth:`apply_pressure`, so a sampler that signals
         goes on sampling while entries move. Readings not answered yet are replaced by newer ones."""
+        _check_ratio(ratio)
         with self._state:
+            if self._closed:
+                return  # a monitor still driving a closed manager: nothing is left to move
             self._pressure[device] = ratio
         self._worker.start()  # running already: nothing happens
         self._worker.wake()
@@ -748,13 +761,20 @@ class ResidencyManager:
     def _work(self) -> None:
         """The worker's pass: answer the pressure signalled since the last one, then clean up."""
         with self._state:
+            if self._closed:  # a signal that raced close() started this worker again
+                self._worker.stop()
+                return
             pending, self._pressure = self._pressure, {}
         for device, ratio in pending.items():
-            self.apply_pressure(ratio, device)
+            try:
+                self.apply_pressure(ratio, device)
+            except Exception:  # the other devices' readings are still answered
+                log.exception("memplan residency: answering pressure on %s failed", device)
         self.maintain()
 
     def apply_pressure(self, ratio: float, device: Device | None = None) -> PressureResponse:
         """Respond to ``device`` (default: every memory tier) being ``ratio`` full; recorded."""
+        _check_ratio(ratio)
         level = level_for(ratio)
         with self._lock:
             pressured = [i for i, t in enumerate(self.tiers) if _pressured(t, device)]
@@ -844,6 +864,30 @@ class ResidencyManager:
         """Keys a failed drop left on ``tier``; :meth:`maintain` retries freeing them."""
         with self._state:
             return sorted(self._keys.orphans[self._tier_index(tier)])
+
+
+def _check_ratio(ratio: object) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 0:
+        raise InvalidOption("pressure ratio", ratio, "be a number from 0 (used / total)")
+
+
+def _check_model_args(
+    name: object, source: object, policy: object, workload: object, revision: object, model_cls: object
+) -> None:
+    """What :meth:`ResidencyManager.add_model` takes, checked when it is given rather than at the
+    first use (when a bad name would already be taken)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidOption("name", name, "be a non-empty string")
+    if not isinstance(source, str | os.PathLike):
+        raise InvalidOption("source", source, "be a path or a Hugging Face repo id")
+    if policy is not None and not isinstance(policy, RetentionPolicy):
+        raise InvalidOption("policy", policy, "be a RetentionPolicy")
+    if workload is not None and not isinstance(workload, Workload):
+        raise InvalidOption("workload", workload, "be a memplan.Workload")
+    if revision is not None and not isinstance(revision, str):
+        raise InvalidOption("revision", revision, "be a branch, tag or commit")
+    if model_cls is not None and not callable(model_cls):
+        raise InvalidOption("model_cls", model_cls, "be a model class or a factory")
 
 
 def _release_load_budget(obj: Any) -> None:

@@ -124,3 +124,121 @@ def test_threads_using_a_model_at_once_load_it_once(
         rm.add_model("llama", tiny_llama)
         assert run_threads(worker, 4, timeout_s=120) == []
     assert len(seen) == 4 and len(set(seen)) == 1
+
+
+def _slow_loader(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The registered loader, held inside until released: a load in flight, for as long as needed."""
+    from memplan.residency import models
+
+    loading, release = threading.Event(), threading.Event()
+    real = models.model_loader()
+
+    def slow(source: models.ModelSource, room: models.Room) -> object:
+        loading.set()
+        release.wait(30)
+        return real(source, room)
+
+    monkeypatch.setattr(models, "_loaders", [slow])
+    return loading, release
+
+
+def test_a_model_forgotten_and_added_again_while_it_loads_is_not_served_under_that_name(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's race: the load of the old source finished after the name meant another."""
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_llama, other)
+    rm, _ = _manager(tmp_path)
+    loading, release = _slow_loader(monkeypatch)
+    errors: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            with rm.use("m"):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    with rm:
+        rm.add_model("m", tiny_llama)
+        thread = threading.Thread(target=first_use)
+        thread.start()
+        assert loading.wait(30)
+        rm.unregister("m")
+        rm.add_model("m", other)
+        release.set()
+        thread.join(60)
+        assert [type(e) for e in errors] == [memplan.NoSuchEntry]
+        assert rm.names() == []  # the void load registered nothing
+        monkeypatch.undo()
+        with rm.use("m") as model:
+            assert model.memplan.report.model == "other"
+
+
+def test_a_closed_manager_loads_nothing_and_answers_no_pressure(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rm, _ = _manager(tmp_path)
+    loading, release = _slow_loader(monkeypatch)
+    errors: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            with rm.use("m"):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    rm.add_model("m", tiny_llama)
+    thread = threading.Thread(target=first_use)
+    thread.start()
+    assert loading.wait(30)
+    rm.close()
+    release.set()
+    thread.join(60)
+    assert [type(e) for e in errors] == [memplan.NoSuchEntry]
+    assert all(t.used == 0 for t in rm.tiers)
+    with pytest.raises(memplan.NoSuchEntry), rm.use("m"):
+        pass
+    with pytest.raises(memplan.InvalidEntry, match="closed"):
+        rm.add_model("n", tiny_llama)
+    rm.signal_pressure(0.97)  # a monitor still driving it
+    assert rm._worker.thread is None or not rm._worker.thread.is_alive() or rm._worker._stop.is_set()
+    assert not rm.responses
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"name": 123}, "name"),
+        ({"name": ""}, "name"),
+        ({"source": None}, "source"),
+        ({"policy": "x"}, "policy"),
+        ({"workload": "x"}, "workload"),
+        ({"revision": 5}, "revision"),
+        ({"model_cls": "str"}, "model_cls"),
+    ],
+)
+def test_add_model_checks_what_it_is_given_and_takes_no_name_for_it(
+    tiny_llama: Path, tmp_path: Path, kwargs: dict[str, object], option: str
+) -> None:
+    rm, _ = _manager(tmp_path)
+    given: dict[str, object] = {"name": "m", "source": tiny_llama, **kwargs}
+    with rm:
+        with pytest.raises(memplan.InvalidOption) as raised:
+            rm.add_model(**given)  # type: ignore[arg-type]
+        assert raised.value.option == option
+        assert "m" not in rm
+
+
+@pytest.mark.parametrize("ratio", ["high", None, float("nan"), -1.0, True])
+def test_a_pressure_reading_that_is_no_ratio_is_refused_where_it_is_given(
+    tmp_path: Path, ratio: object
+) -> None:
+    rm, _ = _manager(tmp_path)
+    with rm:
+        for signal in (rm.signal_pressure, rm.apply_pressure):
+            with pytest.raises(memplan.InvalidOption):
+                signal(ratio)  # type: ignore[arg-type]
