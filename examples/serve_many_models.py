@@ -25,7 +25,7 @@ seconds, any other memplan error 500.
 
 Each forward runs on a pool of ``--threads`` threads, inside a lease (``rm.use``): a leased
 model never moves, so a request never sees its weights go. The server is aiohttp, imported
-when it starts: ``lease`` and ``make_room`` need only memplan (benchmarks/serving.py uses them).
+when it starts: ``lease`` needs only memplan (benchmarks/serving.py uses it).
 """
 
 from __future__ import annotations
@@ -65,47 +65,18 @@ class BadRequest(Exception):
 
 
 # -- leasing a model as a server needs it ----------------------------------------------------
-def make_room(rm: ResidencyManager, refused: memplan.DoesNotFit) -> bool:
-    """Seat a model whose first load ``refused`` for want of free room: demote idle models, least
-    recently used first, from the fastest addressable tier that could hold it once they left.
-    Returns whether a retry may succeed (False: no tier could hold it even then).
-
-    The manager seats a newcomer in free room only (it evicts nobody for a model not used yet),
-    so a server whose tiers have filled up makes the room itself.
-    """
-    wanted = int(refused.needed / (1 - memplan.Policy().headroom))  # the plan leaves headroom free
-    infos = []
-    for name in rm.names():
-        with contextlib.suppress(memplan.NoSuchEntry):  # unregistered since
-            infos.append(rm.info(name))
-    for tier in (t for t in rm.tiers if t.addressable):
-        movable = [i for i in infos if i.tier == tier.name and i.pinned_tier is None]
-        if tier.available + sum(i.nbytes for i in movable) < wanted:
-            continue
-        for info in sorted((i for i in movable if not i.leases), key=lambda i: i.last_use):
-            if tier.available >= wanted:
-                break
-            # Leased or pinned since, or no room below it: the next one may go.
-            with contextlib.suppress(memplan.EntryInUse, memplan.PinViolation, memplan.TierError):
-                rm.demote(info.name, reason="room for a first load")
-        return True  # what stays is leased, and leases end
-    return False
-
-
 @contextlib.contextmanager
 def lease(rm: ResidencyManager, name: str, *, wait_s: float = 30.0) -> Iterator[Any]:
-    """``rm.use(name)``, retried as a server needs: a first load that finds the tiers full
-    makes room (:func:`make_room`), and a model that cannot move up while the tiers above hold
-    only leased models waits for a lease to end. Gives up after ``wait_s``, raising the error."""
+    """``rm.use(name)``, retried as a server needs: a model that cannot move up while the tiers
+    above hold only leased models waits for a lease to end. Gives up after ``wait_s``, raising
+    the error. (A first use makes room itself, demoting idle models; ``DoesNotFit`` means no
+    tier holds the model even then.)"""
     deadline = time.monotonic() + wait_s
     with contextlib.ExitStack() as stack:
         while True:
             try:
                 model = stack.enter_context(rm.use(name))
                 break
-            except memplan.DoesNotFit as exc:
-                if not make_room(rm, exc) or time.monotonic() > deadline:
-                    raise
             except memplan.TierFull:
                 if time.monotonic() > deadline:
                     raise

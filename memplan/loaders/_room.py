@@ -21,7 +21,9 @@ __all__ = ["load_into_room"]
 _PER_MODEL = Overheads(
     cuda_context=0, mps_runtime=0, host_runtime=0, bnb_runtime=0, load_runtime=0, cpu_4bit_repack=0
 )
-_WHOLE = Policy(order=("full",), overheads=_PER_MODEL)
+# No headroom either: a tier's capacity is a budget the manager keeps exactly, and the room it
+# makes for a model is the model's need as planned here.
+_WHOLE = Policy(order=("full",), overheads=_PER_MODEL, headroom=0.0)
 
 
 def load_into_room(source: ModelSource, room: Room) -> nn.Module:

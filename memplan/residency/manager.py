@@ -274,8 +274,9 @@ class ResidencyManager:
     ) -> None:
         """Register the model at ``source`` (anything :func:`memplan.load` takes) as entry
         ``name`` without loading it: its first :meth:`use` loads it, whole, in its own dtype,
-        planned for the room on the fastest addressable tier that holds it (free room only:
-        nothing is evicted for a newcomer), then leases it as any entry. A source that does not
+        planned for the room on the fastest addressable tier that holds it (its free room, or
+        room made by demoting idle entries as a promotion would; nothing moves where that
+        would not be enough), then leases it as any entry. A source that does not
         load raises the loader's error there and stays added, unloaded, for the next use."""
         _check_model_args(name, source, policy, workload, revision, model_cls)
         with self._state:
@@ -299,23 +300,40 @@ class ResidencyManager:
             with self._state:
                 if name in self._entries:
                     return
-            model, tier = self._load_model(added[0])
+            model, tier = self._load_model(name, added[0])
             self._register(name, model, added[1], (), tier, added=added)
 
-    def _load_model(self, source: ModelSource) -> tuple[Any, str]:
-        """The model, loaded for the first addressable tier (fastest first) with room for it."""
+    def _load_model(self, name: str, source: ModelSource) -> tuple[Any, str]:
+        """The model, loaded for the fastest addressable tier that holds it: in its free room, or
+        in room made by demoting idle entries (as a promotion would), or else on the next tier."""
         loader, host = model_loader(), self._host_room()
         refused: DoesNotFit | None = None
-        for tier in self.tiers:
+        for index, tier in enumerate(self.tiers):
             if not tier.addressable:
                 continue
             try:
                 return loader(source, Room(tier.name, tier.device, tier.available, host)), tier.name
             except DoesNotFit as exc:
                 refused = refused or exc  # the fastest tier's shortfall says most
+                if not self._made_room(index, exc.needed, name):
+                    continue
+            try:
+                return loader(source, Room(tier.name, tier.device, tier.available, host)), tier.name
+            except DoesNotFit:
+                continue  # taken meanwhile by another move
         if refused is None:
             raise InvalidOption("tiers", [t.name for t in self.tiers], "include one a model can run from")
         raise refused
+
+    def _made_room(self, index: int, needed: int, name: str) -> bool:
+        """Demote idle entries from tier ``index`` until ``needed`` bytes are free there; False,
+        and nothing moved, where evicting everything movable would not free enough."""
+        with self._lock:
+            try:
+                self._make_room(index, needed, set(), f"room for {name}")
+            except TierFull:
+                return False
+        return True
 
     def _host_room(self) -> int | None:
         """Free bytes on the first host tier, where a load stages what it reads; None: no such tier."""

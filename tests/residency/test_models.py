@@ -242,3 +242,19 @@ def test_a_pressure_reading_that_is_no_ratio_is_refused_where_it_is_given(
         for signal in (rm.signal_pressure, rm.apply_pressure):
             with pytest.raises(memplan.InvalidOption):
                 signal(ratio)  # type: ignore[arg-type]
+
+
+def test_a_first_use_demotes_idle_entries_to_load_on_the_fastest_tier(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    """A server whose tiers are full of idle models still loads a new one where it will run,
+    demoting as a promotion would (the 465 KiB model and a 400 KiB entry on a 700 KiB tier)."""
+    rm, _ = _manager(tmp_path, gpu="700KiB")
+    with rm:
+        rm.register("idle", {"w": torch.ones(100 * 1024)})
+        assert rm.tier_of("idle").name == "gpu"
+        rm.add_model("llama", tiny_llama)
+        with rm.use("llama") as model:
+            assert torch.equal(logits(model), want)
+        assert rm.tier_of("llama").name == "gpu" and rm.tier_of("idle").name == "host"
+        assert [m.reason for m in rm.moves if m.entry == "idle"] == ["room for llama"]
