@@ -142,6 +142,22 @@ def _slow_loader(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thre
     return loading, release
 
 
+def _first_use_on_a_thread(rm: ResidencyManager, name: str) -> tuple[threading.Thread, list[BaseException]]:
+    """``rm.use(name)`` started on a thread of its own; the list gets what it raises."""
+    errors: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            with rm.use(name):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=first_use)
+    thread.start()
+    return thread, errors
+
+
 def test_a_model_forgotten_and_added_again_while_it_loads_is_not_served_under_that_name(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,19 +168,9 @@ def test_a_model_forgotten_and_added_again_while_it_loads_is_not_served_under_th
     shutil.copytree(tiny_llama, other)
     rm, _ = _manager(tmp_path)
     loading, release = _slow_loader(monkeypatch)
-    errors: list[BaseException] = []
-
-    def first_use() -> None:
-        try:
-            with rm.use("m"):
-                pass
-        except BaseException as exc:
-            errors.append(exc)
-
     with rm:
         rm.add_model("m", tiny_llama)
-        thread = threading.Thread(target=first_use)
-        thread.start()
+        thread, errors = _first_use_on_a_thread(rm, "m")
         assert loading.wait(30)
         rm.unregister("m")
         rm.add_model("m", other)
@@ -182,18 +188,8 @@ def test_a_closed_manager_loads_nothing_and_answers_no_pressure(
 ) -> None:
     rm, _ = _manager(tmp_path)
     loading, release = _slow_loader(monkeypatch)
-    errors: list[BaseException] = []
-
-    def first_use() -> None:
-        try:
-            with rm.use("m"):
-                pass
-        except BaseException as exc:
-            errors.append(exc)
-
     rm.add_model("m", tiny_llama)
-    thread = threading.Thread(target=first_use)
-    thread.start()
+    thread, errors = _first_use_on_a_thread(rm, "m")
     assert loading.wait(30)
     rm.close()
     release.set()
