@@ -8,6 +8,12 @@ weights are on the compute device at once, and reads overlap compute.
 
 On CUDA the host side is pinned and copies run on a side stream; on the host (and on simulated
 accelerators, whose data lives on the host) the thread reads or copies straight into the slot.
+
+Between forwards the streamed modules hold meta placeholders and the streamer keeps their weights
+(source "host") or reads them from the checkpoint's files (source "disk"). A residency manager
+that registers the model takes charge of the kept ones (:meth:`ModuleStreamer.kept_weights`) and
+hands the streamer the copies its tiers hold, or meta tensors while they are away
+(:meth:`ModuleStreamer.keep`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -110,6 +116,7 @@ class ModuleStreamer:
             meta = [getattr(b.owners[0][0], b.owners[0][1]) for b in binds]
             self._items.append(_Streamed(module, binds, offsets[:-1], offsets[-1], meta, dtypes, files))
         self._index = {id(item.module): i for i, item in enumerate(self._items)}
+        self._by_name = {b.name: i for i, item in enumerate(self._items) for b in item.bindings}
         slot_bytes = max((item.nbytes for item in self._items), default=0)
         where = placement.torch_device(device)
         self._cuda = where.startswith("cuda")
@@ -193,6 +200,28 @@ class ModuleStreamer:
                             item.host[b.name] if self.source == "host" else self.materializer.host_tensor(b)
                         )
                         state[key] = source.to(dtype)
+
+    # --- the weights it keeps (a residency manager may take charge of them) -------------------
+
+    def kept_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each streamed weight by the model's name for it: the placeholder its module holds
+        between forwards, and the weight kept for it in memory (source "host"), or None where
+        forwards read it from the checkpoint's files (source "disk")."""
+        return {
+            b.name: (placeholder, item.host.get(b.name))
+            for item in self._items
+            for b, placeholder in zip(item.bindings, item.meta, strict=True)
+        }
+
+    def keep(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``weights`` (by name; each one :meth:`kept_weights` gave a tensor for) instead of
+        the ones kept so far: forwards copy them in from here on (meta tensors: no forward runs
+        until the next call)."""
+        for name, tensor in weights.items():
+            item = self._items[self._by_name[name]]
+            if name not in item.host:
+                raise KeyError(f"{name!r} is read from the checkpoint's files, not kept in memory")
+            item.host[name] = tensor
 
     # --- filling slots (prefetch thread) -----------------------------------------------------
 

@@ -33,7 +33,8 @@ class ModelHandle:
 
     ``report`` says what was chosen and measured; ``placement`` holds the model's charges on the
     allocator; ``hooks`` are the hooks the load installed, ``streamer`` the one moving streamed or
-    offloaded layers (None when nothing streams). :meth:`close` gives it all back.
+    offloaded layers (None when nothing streams; a residency manager that registers the model
+    takes charge of the weights it keeps in memory too). :meth:`close` gives it all back.
     """
 
     report: LoadReport

@@ -22,6 +22,15 @@ quantized weights cache keeps the same), each a record of its own named ``<layer
 plugging it in builds the bitsandbytes parameter from the tier's tensors, and the layer lets go
 of what it held of the old one. A 4-bit weight that bitsandbytes repacked for its AVX512-BF16
 kernel is kept as it was before the repacking, and its next forward repacks it again.
+
+A model from :func:`memplan.load` whose layers are streamed or offloaded keeps those layers'
+weights away from them: between forwards the layers hold meta placeholders, and the load's
+streamer (``model.memplan.streamer``, a :class:`WeightKeeper`) keeps the weights, copying them
+into the layers for each forward. The group takes charge of every weight the model holds in
+memory: each placeholder gives way to the weight kept for it (a record plugged into the keeper,
+named as the model names the weight), so those move and come back with the rest. A weight the
+keeper reads from the checkpoint's files at every forward (streamed from disk) is in no memory
+to manage: it stays in the files, which outlast every move, and the group leaves it there.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from memplan._bnb_state import (
     build_weight,
@@ -47,7 +56,23 @@ from memplan.residency import _wire
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Group", "TensorRecord", "digest_of"]
+__all__ = ["Group", "TensorRecord", "WeightKeeper", "digest_of"]
+
+
+@runtime_checkable
+class WeightKeeper(Protocol):
+    """What keeps some of a module's weights away from it, the module holding placeholders for
+    them between forwards (:func:`memplan.load`'s streamer, found as ``model.memplan.streamer``:
+    residency does not import the loaders)."""
+
+    def kept_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each weight by the model's name for it: the placeholder its module holds, and the
+        weight kept in memory for it, or None where it is read from files at every use."""
+        ...
+
+    def keep(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``weights`` (by name) instead from now on; meta tensors: none, nothing runs."""
+        ...
 
 
 @dataclass
@@ -56,6 +81,7 @@ class _Slot:
     attr: str
     is_parameter: bool
     requires_grad: bool
+    kept: bool = False  # the group's keeper keeps it for ``owner``, which holds a placeholder
 
 
 @dataclass
@@ -105,6 +131,30 @@ def digest_of(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _keeper_of(obj: Any) -> WeightKeeper | None:
+    """The keeper of a model :func:`memplan.load` loaded with streamed or offloaded layers (read
+    by name, as the manager reads the load's budget), or None."""
+    keeper = getattr(getattr(obj, "memplan", None), "streamer", None)
+    return keeper if isinstance(keeper, WeightKeeper) else None
+
+
+def _take_kept(
+    entry: str,
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    found: dict[int, tuple[str, Any, list[_Slot]]],
+) -> None:
+    """In ``found`` (the module's tensors), each placeholder of ``kept`` (a keeper's
+    :meth:`~WeightKeeper.kept_weights`) gives way to the weight kept in memory for it, or to
+    nothing where the keeper reads it from files."""
+    for name, (placeholder, weight) in kept.items():
+        at = found.pop(id(placeholder), None)
+        if at is None:  # its module holds the weight itself: a forward is under way
+            raise InvalidEntry(entry, f"{name!r} is in use by a forward; register the model between forwards")
+        if weight is not None:
+            owner, attr = at[2][0].owner, at[2][0].attr
+            found[id(weight)] = (name, weight, [_Slot(owner, attr, False, False, kept=True)])
+
+
 def _module_tensors(module: Any) -> dict[int, tuple[str, Any, list[_Slot]]]:
     found: dict[int, tuple[str, Any, list[_Slot]]] = {}
     for prefix, owner in module.named_modules(remove_duplicate=False):
@@ -126,7 +176,10 @@ class Group:
         self.module = obj if hasattr(obj, "named_modules") else None
         if self.module is None and not isinstance(obj, Mapping):
             raise InvalidEntry(entry, "register an nn.Module or a mapping of tensors")
+        self.keeper = _keeper_of(obj)
+        kept = self.keeper.kept_weights() if self.keeper is not None else {}
         found = _module_tensors(obj) if self.module is not None else self._mapping_tensors(entry, obj)
+        _take_kept(entry, kept, found)
         empty = [path for path, tensor, _ in found.values() if tensor.is_meta]
         if empty:  # a module unregistered (or never loaded) holds shapes, not data
             raise InvalidEntry(entry, f"{empty[0]!r} is a meta tensor, with no data to keep")
@@ -205,15 +258,20 @@ class Group:
     def restore(self) -> None:
         """Put the tensors it was registered with back where they were (a registration failed)."""
         self._tensors = {}
+        kept: dict[str, Any] = {}
         for record in self.records:
             quantized = self.quantized.get(record.path)
             original = quantized.parameter if quantized is not None else self.originals[record.private_key]
+            if record.slots and record.slots[0].kept:
+                kept[record.path] = original
+                continue
             for slot in record.slots:
                 if slot.owner is not None:
                     table = slot.owner._parameters if slot.is_parameter else slot.owner._buffers
                     table[slot.attr] = original
         for quantized in self.quantized.values():
             set_state_on_layer(quantized.layer, quantized.held)
+        self._keep(kept)
 
     def drop_originals(self) -> None:
         self.originals = {}
@@ -226,11 +284,15 @@ class Group:
         import torch
 
         self._tensors = {}
+        kept: dict[str, torch.Tensor] = {}
         for record in self.records:
             tensor = by_path[record.path]
             for slot in record.slots:
                 self._tensors[record.path if slot.owner is not None else slot.attr] = tensor
             if self.module is None or not record.slots:  # a bitsandbytes state goes in with its weight
+                continue
+            if record.slots[0].kept:
+                kept[record.path] = tensor
                 continue
             quantized = self.quantized.get(record.path) if build else None
             parameter = (
@@ -241,6 +303,11 @@ class Group:
             for slot in record.slots:
                 table = slot.owner._parameters if slot.is_parameter else slot.owner._buffers
                 table[slot.attr] = parameter if slot.is_parameter else tensor
+        self._keep(kept)
+
+    def _keep(self, weights: dict[str, torch.Tensor]) -> None:
+        if weights and self.keeper is not None:
+            self.keeper.keep(weights)
 
     def handle(self) -> Any:
         """What ``use`` hands out: the module, or a read-only mapping of the attached tensors."""

@@ -18,7 +18,7 @@ from tests.residency.test_quantized_models import TIERS, below_host
 CPU = Device("cpu")
 
 
-def _plan(path: Path, kind: str) -> memplan.Plan:
+def plan_for(path: Path, kind: str) -> memplan.Plan:
     ckpt = memplan.inspect(path)
     if kind == "full":
         return plan_only(path, "full", "cuda:0=64MiB,cpu=8GiB")
@@ -32,19 +32,9 @@ def _plan(path: Path, kind: str) -> memplan.Plan:
     return plan_only(path, kind, tight_spec(path, strategy), prefetch_depth=1)
 
 
-# A model whose layers wait outside the compute device (offloaded, streamed) holds placeholders
-# there between forwards, which registration refuses (InvalidEntry): its streamer, not the
-# manager, keeps those weights. Moving such a model is open work (issue "Serving many models").
-_STREAMS = pytest.mark.xfail(
-    raises=memplan.InvalidEntry, strict=True, reason="streamed layers hold placeholders"
-)
-KINDS = [
-    "full",
-    "sharded",
-    pytest.param("offloaded", marks=_STREAMS),
-    pytest.param("streamed-host", marks=_STREAMS),
-    pytest.param("streamed-disk", marks=_STREAMS),
-]
+# Offloaded and streamed layers hold placeholders between forwards; their weights are the
+# streamer's (host copies: managed with the rest; streamed from disk: left in the files).
+KINDS = ["full", "sharded", "offloaded", "streamed-host", "streamed-disk"]
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -52,7 +42,7 @@ KINDS = [
 def test_a_model_demoted_and_used_gives_the_logits_it_gave_before(
     tiny_llama: Path, tmp_path: Path, request: pytest.FixtureRequest, kind: str, tier: str
 ) -> None:
-    chosen = _plan(tiny_llama, kind)
+    chosen = plan_for(tiny_llama, kind)
     allocator = Allocator(chosen.inventory)
     start = {d: allocator.usage(d).used for d in allocator.devices()}
     model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
