@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +206,9 @@ class ModuleStreamer:
     def kept_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Each streamed weight by the model's name for it: the placeholder its module holds
         between forwards, and the weight kept for it in memory (source "host"), or None where
-        forwards read it from the checkpoint's files (source "disk")."""
+        forwards read it from the checkpoint's files (source "disk"). Between forwards, so a
+        module its parts brought in (see :meth:`_part_pre_hook`) gives its slot back first."""
+        self._settle()
         return {
             b.name: (placeholder, item.host.get(b.name))
             for item in self._items
@@ -216,12 +218,30 @@ class ModuleStreamer:
     def keep(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Keep ``weights`` (by name; each one :meth:`kept_weights` gave a tensor for) instead of
         the ones kept so far: forwards copy them in from here on (meta tensors: no forward runs
-        until the next call)."""
+        until the next call). Waits for the fills under way: none reads a weight let go of."""
+        with self._fills_lock:
+            fills = list(self._fills)
+        wait(fills)
         for name, tensor in weights.items():
             item = self._items[self._by_name[name]]
             if name not in item.host:
                 raise KeyError(f"{name!r} is read from the checkpoint's files, not kept in memory")
             item.host[name] = tensor
+
+    def _settle(self) -> None:
+        """Unbind what is bound outside a forward: modules brought in by their parts. A forward
+        under way on another thread keeps its own (this thread's is one a Ctrl-C left)."""
+        ours = self._forward_owner == threading.get_ident()
+        if not ours and not self._forward_lock.acquire(blocking=False):
+            return
+        try:
+            with self._lock:
+                bound = list(self._bound)
+            for index in bound:
+                self._unbind(index)
+        finally:
+            if not ours:
+                self._forward_lock.release()
 
     # --- filling slots (prefetch thread) -----------------------------------------------------
 

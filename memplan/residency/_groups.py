@@ -177,7 +177,7 @@ class Group:
         if self.module is None and not isinstance(obj, Mapping):
             raise InvalidEntry(entry, "register an nn.Module or a mapping of tensors")
         self.keeper = _keeper_of(obj)
-        kept = self.keeper.kept_weights() if self.keeper is not None else {}
+        kept = self.keeper.kept_weights() if self.keeper is not None else {}  # before the walk: it settles
         found = _module_tensors(obj) if self.module is not None else self._mapping_tensors(entry, obj)
         _take_kept(entry, kept, found)
         empty = [path for path, tensor, _ in found.values() if tensor.is_meta]

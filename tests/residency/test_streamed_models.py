@@ -4,6 +4,8 @@ hold placeholders between forwards; weights streamed from the checkpoint's files
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,60 @@ def test_a_model_streamed_from_disk_leaves_its_streamed_layers_in_the_files(
         with rm.use("llama") as leased:
             assert torch.equal(logits(leased), want)
         assert streamer.stats.bytes_moved > before  # read from the checkpoint's files again
+
+
+def test_a_layer_whose_part_ran_on_its_own_is_registered_with_its_real_weights(
+    tiny_llama: Path,
+) -> None:
+    """A part called on its own brings its streamed layer's weights in, and they stay until the
+    next streamed layer runs (models that call ``layer.forward`` do so): registering then takes
+    the model between forwards, not the streaming arena's bytes for weights."""
+    model, _ = _load(tiny_llama, "streamed-host")
+    want = logits(model)
+    proj = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        proj(torch.ones(1, proj.in_features, dtype=torch.bfloat16))
+    assert not proj.weight.is_meta  # its layer is in the arena
+    with ResidencyManager(_host_and_zstd()) as rm:
+        rm.register("llama", model)
+        rm.demote("llama", "z")
+        with rm.use("llama") as leased:
+            assert torch.equal(logits(leased), want)
+
+
+def _pause_the_next_prefetch(streamer: Any, release: threading.Event) -> None:
+    """The streamer's next prefetch of its first layer (the one a forward starts for the next
+    forward) waits for ``release`` (at most a second) before it reads anything."""
+    fill: Callable[[int, int], float] = streamer._fill
+    seen = []
+
+    def paused(index: int, slot: int) -> float:
+        if index == 0:
+            seen.append(slot)
+            if len(seen) == 2:  # the first filled it for this forward, the second for the next
+                release.wait(1.0)
+        return fill(index, slot)
+
+    streamer._fill = paused
+
+
+def test_a_prefetch_under_way_while_the_model_moves_reads_no_moved_weights(tiny_llama: Path) -> None:
+    """A forward's last layer starts prefetching the first for the next forward; if the model is
+    demoted before that fill reads, the fill must not read the weights the demotion let go of
+    (the next forward would raise)."""
+    model, _ = _load(tiny_llama, "streamed-host")
+    release = threading.Event()
+    _pause_the_next_prefetch(model.memplan.streamer, release)
+    want = logits(model)
+    try:
+        with ResidencyManager(_host_and_zstd()) as rm:
+            rm.register("llama", model)
+            rm.demote("llama", "z")
+            release.set()
+            with rm.use("llama") as leased:
+                assert torch.equal(logits(leased), want)
+    finally:
+        release.set()
 
 
 def test_a_registration_that_fails_gives_the_streamer_its_weights_and_the_load_its_budget_back(
