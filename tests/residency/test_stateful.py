@@ -1,10 +1,15 @@
 """Thousands of random register / use / write / release / pin / unpin / pressure / tier-failure
-steps; after each one the manager's books must balance, and every tensor a lease holds must read
-exactly what the model of it says (writes through a lease included, and never another entry's)."""
+steps, some of them run two or three at once on threads; after each one the manager's books must
+balance, and every tensor a lease holds must read exactly what the model of it says (writes
+through a lease included, and never another entry's)."""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -20,21 +25,59 @@ from memplan.residency.tiers.memory import MemoryTier
 
 KiB = 1 << 10
 NAMES = [f"e{i}" for i in range(8)]
+# Run at once, on the first few names (so that they meet): mostly moves.
+CONCURRENT_OPS = ["use", "use", "demote", "demote", "pin", "unpin", "pressure", "register", "unregister"]
+
+
+def stacks() -> str:
+    """Every thread's stack, for a watchdog's failure message."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- thread {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )
+
+
+def run_at_once(ops: list[Callable[[], object]], timeout_s: float = 30.0) -> list[BaseException | None]:
+    """Run ``ops`` on threads released together; what each raised (None: it returned). One still
+    running after ``timeout_s`` fails the test with every thread's stack (a deadlock)."""
+    start = threading.Barrier(len(ops))
+    raised: list[BaseException | None] = [None] * len(ops)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            ops[i]()
+        except BaseException as exc:
+            raised[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"op-{i}", daemon=True) for i in range(len(ops))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"{alive} still running after {timeout_s}s (a deadlock?)\n{stacks()}"
+    return raised
 
 
 class InjectedFaults(Tier):
     """Mixed into a tier: its next ``fail_puts`` puts, ``fail_gets`` gets and ``fail_drops``
     drops raise ``raises(tier, key, why)`` (a :class:`TierError`, as a flaky disk would, unless
-    set to e.g. a Ctrl-C), after the first ``passes[op]`` of them go through."""
+    set to e.g. a Ctrl-C), after the first ``passes[op]`` of them go through. Each waits
+    ``delay_s`` first (a slow tier, so that operations on threads overlap)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.delay_s = 0.0
         self.fail_puts = self.fail_gets = self.fail_drops = 0
         self.armed = True
         self.raises: Callable[[str, str, str], BaseException] = TierError
         self.passes = {"put": 0, "get": 0, "drop": 0}
 
     def _inject(self, op: str, key: str, why: str) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if not (self.armed and getattr(self, f"fail_{op}s")):
             return
         if self.passes[op]:
@@ -71,6 +114,7 @@ class ResidencyMachine(RuleBasedStateMachine):
         self.rm = ResidencyManager(self.tiers, eviction=LRU() if eviction == "lru" else None)
         self.originals: dict[str, dict[str, torch.Tensor]] = {}
         self.leases: list[tuple[str, Any, Any]] = []
+        self.leased_on: dict[str, str] = {}  # the tier each leased entry was leased on
 
     def _attempt(self, op: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -109,6 +153,7 @@ class ResidencyMachine(RuleBasedStateMachine):
             for key, tensor in self.originals[name].items():
                 assert torch.equal(got[key], tensor)
             self.leases.append((name, cm, got))
+            self.leased_on.setdefault(name, self.rm.tier_of(name).name)
 
     @precondition(lambda self: self.leases)
     @rule(which=st.integers(0, 100), delta=st.sampled_from([1.0, -3.5, 0.25]))
@@ -121,8 +166,10 @@ class ResidencyMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.leases)
     @rule(which=st.integers(0, 100))
     def release(self, which: int) -> None:
-        _, cm, _ = self.leases.pop(which % len(self.leases))
+        name, cm, _ = self.leases.pop(which % len(self.leases))
         cm.__exit__(None, None, None)
+        if all(held != name for held, _, _ in self.leases):
+            del self.leased_on[name]
 
     @rule(name=st.sampled_from(NAMES), tier=st.sampled_from([None, "gpu", "host", "disk"]))
     def pin(self, name: str, tier: str | None) -> None:
@@ -149,6 +196,73 @@ class ResidencyMachine(RuleBasedStateMachine):
     @rule(ratio=st.floats(0.0, 1.0), device=st.sampled_from([None, Device("cuda", 0), Device("cpu")]))
     def pressure(self, ratio: float, device: Device | None) -> None:
         self.rm.apply_pressure(ratio, device)
+
+    @rule(
+        ops=st.lists(
+            st.tuples(st.sampled_from(CONCURRENT_OPS), st.sampled_from(NAMES[:3])), min_size=2, max_size=3
+        ),
+        tier=st.sampled_from([None, "gpu", "host", "disk"]),
+        ratio=st.sampled_from([0.75, 0.85, 0.97]),
+        size=st.integers(1, 600),
+        delay_s=st.sampled_from([0.0, 0.0005]),
+    )
+    def concurrently(
+        self, ops: list[tuple[str, str]], tier: str | None, ratio: float, size: int, delay_s: float
+    ) -> None:
+        """Two or three operations at once (over tiers slow enough, with ``delay_s``, that they
+        overlap); each either does what it says or is refused, and a lease taken meanwhile reads
+        the entry as it was, or as registered meanwhile."""
+        kept: list[tuple[str, str]] = []
+        for op, name in ops:  # one registration (of a free name) and one unregistration at most
+            taken = op == "register" and name in self.rm
+            if op in ("register", "unregister") and (op in dict(kept) or taken):
+                continue
+            kept.append((op, name))
+        if len(kept) < 2:
+            return
+        ops, registering = kept, dict(kept).get("register")
+        fresh = {
+            "t0": torch.randn(size, generator=torch.Generator().manual_seed(size)),
+            "shared": torch.ones(128),
+        }
+        could_read = {name: [tensors] for name, tensors in self.originals.items()}
+        if registering is not None:
+            could_read.setdefault(registering, []).append(fresh)
+
+        def use(name: str) -> None:
+            with self.rm.use(name) as got:
+                assert any(
+                    set(got) == set(one) and all(torch.equal(got[k], t) for k, t in one.items())
+                    for one in could_read[name]
+                ), f"{name}: a lease read tensors that were never its own"
+
+        actions: dict[str, Callable[[str], object]] = {
+            "use": use,
+            "demote": self.rm.demote,
+            "pin": lambda name: self.rm.pin(name, tier),
+            "unpin": self.rm.unpin,
+            "pressure": lambda name: self.rm.apply_pressure(ratio),
+            "register": lambda name: self.rm.register(name, {k: v.clone() for k, v in fresh.items()}),
+            "unregister": self.rm.unregister,
+        }
+        for slow in self.tiers:
+            slow.delay_s = delay_s
+        switching = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)  # threads take turns often: more interleavings per step
+        try:
+            raised = run_at_once([lambda op=op, name=name: actions[op](name) for op, name in ops])
+        finally:
+            sys.setswitchinterval(switching)
+            for slow in self.tiers:
+                slow.delay_s = 0.0
+        for (op, name), exc in zip(ops, raised, strict=True):
+            if exc is not None and not isinstance(exc, MemplanError):
+                raise AssertionError(f"{op} {name} raised {exc!r}") from exc
+            if op == "register" and exc is None:
+                self.originals[name] = fresh
+        for name in list(self.originals):
+            if name not in self.rm:
+                del self.originals[name]
 
     @rule(tier=st.integers(0, 2), puts=st.integers(0, 3), gets=st.integers(0, 2), drops=st.integers(0, 2))
     def break_tier(self, tier: int, puts: int, gets: int, drops: int) -> None:
@@ -186,6 +300,8 @@ class ResidencyMachine(RuleBasedStateMachine):
                 leased.add(name)
                 todo += self.rm.info(name).needs
             assert {n for n in self.rm.names() if self.rm.info(n).leases} == leased
+            for name, tier in self.leased_on.items():  # nothing moves a leased entry
+                assert self.rm.tier_of(name).name == tier, f"{name} moved off {tier} under its lease"
             for name, _, got in self.leases:  # held tensors read what this entry's writes made them
                 for key, tensor in self.originals[name].items():
                     assert torch.equal(got[key], tensor), f"{name}.{key} changed under its lease"
