@@ -284,7 +284,7 @@ class ResidencyMachine(RuleBasedStateMachine):
                     key
                     for name in self.rm.names()
                     if self.rm.tier_of(name) is tier
-                    for key in self.rm._entries[name].group.sizes(tier.addressable)
+                    for key in self.rm._table.entries[name].group.sizes(tier.addressable)
                 }
                 assert set(tier.keys()) == held | set(self.rm.orphans(tier.name))
             for name in self.rm.names():
