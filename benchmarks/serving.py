@@ -254,7 +254,7 @@ class Cache:
         with self.loading:
             while True:
                 with self.cond:
-                    while self.max_models and len(self.slots) > self.max_models:
+                    while self.max_models and len(self._loaded(name)) >= self.max_models:
                         self._evict_or_wait(name)
                 try:
                     plan = memplan.plan(self.checkpoints[name], self._free_room(), WORKLOAD, WHOLE)
@@ -271,12 +271,18 @@ class Cache:
         self.counts["peak"] = max(self.counts["peak"], self.allocator.usage(GPU).used)
         return model
 
+    def _loaded(self, keep: str) -> list[str]:
+        """Models loaded (not those waiting for their load: they hold nothing yet), LRU first."""
+        return [n for n, s in self.slots.items() if n != keep and s.model is not None]
+
     def _evict_or_wait(self, keep: str) -> None:
-        """Destroy the least recently used idle model (not ``keep``), or wait for one to go idle."""
-        idle = [n for n, s in self.slots.items() if n != keep and s.model is not None and not s.busy]
+        """Destroy the least recently used idle model (not ``keep``), or wait for one to go idle.
+        Requests waiting for their own model's load hold no memory and are not waited for."""
+        loaded = self._loaded(keep)
+        idle = [n for n in loaded if not self.slots[n].busy]
         if idle:
             self._destroy(idle[0])
-        elif len(self.slots) == 1:
+        elif not loaded:
             raise memplan.DoesNotFit(0, 0, GPU, f"{keep} does not fit the accelerator alone")
         else:
             self.cond.wait(0.05)
@@ -401,6 +407,7 @@ def main() -> None:
         "--runs", type=int, default=3, help="runs of the three policies, interleaved (medians)"
     )
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=0, help="trace length (0: the scale's, 2,000)")
     parser.add_argument("--gpu-only", action="store_true", help="memplan runs every forward on the GPU tier")
     parser.add_argument("--ollama-max-loaded", type=int, default=0, help="keep-alive's model cap (0: none)")
     args = parser.parse_args()
@@ -410,7 +417,7 @@ def main() -> None:
     paths = write_models(root, size.sizes_mib, size.hidden, size.vocab)
     checkpoints = {n: memplan.with_computed_buffers(memplan.inspect(p)) for n, p in paths.items()}
     total = sum(c.nbytes for c in checkpoints.values())
-    trace = zipf_trace(list(paths), size.requests, seed=1)
+    trace = zipf_trace(list(paths), args.requests or size.requests, seed=1)
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randint(0, size.vocab, (1, TOKENS), generator=generator) for _ in trace]
     print(f"models: {len(paths)} in {root}, {mib(min(c.nbytes for c in checkpoints.values()))} to "

@@ -55,3 +55,42 @@ def test_a_model_dir_the_benchmark_did_not_write_is_never_overwritten(tmp_path: 
     ours = make_llama(tmp_path / "ours", LLAMA_QUICK)  # a folder it wrote: written again for a new config
     other = dict(LLAMA_QUICK, num_hidden_layers=LLAMA_QUICK["num_hidden_layers"] + 1)
     assert make_checkpoint(ours, "LlamaForCausalLM", LlamaConfig(**other)) == ours
+
+
+def test_the_count_lru_peer_never_waits_for_requests_that_wait_for_their_own_load(tmp_path: Path) -> None:
+    """serving.py's count-LRU: four clients asking for four models, one slot. A request that waits
+    for the load lock holds no model, so the loader must not wait for it to go idle (it did,
+    and the full benchmark hung)."""
+    import threading
+    import time
+
+    import torch
+
+    import memplan
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serving
+
+    paths = serving.write_models(tmp_path / "models", (2, 3, 4, 6), 128, 1024)
+    checkpoints = {n: memplan.with_computed_buffers(memplan.inspect(p)) for n, p in paths.items()}
+    cache = serving.Cache("count-LRU", checkpoints, "64MiB", max_models=1, keep_alive_s=None)
+    ids = torch.randint(0, 1024, (1, serving.TOKENS), generator=torch.Generator().manual_seed(0))
+    failures: list[BaseException] = []
+
+    def client(names: list[str]) -> None:
+        try:
+            for name in names:
+                cache.forward(name, ids)
+        except BaseException as exc:
+            failures.append(exc)
+
+    names = list(paths)
+    clients = [threading.Thread(target=client, args=(names[i:] + names[:i],), daemon=True) for i in range(4)]
+    for t in clients:
+        t.start()
+    deadline = time.monotonic() + 120
+    for t in clients:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in clients), "the count-LRU cache deadlocked"
+    assert not failures, failures
+    cache.close()
