@@ -11,6 +11,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from memplan._logtext import failure_text
+
 __all__ = ["Periodic"]
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class Periodic:
                 self.work()
             except Exception as exc:  # the thread must outlive one bad pass
                 if self.on_error is None:
-                    log.exception("%s: a pass failed", self.name)
+                    log.error("%s: a pass failed: %s", self.name, failure_text(exc, trace=True))
                 else:
                     self.on_error(exc)
             if self._sleep():

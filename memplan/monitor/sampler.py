@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from memplan._logtext import failure_text
 from memplan._periodic import Periodic
 from memplan._torch_imported import imported_torch
 from memplan.gpu import (
@@ -226,9 +227,9 @@ class MemoryMonitor:
         for callback in callbacks:
             try:
                 callback(event)
-            except Exception:  # a user's callback must not stop the monitor
+            except Exception as exc:  # a user's callback must not stop the monitor
                 self.counters.callback_errors += 1
-                log.exception("memplan monitor callback %r failed", callback)
+                log.error("memplan monitor callback %r failed: %s", callback, failure_text(exc, trace=True))
 
     def start(self) -> MemoryMonitor:
         self._worker.interval_s = self.interval_s
@@ -238,7 +239,7 @@ class MemoryMonitor:
     def _sample_failed(self, exc: Exception) -> None:
         # A failing probe is already a problem in the sample; reaching here is a bug.
         self.counters.source_problems += 1
-        log.error("memplan monitor sample failed", exc_info=exc)
+        log.error("memplan monitor sample failed: %s", failure_text(exc, trace=True))
 
     def stop(self) -> None:
         """Stop sampling; returns within one interval, with the thread joined."""

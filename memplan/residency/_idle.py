@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from memplan._logtext import failure_text
 from memplan.errors import TierError
 from memplan.residency._keystore import KeyStore
 from memplan.residency._moves import Mover
@@ -36,7 +37,7 @@ def idle_pass(mover: Mover, keys: KeyStore) -> list[str]:
                 entry.last_use = now  # the next step down waits another max_idle_s
             demoted.append(entry.name)
         except TierError as exc:
-            log.warning("idle demotion of %s failed: %s", entry.name, exc)
+            log.warning("idle demotion of %s failed: %s", entry.name, failure_text(exc))
         finally:
             table.land(entry)
     return demoted

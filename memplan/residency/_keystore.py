@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from memplan._logtext import failure_text
 from memplan.errors import MemplanError, TierError
 from memplan.residency._entries import Table
 from memplan.residency._groups import Group, TensorRecord
@@ -133,7 +134,7 @@ class KeyStore:
                 tier.drop(key)
             except TierError as exc:  # the copy elsewhere is whole; the stray key is retried later
                 self.table.count("failures")
-                log.warning("could not free %s on tier %s: %s", key, tier.name, exc)
+                log.warning("could not free %s on tier %s: %s", key, tier.name, failure_text(exc))
             finally:
                 left = key in tier
                 with self.state:
@@ -147,8 +148,9 @@ class KeyStore:
         for key in keys:
             try:
                 self.unref(index, [key])
-            except Exception:
-                log.exception("could not free %s on tier %s", key, self.tiers[index].name)
+            except Exception as exc:
+                name = self.tiers[index].name
+                log.error("could not free %s on tier %s: %s", key, name, failure_text(exc, trace=True))
 
     def _drop_orphan(self, index: int, key: str) -> None:
         """Free ``key`` left behind by a failed drop before it is written again (raises if it

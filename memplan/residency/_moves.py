@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from memplan._logtext import failure_text
 from memplan.errors import EntryInUse, MemplanError, PinViolation, TierError, TierFull
 from memplan.residency._entries import Entry, Move, Table
 from memplan.residency._keystore import KeyStore
@@ -199,7 +200,7 @@ class Mover:
             first = self.tiers[0]
             raise cause or TierFull(first.name, entry.name, entry.group.nbytes, first.available)
         if cause is not None:
-            log.warning("%s stays on %s: %s", entry.name, self.tiers[entry.tier].name, cause)
+            log.warning("%s stays on %s: %s", entry.name, self.tiers[entry.tier].name, failure_text(cause))
 
     # -- newcomers ---------------------------------------------------------------------
     def place_new(self, entry: Entry, order: Sequence[int]) -> None:
@@ -230,8 +231,8 @@ class Mover:
         index, entry.tier = entry.tier, -1
         try:
             entry.group.restore()
-        except Exception:
-            log.exception("could not give %s its own tensors back", entry.name)
+        except Exception as exc:
+            log.error("could not give %s its own tensors back: %s", entry.name, failure_text(exc, trace=True))
         if index >= 0:
             self.keys.release_quietly(entry.group, index)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 
+from memplan._logtext import failure_text
 from memplan._torch_imported import imported_torch
 from memplan.errors import TierError
 from memplan.gpu import Device
@@ -56,7 +57,7 @@ def _demote_for(mover: Mover, level: PressureLevel, pressured: list[int]) -> lis
             mover.demote(entry, {entry.name}, f"{level} pressure")
             demoted.append(entry.name)
         except TierError as exc:
-            log.warning("could not demote %s under %s pressure: %s", entry.name, level, exc)
+            log.warning("could not demote %s under %s pressure: %s", entry.name, level, failure_text(exc))
         finally:
             table.land(entry)
     return demoted

@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from memplan._logtext import failure_text
 from memplan._periodic import Periodic
 from memplan.errors import (
     EntryExists,
@@ -419,8 +420,12 @@ class ResidencyManager:
         for device, ratio in pending.items():
             try:
                 self.apply_pressure(ratio, device)
-            except Exception:  # the other devices' readings are still answered
-                log.exception("memplan residency: answering pressure on %s failed", device)
+            except Exception as exc:  # the other devices' readings are still answered
+                log.error(
+                    "memplan residency: answering pressure on %s failed: %s",
+                    device,
+                    failure_text(exc, trace=True),
+                )
         self.maintain()
 
     def apply_pressure(self, ratio: float, device: Device | None = None) -> PressureResponse:
@@ -476,7 +481,9 @@ class ResidencyManager:
         left there: always ``tier.used`` when no move is under way."""
         with self._state:
             index = self._tier_index(tier)
-            held = set(self._keys.refs[index]) | self._keys.orphans[index]
+            keys = self._keys
+            # A busy key is being put or dropped right now: it is counted once that lands.
+            held = (set(keys.refs[index]) | keys.orphans[index]) - keys.busy[index]
             return sum(self.tiers[index].size_of(key) for key in held)
 
     def orphans(self, tier: str) -> list[str]:

@@ -484,12 +484,6 @@ def test_a_pressure_signal_returns_at_once_while_a_move_hangs(hung: Hung) -> Non
     hung.within(WAIT_S, lambda: hung.rm.signal_pressure(0.97, GPU))
 
 
-SERIALISED = pytest.mark.xfail(
-    strict=True, raises=StillWaiting, reason="moves still serialised under one lock"
-)
-
-
-@SERIALISED
 def test_another_entry_is_promoted_while_a_move_to_a_hung_tier_waits(hung: Hung) -> None:
     def lease() -> str:
         with hung.rm.use("cold") as got:
@@ -499,19 +493,16 @@ def test_another_entry_is_promoted_while_a_move_to_a_hung_tier_waits(hung: Hung)
     assert hung.within(WAIT_S, lease) == "gpu"
 
 
-@SERIALISED
 def test_another_entry_is_demoted_while_a_move_to_a_hung_tier_waits(hung: Hung) -> None:
     hung.within(WAIT_S, lambda: hung.rm.demote("hot", "host"))
     assert hung.rm.tier_of("hot").name == "host"
 
 
-@SERIALISED
 def test_a_new_entry_is_registered_while_a_move_to_a_hung_tier_waits(hung: Hung) -> None:
     hung.within(WAIT_S, lambda: hung.rm.register("new", {"w": torch.zeros(8)}, tier="gpu"))
     hung.rm.unregister("new")
 
 
-@SERIALISED
 def test_the_managers_worker_answers_pressure_while_a_move_to_a_hung_tier_waits(hung: Hung) -> None:
     """The worker demotes ``hot`` off the pressed gpu (and leaves ``stuck``, moving, to its move)."""
     hung.rm.signal_pressure(0.97, GPU)

@@ -411,3 +411,35 @@ def test_a_module_unregistered_is_refused_with_a_typed_error_if_registered_again
     with pytest.raises(InvalidEntry, match="meta tensor"):
         rm.register("a", model)
     assert rm.names() == []
+
+
+def test_a_failure_the_manager_logs_pins_no_accelerator_memory(caplog: pytest.LogCaptureFixture) -> None:
+    """A failure the manager logs and goes on from (a demotion under pressure whose read of the
+    accelerator copy fails) is logged as text: a handler that keeps its records (pytest's, a
+    MemoryHandler, an error reporter) must not keep the failed call's frames alive, and with
+    them the accelerator tensors they held, after their entry is gone."""
+    import gc
+
+    from memplan import Allocator, probe
+    from memplan.residency.tiers.gpu import GpuTier
+
+    allocator = Allocator(probe("cuda:0=1GiB,cpu=8GiB"))
+
+    class FailingGpu(GpuTier):
+        failing = False
+
+        def _fetch(self, key: str, handle: Any) -> torch.Tensor:
+            if self.failing:
+                raise TierError(self.name, key, "injected get failure")
+            return super()._fetch(key, handle)
+
+    gpu = FailingGpu(allocator=allocator)
+    rm = ResidencyManager([gpu, get_tier("host", "64MiB")])
+    rm.register("a", {"w": torch.ones(1000)})
+    gpu.failing = True
+    with caplog.at_level("WARNING"):
+        rm.apply_pressure(0.85)  # medium: demote idle entries; reading the gpu copy fails, logged
+    assert "injected get failure" in caplog.text and rm.tier_of("a").name == "gpu"
+    rm.close()
+    gc.collect()
+    assert allocator.usage(GPU).used == 0
