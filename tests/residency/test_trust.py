@@ -443,3 +443,20 @@ def test_a_failure_the_manager_logs_pins_no_accelerator_memory(caplog: pytest.Lo
     rm.close()
     gc.collect()
     assert allocator.usage(GPU).used == 0
+
+
+def test_a_buffer_reused_while_a_dropped_handle_is_still_alive_never_changes_a_holders_tensor() -> None:
+    """Host tier, concurrent moves: a put can take a pooled buffer while the drop that gave it
+    back still holds its old view (its frame has not returned). The buffer's use count then
+    included that stale view, so a later holder's tensor was not seen, its buffer went back to
+    the pool under it, and the next put wrote into the holder's tensor."""
+    host = get_tier("host", "1MiB")
+    host.put("a", torch.zeros(256))
+    stale = host._held["a"].handle  # what a drop still under way holds
+    host.drop("a")
+    host.put("b", torch.ones(256))  # takes the same pooled buffer
+    del stale  # that drop returns
+    held = host.get("b")  # a lease's tensor: its holder's
+    host.drop("b")
+    host.put("c", torch.full((256,), 7.0))
+    assert torch.equal(held, torch.ones(256))

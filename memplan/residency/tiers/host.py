@@ -31,6 +31,24 @@ def _storage_uses(buffer: torch.Tensor) -> int | None:
     return int(count(buffer.untyped_storage()._cdata)) if count is not None else None
 
 
+_OWN_USES: dict[bool, int] = {}
+
+
+def _own_uses(pinned: bool) -> int:
+    """References the tier itself holds to a stored buffer's storage (the buffer and the view it
+    stores), measured once on a fresh buffer. Measured on the pooled buffer a put takes, it could
+    count a view the drop that gave the buffer back still holds (its frame not yet returned, on
+    another thread): then a holder's tensor went unseen and its buffer was reused under it."""
+    if pinned not in _OWN_USES:
+        import torch
+
+        buffer = torch.empty(16, dtype=torch.uint8, pin_memory=pinned)
+        view = buffer[:16].view(torch.float32).reshape(2, 2)
+        _OWN_USES[pinned] = _storage_uses(buffer) or 0
+        del view
+    return _OWN_USES[pinned]
+
+
 def host_free_bytes() -> int:
     from memplan.gpu import probe
 
@@ -74,7 +92,7 @@ class HostTier(Tier):
         buffer = self.pool.acquire(raw.numel())
         buffer[: raw.numel()].copy_(raw)
         view = buffer[: raw.numel()].view(tensor.dtype).reshape(tensor.shape)
-        return _Pooled(buffer, view, _storage_uses(buffer) or 0), buffer.numel()
+        return _Pooled(buffer, view, _own_uses(self.pool.pinned)), buffer.numel()
 
     def _fetch(self, key: str, handle: Any) -> torch.Tensor:
         if isinstance(handle, _Pooled):
