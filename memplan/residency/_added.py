@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from memplan.errors import DoesNotFit, EntryExists, InvalidEntry, InvalidOption, NoSuchEntry, TierFull
 from memplan.planner import Workload
+from memplan.residency._entries import Entry, Move
+from memplan.residency._keystore import KeyStore
 from memplan.residency._moves import Mover
 from memplan.residency.models import ModelSource, Room, model_loader
 from memplan.residency.policy import RetentionPolicy
@@ -22,13 +26,18 @@ Register = Callable[[str, Any, RetentionPolicy, str | None, Added], Any]
 
 
 class AddedModels:
-    """Sources by name, and one lock each so that concurrent first uses load a model once."""
+    """Sources by name, and one lock each so that concurrent first uses load a model once; what
+    each load took (for the cost of dropping a model rather than demoting it)."""
 
-    def __init__(self, mover: Mover) -> None:
-        self.mover, self.table = mover, mover.table
+    def __init__(self, mover: Mover, keys: KeyStore) -> None:
+        self.mover, self.table, self.keys = mover, mover.table, keys
         self.sources: dict[str, Added] = {}
         self.loading: dict[str, threading.Lock] = {}
+        self.load_seconds: dict[str, float] = {}  # each model's last load, measured
+        self.loads: Counter[str] = Counter()
+        self.bytes_read: Counter[str] = Counter()  # from checkpoints (or the quantized cache)
         self.closed = False
+        mover.drop = self.drop
 
     def add(self, name: str, source: ModelSource, policy: RetentionPolicy) -> None:
         with self.table.state:
@@ -65,11 +74,39 @@ class AddedModels:
             with self.table.state:
                 if name in self.table.entries:
                     return
+            started = time.perf_counter()
             model, tier = self._load(name, added[0])
+            report = getattr(getattr(model, "memplan", None), "report", None)
+            with self.table.state:  # before it is registered: from then on it may be dropped
+                self.load_seconds[name] = getattr(report, "seconds", time.perf_counter() - started)
+                self.loads[name] += 1
+                self.table.counts["loads"] += 1
+                self.bytes_read[name] += getattr(report, "bytes_read", 0)
             try:
                 register(name, model, added[1], tier, added)
             except TierFull:  # its room was taken meanwhile: the next tier with free room
                 register(name, model, added[1], None, added)
+
+    def drop(self, entry: Entry, keep_seconds: float | None, reason: str) -> bool:
+        """Drop ``entry`` (claimed by the caller) if it is a model added by name whose policy
+        allows it and loading it again is measured to cost less than ``keep_seconds`` (None:
+        nowhere below has room); its next use loads it again. True if it was dropped."""
+        name = entry.name
+        with self.table.state:
+            if not entry.policy.drop or name not in self.sources or self.table.entries.get(name) is not entry:
+                return False
+            reload_s = self.load_seconds.get(name)
+            if keep_seconds is not None and (reload_s is None or reload_s > keep_seconds):
+                return False
+            del self.table.entries[name]
+        self.keys.release(entry.group, entry.tier)
+        with self.table.state:
+            entry.group.release()
+            self.table.counts["drops"] += 1
+            self.table.eviction.forgotten(name)
+        why = f"{reason}: loading it again ({reload_s or 0:.2f} s) costs less than keeping it below"
+        self.mover.moves.append(Move(name, self.mover.tiers[entry.tier].name, "dropped", 0, why, time.time()))
+        return True
 
     def _load(self, name: str, source: ModelSource) -> tuple[Any, str]:
         """The model, loaded for the fastest addressable tier that holds it: in its free room, or

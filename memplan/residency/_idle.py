@@ -24,7 +24,7 @@ def idle_pass(mover: Mover, keys: KeyStore) -> list[str]:
         due = [
             e for e in table.entries.values()
             if e.policy.max_idle_s is not None and now - e.last_use >= e.policy.max_idle_s
-            and e.tier + 1 < len(table.tiers)
+            and (e.tier + 1 < len(table.tiers) or e.policy.drop)
         ]  # fmt: skip
     demoted = []
     for entry in due:
@@ -32,7 +32,9 @@ def idle_pass(mover: Mover, keys: KeyStore) -> list[str]:
             table.count("idle_retries")
             continue
         try:
-            mover.demote(entry, {entry.name}, f"idle past its {entry.policy.max_idle_s}s limit")
+            mover.demote(
+                entry, {entry.name}, f"idle past its {entry.policy.max_idle_s}s limit", may_drop=True
+            )
             with table.state:
                 entry.last_use = now  # the next step down waits another max_idle_s
             demoted.append(entry.name)

@@ -42,10 +42,14 @@ class Mover:
         self.routes: Counter[str] = Counter()  # bytes written, by "source->target"
         self.moves: deque[Move] = deque(maxlen=1000)
         self.seconds: dict[tuple[int, int], tuple[int, float]] = {}  # (source, target): bytes, seconds
+        # Drops ``entry`` (claimed) instead of demoting it, given the seconds keeping it below
+        # would cost (None: no room below); True if it did. Set by the models added by name.
+        self.drop: Callable[[Entry, float | None, str], bool] | None = None
 
     def free(self, index: int) -> int:
-        """Bytes on tier ``index`` that no copy has been promised (caller holds the state lock)."""
-        return self.tiers[index].available - self.reserved[index]
+        """Bytes on tier ``index`` that no copy has been promised (caller holds the state lock).
+        A copy's bytes count twice while it lands (used, and still reserved): never below 0."""
+        return max(0, self.tiers[index].available - self.reserved[index])
 
     # -- room --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -87,7 +91,7 @@ class Mover:
                 victim.moving = True
                 chosen = self.table.candidate(victim)
             try:
-                self.demote(victim, stuck | {victim.name}, reason)
+                self.demote(victim, stuck | {victim.name}, reason, may_drop=True)
             except (TierError, EntryInUse):
                 stuck.add(victim.name)  # nowhere below has room for it
                 continue
@@ -100,12 +104,12 @@ class Mover:
     def _victim(self, index: int, short: int, stuck: set[str]) -> Entry | None:
         """The entry to demote from tier ``index`` first, or None where demoting every movable
         one would not free ``short`` bytes (that would only waste moves); caller holds state."""
-        if index + 1 >= len(self.tiers):
-            return None
+        last = index + 1 >= len(self.tiers)  # only entries that may be dropped can leave it
         tier, refs = self.tiers[index], self.keys.refs[index]
         movable = [
             e for e in self.table.entries.values()
             if e.tier == index and e.name not in stuck and self.table.blocked(e, index) is None
+            and (e.policy.drop or not last)
         ]  # fmt: skip
         evictable = sum(
             tier.size_of(key) for e in movable for key in e.group.sizes(tier.addressable) if refs[key] == 1
@@ -159,8 +163,12 @@ class Mover:
             total, spent = self.seconds.get((source, target), (0, 0.0))
         return total / spent if total and spent > 0 else None
 
-    def demote(self, entry: Entry, protect: set[str], reason: str) -> None:
-        """``entry`` (claimed) one tier down, or further down where that one has no room."""
+    def demote(self, entry: Entry, protect: set[str], reason: str, *, may_drop: bool = False) -> None:
+        """``entry`` (claimed) one tier down, or further down where that one has no room.
+        ``may_drop``: the manager's own demotion, which the ``drop`` hook may answer by dropping
+        the entry instead (cheaper to load again than to keep below, or no room below)."""
+        if may_drop and self.drop is not None and self.drop(entry, self.keep_seconds(entry), reason):
+            return
         last: TierError | None = None
         for target in range(entry.tier + 1, len(self.tiers)):
             try:
@@ -168,7 +176,22 @@ class Mover:
                 return
             except TierError as exc:
                 last = exc
+        if may_drop and self.drop is not None and self.drop(entry, None, reason):
+            return
         raise last or TierError(self.tiers[entry.tier].name, entry.name, "already on the slowest tier")
+
+    def keep_seconds(self, entry: Entry) -> float | None:
+        """Seconds demoting ``entry`` one tier costs, now and at its next use: the write down
+        and the promotion back, each at the rate measured on that route (the tiers' nominal
+        bandwidth before any such move). None where it is on the slowest tier."""
+        below = entry.tier + 1
+        if below >= len(self.tiers):
+            return None
+        back = self.table.first_addressable()
+        nbytes = entry.group.nbytes
+        down = self.measured_rate(entry.tier, below) or self.tiers[below].bandwidth
+        up = self.measured_rate(below, back) or self.tiers[below].bandwidth
+        return nbytes / down + self.tiers[below].latency_s + nbytes / up
 
     def promote(self, entry: Entry, protect: set[str]) -> None:
         """``entry`` (claimed) onto the fastest addressable tier that can make room without

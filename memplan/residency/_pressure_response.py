@@ -49,12 +49,13 @@ def _demote_for(mover: Mover, level: PressureLevel, pressured: list[int]) -> lis
     demoted = []
     for entry in ordered:
         stays = rank(entry.policy.max_pressure) >= rank(level) and level != "critical"
-        if entry.tier not in pressured or stays or entry.tier + 1 >= len(mover.tiers):
+        last = entry.tier + 1 >= len(mover.tiers) and not entry.policy.drop  # nowhere to go
+        if entry.tier not in pressured or stays or last:
             continue
         if table.try_claim(entry) is not None:
             continue  # leased, pinned, needed or moving: it stays
         try:
-            mover.demote(entry, {entry.name}, f"{level} pressure")
+            mover.demote(entry, {entry.name}, f"{level} pressure", may_drop=True)
             demoted.append(entry.name)
         except TierError as exc:
             log.warning("could not demote %s under %s pressure: %s", entry.name, level, failure_text(exc))

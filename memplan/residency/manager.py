@@ -83,6 +83,8 @@ class ManagerStats:
     pressure_responses: int
     failures: int
     tiers: tuple[Any, ...]  # TierStats of each tier, fastest first
+    loads: int = 0  # models added by name, loaded by a use (again after a drop)
+    drops: int = 0  # such models dropped rather than demoted
 
 
 class ResidencyManager:
@@ -115,7 +117,7 @@ class ResidencyManager:
         self._state = self._table.state
         self._keys = KeyStore(self._table, dedup=dedup)
         self._mover = Mover(self._table, self._keys)
-        self._models = AddedModels(self._mover)
+        self._models = AddedModels(self._mover, self._keys)
         self.responses: deque[PressureResponse] = deque(maxlen=100)
         self._worker = Periodic("memplan-residency", interval_s, self._work)
         self._pressure: dict[Device | None, float] = {}  # the latest reading per device, not yet answered
@@ -200,12 +202,13 @@ class ResidencyManager:
                     self._mover.abandon(entry)  # forgotten while it was copied: void
                     raise
                 table.entries[name] = entry
+                info = table.info(entry)  # from here on it may move, or (a model) be dropped
         finally:
             with self._state:
                 table.pending.pop(name, None)
         group.drop_originals()
         _release_load_budget(obj)
-        return self.info(name)
+        return info
 
     def _placement_order(self, entry: Entry, tier: str | None) -> list[int]:
         if tier:
@@ -268,8 +271,16 @@ class ResidencyManager:
     def use(self, name: str) -> Iterator[Any]:
         """Lease ``name`` (and what it needs) on the fastest tier with room; yields the module
         or a mapping of its tensors. Leased entries are never moved, by anything."""
-        self._models.load_if_added(name, self._register_loaded)
-        group, handle = self._lease(name)
+        while True:
+            self._models.load_if_added(name, self._register_loaded)
+            try:
+                group, handle = self._lease(name)
+                break
+            except NoSuchEntry:
+                with self._state:
+                    dropped = name in self._models.sources  # meanwhile: its next use loads it
+                if not dropped:
+                    raise
         try:
             yield handle
         finally:
@@ -473,7 +484,7 @@ class ResidencyManager:
                 len(entries), sum(1 for e in entries.values() if e.leases),
                 c["hits"], c["misses"], c["promotions"], c["demotions"], c["evictions"],
                 sum(routes.values()), dict(routes), saved, len(self.responses), c["failures"],
-                tuple(t.stats() for t in self.tiers),
+                tuple(t.stats() for t in self.tiers), loads=c["loads"], drops=c["drops"],
             )  # fmt: skip
 
     def held_bytes(self, tier: str) -> int:

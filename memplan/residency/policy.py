@@ -22,6 +22,12 @@ class RetentionPolicy:
       so a restart finds it there.
     - ``pinned_tier``: the tier (by name) it must stay on; the manager refuses requests that
       would move it.
+    - ``drop``: a model added by name (:meth:`ResidencyManager.add_model`) may be dropped
+      instead of demoted when the manager makes room, answers pressure or cleans up idle
+      entries: where loading it again from its source took less time (measured, at its last
+      load) than writing it to the tier below and bringing it back (measured per route, or the
+      tiers' nominal bandwidths before any move), or where no tier below has room. Its next use
+      loads it again. Explicit :meth:`~ResidencyManager.demote` calls always move it.
     """
 
     max_idle_s: float | None = None
@@ -29,6 +35,7 @@ class RetentionPolicy:
     priority: float = 1.0
     persistent: bool = False
     pinned_tier: str | None = None
+    drop: bool = False
 
     def __post_init__(self) -> None:
         if self.max_pressure not in LEVELS:

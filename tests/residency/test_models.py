@@ -254,3 +254,128 @@ def test_a_first_use_demotes_idle_entries_to_load_on_the_fastest_tier(
             assert torch.equal(logits(model), want)
         assert rm.tier_of("llama").name == "gpu" and rm.tier_of("idle").name == "host"
         assert [m.reason for m in rm.moves if m.entry == "idle"] == ["room for llama"]
+
+
+def _drop_manager(
+    tmp_path: Path, host_bandwidth: float, host: str = "256MiB"
+) -> tuple[ResidencyManager, Allocator]:
+    allocator = Allocator(parse_simulation("cuda:0=64MiB,cpu=4GiB"))
+    tiers = [get_tier("gpu", allocator=allocator), get_tier("host", host, bandwidth=host_bandwidth)]
+    return ResidencyManager(tiers), allocator
+
+
+DROP = memplan.RetentionPolicy(drop=True)
+
+
+def test_a_droppable_model_cheaper_to_load_again_is_dropped_and_its_next_use_loads_it(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    """Writing 465 KiB to a 1 KB/s tier and reading it back takes far longer than the load
+    measured: under pressure the model is dropped, nothing of it left on any tier, and the
+    next use loads it again from its checkpoint, with the same logits."""
+    rm, allocator = _drop_manager(tmp_path, host_bandwidth=1e3)
+    with rm:
+        rm.add_model("llama", tiny_llama, policy=DROP)
+        with rm.use("llama") as model:
+            assert torch.equal(logits(model), want)
+        rm.apply_pressure(0.85)  # medium: idle entries leave the gpu
+        assert "llama" in rm and rm.unloaded() == ["llama"] and rm.names() == []
+        assert rm.moves[-1].target == "dropped" and "costs less" in rm.moves[-1].reason
+        assert allocator.usage(GPU).used == 0 and rm.tiers[1].used == 0
+        with rm.use("llama") as again:
+            assert torch.equal(logits(again), want)
+        stats = rm.stats()
+        assert (stats.loads, stats.drops) == (2, 1)
+        assert rm.tier_of("llama").name == "gpu"
+
+
+def test_a_droppable_model_cheaper_to_keep_below_is_demoted(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    rm, _ = _drop_manager(tmp_path, host_bandwidth=10e9)  # µs to write and read back; the load took ms
+    with rm:
+        rm.add_model("llama", tiny_llama, policy=DROP)
+        with rm.use("llama"):
+            pass
+        rm.apply_pressure(0.85)
+        assert rm.tier_of("llama").name == "host" and rm.stats().drops == 0
+        with rm.use("llama") as model:
+            assert torch.equal(logits(model), want)
+        assert rm.stats().loads == 1
+
+
+def test_a_droppable_model_with_no_room_below_is_dropped_and_one_that_is_not_stays(
+    tiny_llama: Path, want: torch.Tensor, tmp_path: Path
+) -> None:
+    allocator = Allocator(parse_simulation("cuda:0=64MiB,cpu=4GiB"))
+    rm = ResidencyManager([get_tier("gpu", allocator=allocator)])  # no tier below
+    with rm:
+        rm.add_model("kept", tiny_llama)
+        rm.add_model("dropped", tiny_llama, policy=DROP)
+        for name in ("kept", "dropped"):
+            with rm.use(name):
+                pass
+        rm.apply_pressure(0.85)
+        assert rm.tier_of("kept").name == "gpu" and rm.unloaded() == ["dropped"]
+        with rm.use("dropped") as model:
+            assert torch.equal(logits(model), want)
+
+
+def test_an_explicit_demote_of_a_droppable_model_moves_it(tiny_llama: Path, tmp_path: Path) -> None:
+    rm, _ = _drop_manager(tmp_path, host_bandwidth=1e3)
+    with rm:
+        rm.add_model("llama", tiny_llama, policy=DROP)
+        with rm.use("llama"):
+            pass
+        rm.demote("llama")
+        assert rm.tier_of("llama").name == "host" and rm.stats().drops == 0
+
+
+def test_uses_racing_drops_always_get_the_model(tiny_llama: Path, want: torch.Tensor, tmp_path: Path) -> None:
+    """Four threads use the model while a fifth keeps dropping it: every use gets a whole model
+    (loaded again where it was dropped), never a dropped one's meta tensors or an error."""
+    rm, allocator = _drop_manager(tmp_path, host_bandwidth=1e3)
+    stop = threading.Event()
+
+    def pressure() -> None:
+        while not stop.is_set():
+            rm.apply_pressure(0.85)
+
+    with rm:
+        rm.add_model("llama", tiny_llama, policy=DROP)
+        dropper = threading.Thread(target=pressure, daemon=True)
+        dropper.start()
+
+        def use(_: int) -> None:
+            for _ in range(5):
+                with rm.use("llama") as model:
+                    assert torch.equal(logits(model), want)
+
+        try:
+            assert run_threads(use, 4, 120) == []
+        finally:
+            stop.set()
+            dropper.join(30)
+        assert rm.stats().drops >= 1
+    assert allocator.usage(GPU).used == 0
+
+
+def test_a_first_use_while_another_entry_lands_plans_for_room_that_is_never_negative(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """While a copy lands its bytes are both used and still reserved on its tier; the room a
+    load is planned for then must be 0 at worst (it was negative, and the load failed with
+    InvalidInventory, in the serving benchmark)."""
+    rm, _ = _manager(tmp_path, gpu="1MiB")
+    with rm:
+        rm.register("big", {"w": torch.ones(200 * 1024)})  # 800 KiB of 1 MiB
+        mover = rm._mover
+        with rm._state:
+            mover.reserved[0] += 800 * 1024  # as while "big" was being copied there
+        with rm._state:
+            assert mover.free(0) >= 0
+        rm.add_model("llama", tiny_llama)
+        with rm.use("llama"):  # planned for the room there is: the host tier's
+            assert rm.tier_of("llama").name == "host"
+        with rm._state:
+            mover.reserved[0] -= 800 * 1024
