@@ -8,8 +8,8 @@ trace of 2,000 requests, popularity independent of size, each a 16-token forward
 client threads in a closed loop (each sends its next request when its last is answered).
 
 - memplan: ``ResidencyManager.add_model`` + leases, as examples/serve_many_models.py serves
-  (its ``lease``): a model is loaded once, at its first request; under pressure it is demoted to
-  host memory, then disk, and promoted back when asked for. A model whose way up is held by
+  (``use(name, wait_s=...)``): a model is loaded once, at its first request; under pressure it is
+  demoted to host memory, then disk, and promoted back when asked for. A model whose way up is held by
   models in use runs from the host tier (``use`` leases it where it is). Here the simulated GPU
   computes on the CPU, as the host does, so such a forward costs what a GPU one costs; on a real
   GPU it would run on the CPU. The ``on host`` column gives their share; ``--gpu-only`` makes
@@ -60,9 +60,7 @@ import torch
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from _common import drop_page_cache, make_checkpoint, mib
-from serve_many_models import lease
 
 import memplan
 from memplan import Allocator, Device, DeviceMemory, Inventory, ResidencyManager, get_tier
@@ -173,7 +171,7 @@ class Managed:
 
     def forward(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         while True:
-            with lease(self.rm, name, wait_s=600) as model, torch.no_grad():
+            with self.rm.use(name, wait_s=600) as model, torch.no_grad():
                 on_gpu = self.rm.tier_of(name).name == "gpu"
                 if on_gpu or not self.gpu_only:
                     with self.lock:

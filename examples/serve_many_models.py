@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,26 +60,6 @@ STATUS = {
 
 class BadRequest(Exception):
     """A request body the server cannot run (400)."""
-
-
-# -- leasing a model as a server needs it ----------------------------------------------------
-@contextlib.contextmanager
-def lease(rm: ResidencyManager, name: str, *, wait_s: float = 30.0) -> Iterator[Any]:
-    """``rm.use(name)``, retried as a server needs: a model that cannot move up while the tiers
-    above hold only leased models waits for a lease to end. Gives up after ``wait_s``, raising
-    the error. (A first use makes room itself, demoting idle models; ``DoesNotFit`` means no
-    tier holds the model even then.)"""
-    deadline = time.monotonic() + wait_s
-    with contextlib.ExitStack() as stack:
-        while True:
-            try:
-                model = stack.enter_context(rm.use(name))
-                break
-            except memplan.TierFull:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.005)
-        yield model
 
 
 def checksum(logits: torch.Tensor) -> str:
@@ -122,7 +100,7 @@ class Server:
 
     def forward(self, name: str, ids: torch.Tensor) -> dict[str, Any]:
         """One forward of ``name`` (on a pool thread): what the route answers."""
-        with lease(self.rm, name, wait_s=self.wait_s) as model, torch.no_grad():
+        with self.rm.use(name, wait_s=self.wait_s) as model, torch.no_grad():
             tier = self.rm.tier_of(name).name  # leased: it stays there until the lease ends
             vocab = model.get_input_embeddings().num_embeddings
             if int(ids.max()) >= vocab:

@@ -42,6 +42,7 @@ from typing import Any
 from memplan._logtext import failure_text
 from memplan._periodic import Periodic
 from memplan.errors import (
+    DoesNotFit,
     EntryExists,
     EntryInUse,
     InvalidOption,
@@ -268,19 +269,16 @@ class ResidencyManager:
 
     # -- leases, pins, explicit moves ------------------------------------------------------
     @contextlib.contextmanager
-    def use(self, name: str) -> Iterator[Any]:
+    def use(self, name: str, *, wait_s: float = 0.0) -> Iterator[Any]:
         """Lease ``name`` (and what it needs) on the fastest tier with room; yields the module
-        or a mapping of its tensors. Leased entries are never moved, by anything."""
-        while True:
-            self._models.load_if_added(name, self._register_loaded)
-            try:
-                group, handle = self._lease(name)
-                break
-            except NoSuchEntry:
-                with self._state:
-                    dropped = name in self._models.sources  # meanwhile: its next use loads it
-                if not dropped:
-                    raise
+        or a mapping of its tensors. Leased entries are never moved, by anything.
+
+        ``wait_s``: where no tier it can run from has room now, because what holds it is leased,
+        pinned or moving (``TierFull``; for a model added by name and not loaded, ``DoesNotFit``
+        while it would fit a tier's capacity), wait up to this long for a lease to end or a move
+        to land, and try again; then raise that error. A model larger than every tier it could
+        run from is refused at once."""
+        group, handle = self._acquire(name, time.monotonic() + wait_s)
         try:
             yield handle
         finally:
@@ -289,6 +287,30 @@ class ResidencyManager:
                     e.leases -= 1
                     e.last_use = self.clock()
                 self._state.notify_all()
+
+    def _acquire(self, name: str, deadline: float) -> tuple[list[Entry], Any]:
+        while True:
+            try:
+                self._models.load_if_added(name, self._register_loaded)  # a void load raises
+                try:
+                    return self._lease(name)
+                except NoSuchEntry:
+                    with self._state:
+                        dropped = name in self._models.sources  # since it loaded: load it again
+                    if not dropped:
+                        raise
+            except (TierFull, DoesNotFit) as exc:
+                if isinstance(exc, DoesNotFit) and not self._could_hold(exc.needed):
+                    raise
+                with self._state:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    self._state.wait(min(left, 0.1))  # a lease ends or a move lands: try again
+
+    def _could_hold(self, nbytes: int) -> bool:
+        """Whether an addressable tier is large enough for ``nbytes`` once the others leave."""
+        return any(t.addressable and t.capacity >= nbytes for t in self.tiers)
 
     def _lease(self, name: str) -> tuple[list[Entry], Any]:
         """Lease ``name``'s closure: at once where nothing has to move (the common case), else

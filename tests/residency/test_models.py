@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,35 @@ def test_a_first_use_while_another_entry_lands_plans_for_room_that_is_never_nega
             assert rm.tier_of("llama").name == "host"
         with rm._state:
             mover.reserved[0] -= 800 * 1024
+
+
+def test_a_use_waits_for_the_lease_holding_its_room(tmp_path: Path) -> None:
+    rm = ResidencyManager([get_tier("memory", "600KiB", name="gpu", device=GPU), get_tier("disk", tmp_path)])
+    with rm:
+        rm.register("a", {"w": torch.ones(100 * 1024)})
+        rm.register("b", {"w": torch.full((100 * 1024,), 2.0)})
+        got: list[float] = []
+
+        def second() -> None:
+            with rm.use("b", wait_s=30) as b:
+                got.append(float(b["w"][0]))
+
+        with rm.use("a"):
+            waiter = threading.Thread(target=second)
+            waiter.start()
+            time.sleep(0.3)
+            assert waiter.is_alive() and not got  # waiting for "a"'s lease
+        waiter.join(30)
+        assert got == [2.0] and rm.tier_of("b").name == "gpu"
+
+
+def test_a_model_larger_than_every_tier_is_refused_at_once_even_when_waiting(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    rm = ResidencyManager([get_tier("memory", "64KiB", name="gpu", device=GPU), get_tier("disk", tmp_path)])
+    with rm:
+        rm.add_model("llama", tiny_llama)
+        started = time.monotonic()
+        with pytest.raises(memplan.DoesNotFit), rm.use("llama", wait_s=30):
+            pass
+        assert time.monotonic() - started < 10 and rm.unloaded() == ["llama"]
