@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import drop_page_cache, make_checkpoint, mib
 
 import memplan
-from memplan import Allocator, Device, DeviceMemory, Inventory, ResidencyManager, get_tier
+from memplan import Allocator, Device, DeviceMemory, Inventory, ResidencyManager, RetentionPolicy, get_tier
 from memplan.gpu import parse_simulation
 from memplan.planner import Overheads
 
@@ -158,14 +158,15 @@ class Managed:
 
     label = "memplan"
 
-    def __init__(self, paths: dict[str, Path], gpu: str, host: str, spill: Path, *, gpu_only: bool) -> None:
+    def __init__(
+        self, paths: dict[str, Path], gpu: str, host: str, spill: Path, *, gpu_only: bool, drop: bool
+    ) -> None:
         self.allocator = Allocator(parse_simulation(f"cuda:0={gpu}"))
         tiers = [get_tier("gpu", allocator=self.allocator), get_tier("host", host), get_tier("disk", spill)]
         self.rm = ResidencyManager(tiers)
         for name, path in paths.items():
-            self.rm.add_model(name, path, workload=WORKLOAD)
+            self.rm.add_model(name, path, workload=WORKLOAD, policy=RetentionPolicy(drop=drop))
         self.gpu_only = gpu_only
-        self.reports: dict[str, Any] = {}
         self.on_host = 0  # forwards run from the host tier
         self.lock = threading.Lock()
 
@@ -175,7 +176,6 @@ class Managed:
                 on_gpu = self.rm.tier_of(name).name == "gpu"
                 if on_gpu or not self.gpu_only:
                     with self.lock:
-                        self.reports.setdefault(name, model.memplan.report)
                         self.on_host += not on_gpu
                     return model(ids).logits  # type: ignore[no-any-return]
             time.sleep(0.002)
@@ -183,7 +183,7 @@ class Managed:
     def figures(self) -> dict[str, float]:
         stats = self.rm.stats()
         return {
-            "loads": len(self.reports), "read": sum(r.bytes_read for r in self.reports.values()),
+            "loads": stats.loads, "read": stats.bytes_loaded,
             "promotions": stats.promotions, "moved": stats.bytes_moved,
             "peak": self.allocator.usage(GPU).peak, "expired": 0, "on_host": self.on_host,
         }  # fmt: skip
@@ -355,7 +355,9 @@ def one_run(policy: str, paths: dict[str, Path], checkpoints: dict[str, Any], si
     with tempfile.TemporaryDirectory(prefix="memplan-bench-spill-") as spill:
         server: Any
         if policy == "memplan":
-            server = Managed(paths, size.gpu, size.host, Path(spill), gpu_only=args.gpu_only)
+            server = Managed(
+                paths, size.gpu, size.host, Path(spill), gpu_only=args.gpu_only, drop=not args.no_drop
+            )
         elif policy == "count-LRU":
             server = Cache(policy, checkpoints, size.gpu, max_models=3, keep_alive_s=None)
         else:
@@ -380,6 +382,8 @@ def table(results: dict[str, list[dict[str, Any]]], requests: int) -> None:
         print(f"{p:11} {m['p50'] * 1e3:8.1f} {m['p99'] * 1e3:8.1f} {m['rps']:7.1f} {mib(m['read']):>9} "
               f"{m['loads']:6.0f} {m['promotions']:8.0f} {mib(m['moved']):>10} {mib(m['peak']):>10} "
               f"{m['expired']:7.0f} {m['on_host'] / requests:7.0%}")  # fmt: skip
+    if "memplan" not in med or "count-LRU" not in med:
+        return
     ours, peer = med["memplan"], med["count-LRU"]
 
     def ratio(c: str) -> str:
@@ -406,6 +410,16 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=0, help="trace length (0: the scale's, 2,000)")
+    parser.add_argument(
+        "--drop",
+        action="store_true",
+        help="memplan may drop a model rather than demote it (RetentionPolicy.drop)",
+    )
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="which to replay (comma-separated; ratios need the first two)",
+    )
     parser.add_argument("--gpu-only", action="store_true", help="memplan runs every forward on the GPU tier")
     parser.add_argument("--ollama-max-loaded", type=int, default=0, help="keep-alive's model cap (0: none)")
     args = parser.parse_args()
@@ -422,9 +436,10 @@ def main() -> None:
           f"{mib(max(c.nbytes for c in checkpoints.values()))}, {total / 2**30:.2f} GiB in all")  # fmt: skip
     print(f"tiers: gpu {size.gpu} (simulated), host {size.host}, disk; trace: {len(trace)} requests "
           f"(Zipf s=1.1) of {TOKENS} tokens from {args.clients} clients; medians of {runs} run(s), interleaved")  # fmt: skip
-    results: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
+    chosen = tuple(p for p in POLICIES if p in args.policies.split(","))
+    results: dict[str, list[dict[str, Any]]] = {p: [] for p in chosen}
     for run in range(runs):
-        for policy in POLICIES[run % 3 :] + POLICIES[: run % 3]:
+        for policy in chosen[run % len(chosen) :] + chosen[: run % len(chosen)]:
             results[policy].append(one_run(policy, paths, checkpoints, size, trace, inputs, args))
     digests = {p: r[-1]["digests"] for p, r in results.items()}
     if len({tuple(d) for d in digests.values()}) != 1:

@@ -82,6 +82,7 @@ class AddedModels:
                 self.loads[name] += 1
                 self.table.counts["loads"] += 1
                 self.bytes_read[name] += getattr(report, "bytes_read", 0)
+                self.table.counts["bytes_loaded"] += getattr(report, "bytes_read", 0)
             try:
                 register(name, model, added[1], tier, added)
             except TierFull:  # its room was taken meanwhile: the next tier with free room

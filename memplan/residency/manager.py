@@ -86,6 +86,7 @@ class ManagerStats:
     tiers: tuple[Any, ...]  # TierStats of each tier, fastest first
     loads: int = 0  # models added by name, loaded by a use (again after a drop)
     drops: int = 0  # such models dropped rather than demoted
+    bytes_loaded: int = 0  # read by those loads (from checkpoints, or the quantized-weights cache)
 
 
 class ResidencyManager:
@@ -507,6 +508,7 @@ class ResidencyManager:
                 c["hits"], c["misses"], c["promotions"], c["demotions"], c["evictions"],
                 sum(routes.values()), dict(routes), saved, len(self.responses), c["failures"],
                 tuple(t.stats() for t in self.tiers), loads=c["loads"], drops=c["drops"],
+                bytes_loaded=c["bytes_loaded"],
             )  # fmt: skip
 
     def held_bytes(self, tier: str) -> int:
