@@ -29,6 +29,7 @@ __all__ = [
     "InvalidInventory",
     "InvalidOption",
     "InvalidSize",
+    "ManagerClosed",
     "MemplanError",
     "MissingDependency",
     "ModelNotFound",
@@ -191,6 +192,15 @@ class EntryExists(InvalidEntry):
 
     def __init__(self, entry: str) -> None:
         super().__init__(entry, "an entry of that name is already registered")
+
+
+class ManagerClosed(InvalidEntry):
+    """A residency manager was asked to ``what`` entry ``entry`` after :meth:`close` began."""
+
+    def __init__(self, entry: str, what: str) -> None:
+        self.what = what
+        MemplanError.__init__(self, f"cannot {what} {entry!r}: the residency manager is closed")
+        self.entry, self.reason = entry, "the manager is closed"
 
 
 class AlreadyManaged(MemplanError):

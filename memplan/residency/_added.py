@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from memplan.errors import DoesNotFit, EntryExists, InvalidEntry, InvalidOption, NoSuchEntry, TierFull
+from memplan.errors import DoesNotFit, EntryExists, InvalidOption, ManagerClosed, NoSuchEntry, TierFull
 from memplan.planner import Workload
 from memplan.residency._entries import Entry, Move
 from memplan.residency._keystore import KeyStore
@@ -42,7 +42,7 @@ class AddedModels:
     def add(self, name: str, source: ModelSource, policy: RetentionPolicy) -> None:
         with self.table.state:
             if self.closed:
-                raise InvalidEntry(name, "the manager is closed")
+                raise ManagerClosed(name, "add")
             if name in self.table.entries or name in self.table.pending or name in self.sources:
                 raise EntryExists(name)
             self.sources[name] = (source, policy)
@@ -96,6 +96,8 @@ class AddedModels:
         with self.table.state:
             if not entry.policy.drop or name not in self.sources or self.table.entries.get(name) is not entry:
                 return False
+            if any(name in other.needs for other in self.table.entries.values()):
+                return False  # an entry that needs it would find it gone
             reload_s = self.load_seconds.get(name)
             if keep_seconds is not None and (reload_s is None or reload_s > keep_seconds):
                 return False

@@ -78,6 +78,7 @@ class Table:
         self.state = threading.Condition(threading.RLock())
         self.entries: dict[str, Entry] = {}
         self.pending: dict[str, Group] = {}  # registrations under way: their names are taken
+        self.wanted: Counter[str] = Counter()  # uses under way, by name: not demoted to make room
         self.counts: Counter[str] = Counter()
 
     # -- lookup (callers hold ``state``) ------------------------------------------------
@@ -190,8 +191,9 @@ class Table:
             self.state.notify_all()
 
     def wait_quiet(self) -> None:
-        """Until no entry is marked moving (caller holds ``state``)."""
-        while any(e.moving for e in self.entries.values()):
+        """Until no entry is marked moving and no registration is under way (caller holds
+        ``state``)."""
+        while self.pending or any(e.moving for e in self.entries.values()):
             self.state.wait()
 
     # -- registration ------------------------------------------------------------------

@@ -67,9 +67,8 @@ class KeyStore:
                 key = record.key_on(tier.addressable)
                 if key in counted:  # identical tensors of this group share one key and one reference
                     continue
-                if not self._share_or_claim(index, key):
-                    written += self._write(index, key, fetched, record, source)
-                counted.add(key)
+                if not self._share_or_claim(index, key, counted):
+                    written += self._write(index, key, fetched, record, source, counted)
         except BaseException as exc:
             self.unref_quietly(index, counted)
             if isinstance(exc, MemplanError):
@@ -77,23 +76,27 @@ class KeyStore:
             raise
         return written
 
-    def _share_or_claim(self, index: int, key: str) -> bool:
-        """Take a reference on ``key`` if tier ``index`` holds it (True), or claim it for this
-        thread to write (False); a key another thread is writing or freeing is waited for."""
+    def _share_or_claim(self, index: int, key: str, counted: set[str]) -> bool:
+        """Take a reference on ``key`` if tier ``index`` holds it (True; noted in ``counted`` in
+        the same step), or claim it for this thread to write (False); a key another thread is
+        writing or freeing is waited for."""
         with self.state:
             while key in self.busy[index]:
                 self.state.wait()
             if self.refs[index][key]:
                 self.refs[index][key] += 1
+                counted.add(key)
                 return True
             self.busy[index].add(key)
             return False
 
     def _write(
-        self, index: int, key: str, fetched: Any, record: TensorRecord, source: dict[str, Any] | int
-    ) -> int:
-        """Put claimed ``key`` (``fetched``, or ``record``'s tensor read from ``source``): counted
-        once it is on the tier, even if interrupted just after; the claim goes however it ends."""
+        self, index: int, key: str, fetched: Any, record: TensorRecord, source: dict[str, Any] | int,
+        counted: set[str],
+    ) -> int:  # fmt: skip
+        """Put claimed ``key`` (``fetched``, or ``record``'s tensor read from ``source``): counted,
+        and noted in ``counted``, once it is on the tier, even if interrupted just after; the
+        claim goes however it ends."""
         tier = self.tiers[index]
         found = True  # until the tier is known not to hold it: what is there is not this put's
         try:
@@ -106,6 +109,7 @@ class KeyStore:
             with self.state:
                 if stored:
                     self.refs[index][key] += 1
+                    counted.add(key)
                 self.busy[index].discard(key)
                 self.state.notify_all()
 
@@ -118,39 +122,38 @@ class KeyStore:
         self.unref_quietly(index, group.sizes(self.tiers[index].addressable))
 
     def unref(self, index: int, keys: Iterable[str]) -> None:
-        """Take one reference off each of ``keys`` on tier ``index``; free those nothing holds now.
-        A key whose drop fails (or is interrupted) stays an orphan, retried later."""
-        refs, tier = self.refs[index], self.tiers[index]
-        for key in keys:
-            with self.state:
+        """Take one reference off each of ``keys`` on tier ``index`` (all in one step), then free
+        those nothing holds now. A key whose drop fails, or that an interrupt leaves undropped,
+        stays an orphan, retried later: never a key counted that nobody holds."""
+        refs, tier, gone = self.refs[index], self.tiers[index], []
+        with self.state:
+            for key in keys:
                 refs[key] -= 1
-                gone = refs[key] <= 0
-                if gone:
+                if refs[key] <= 0:
                     del refs[key]
                     self.busy[index].add(key)
-            if not gone:
-                continue
-            try:
-                tier.drop(key)
-            except TierError as exc:  # the copy elsewhere is whole; the stray key is retried later
-                self.table.count("failures")
-                log.warning("could not free %s on tier %s: %s", key, tier.name, failure_text(exc))
-            finally:
-                left = key in tier
-                with self.state:
-                    if left:
-                        self.orphans[index].add(key)
-                    self.busy[index].discard(key)
-                    self.state.notify_all()
+                    gone.append(key)
+        try:
+            for key in gone:
+                try:
+                    tier.drop(key)
+                except TierError as exc:  # the copy elsewhere is whole; the stray key is retried later
+                    self.table.count("failures")
+                    log.warning("could not free %s on tier %s: %s", key, tier.name, failure_text(exc))
+        finally:
+            left = [key for key in gone if key in tier]
+            with self.state:
+                self.orphans[index].update(left)
+                self.busy[index].difference_update(gone)
+                self.state.notify_all()
 
     def unref_quietly(self, index: int, keys: Iterable[str]) -> None:
         """:meth:`unref` while a failure is raised: nothing is raised but a Ctrl-C."""
-        for key in keys:
-            try:
-                self.unref(index, [key])
-            except Exception as exc:
-                name = self.tiers[index].name
-                log.error("could not free %s on tier %s: %s", key, name, failure_text(exc, trace=True))
+        try:
+            self.unref(index, keys)
+        except Exception as exc:
+            name = self.tiers[index].name
+            log.error("could not free keys on tier %s: %s", name, failure_text(exc, trace=True))
 
     def _drop_orphan(self, index: int, key: str) -> None:
         """Free ``key`` left behind by a failed drop before it is written again (raises if it

@@ -109,7 +109,7 @@ class Mover:
         movable = [
             e for e in self.table.entries.values()
             if e.tier == index and e.name not in stuck and self.table.blocked(e, index) is None
-            and (e.policy.drop or not last)
+            and (e.policy.drop or not last) and not self.table.wanted[e.name]
         ]  # fmt: skip
         evictable = sum(
             tier.size_of(key) for e in movable for key in e.group.sizes(tier.addressable) if refs[key] == 1

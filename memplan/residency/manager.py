@@ -45,7 +45,9 @@ from memplan.errors import (
     DoesNotFit,
     EntryExists,
     EntryInUse,
+    InvalidEntry,
     InvalidOption,
+    ManagerClosed,
     NoSuchEntry,
     PinViolation,
     TierFull,
@@ -186,6 +188,7 @@ class ResidencyManager:
         # Keys of its own: one a failed registration could not free is never read again.
         group = Group(name, obj, dedup=self.dedup, salt=uuid.uuid4().hex)
         with self._state:
+            self._refuse_closed(name, "register")
             if name in table.entries or name in table.pending or (name in self._models.sources and not added):
                 raise EntryExists(name)
             self._models.check_current(name, added)
@@ -199,18 +202,25 @@ class ResidencyManager:
             with self._state:
                 entry.pinned = self._tier_index(policy.pinned_tier) if policy.pinned_tier else None
                 try:
+                    self._refuse_closed(name, "register")
                     self._models.check_current(name, added)
-                except NoSuchEntry:
-                    self._mover.abandon(entry)  # forgotten while it was copied: void
+                except (InvalidEntry, NoSuchEntry):
+                    self._mover.abandon(entry)  # closed, or forgotten, while it was copied: void
                     raise
                 table.entries[name] = entry
                 info = table.info(entry)  # from here on it may move, or (a model) be dropped
         finally:
             with self._state:
                 table.pending.pop(name, None)
+                self._state.notify_all()  # a close() waits for registrations under way
         group.drop_originals()
         _release_load_budget(obj)
         return info
+
+    def _refuse_closed(self, name: str, what: str) -> None:
+        """Caller holds the state lock."""
+        if self._models.closed:
+            raise ManagerClosed(name, what)
 
     def _placement_order(self, entry: Entry, tier: str | None) -> list[int]:
         if tier:
@@ -261,11 +271,14 @@ class ResidencyManager:
             if dependants:
                 raise EntryInUse(name, f"needed by {', '.join(dependants)}")
         with table.claimed(entry, "unregister"):
-            self._keys.release(entry.group, entry.tier)
-            with self._state:
-                entry.group.release()
+            with self._state:  # gone first: an interrupted free leaves orphans, not a broken entry
                 del table.entries[name]
                 self._models.forget(name)
+            try:
+                self._keys.release(entry.group, entry.tier)
+            finally:
+                with self._state:
+                    entry.group.release()
         self.eviction.forgotten(name)
 
     # -- leases, pins, explicit moves ------------------------------------------------------
@@ -279,7 +292,15 @@ class ResidencyManager:
         while it would fit a tier's capacity), wait up to this long for a lease to end or a move
         to land, and try again; then raise that error. A model larger than every tier it could
         run from is refused at once."""
-        group, handle = self._acquire(name, time.monotonic() + wait_s)
+        with self._state:
+            self._table.wanted[name] += 1  # room is made by demoting others, not what a use waits for
+        try:
+            group, handle = self._acquire(name, time.monotonic() + wait_s)
+        finally:
+            with self._state:
+                self._table.wanted[name] -= 1
+                if not self._table.wanted[name]:
+                    del self._table.wanted[name]
         try:
             yield handle
         finally:
@@ -319,6 +340,7 @@ class ResidencyManager:
         table = self._table
         with self._state:
             while True:
+                self._refuse_closed(name, "use")
                 entry = table.entry(name)
                 group = table.closure(entry)
                 if not any(e.moving for e in group):
@@ -414,7 +436,7 @@ class ResidencyManager:
             self._models.close()  # no pressure answered, no model added or loaded from here on
         self._worker.stop()
         with self._state:
-            table.wait_quiet()
+            table.wait_quiet()  # moves and registrations under way land (or are voided) first
             entries = list(table.entries.values())
             table.entries.clear()
         for entry in entries:

@@ -195,9 +195,9 @@ def test_a_closed_manager_loads_nothing_and_answers_no_pressure(
     rm.close()
     release.set()
     thread.join(60)
-    assert [type(e) for e in errors] == [memplan.NoSuchEntry]
+    assert [type(e) for e in errors] == [memplan.ManagerClosed]
     assert all(t.used == 0 for t in rm.tiers)
-    with pytest.raises(memplan.NoSuchEntry), rm.use("m"):
+    with pytest.raises(memplan.ManagerClosed), rm.use("m"):
         pass
     with pytest.raises(memplan.InvalidEntry, match="closed"):
         rm.add_model("n", tiny_llama)
@@ -412,3 +412,16 @@ def test_a_model_larger_than_every_tier_is_refused_at_once_even_when_waiting(
         with pytest.raises(memplan.DoesNotFit), rm.use("llama", wait_s=30):
             pass
         assert time.monotonic() - started < 10 and rm.unloaded() == ["llama"]
+
+
+def test_a_model_another_entry_needs_is_never_dropped(tiny_llama: Path, want: torch.Tensor) -> None:
+    rm, _ = _drop_manager(Path("."), host_bandwidth=1e3)  # keeping it below costs more than a load
+    with rm:
+        rm.add_model("llama", tiny_llama, policy=DROP)
+        with rm.use("llama"):
+            pass
+        rm.register("dep", {"w": torch.ones(4)}, needs=["llama"], tier="host")  # below llama
+        rm.apply_pressure(0.97)  # critical: everything not pinned or leased leaves, if it can
+        assert rm.unloaded() == [] and rm.stats().drops == 0  # dropped, dep's use found no llama
+        with rm.use("dep"), rm.use("llama") as model:
+            assert torch.equal(logits(model), want)
