@@ -159,11 +159,12 @@ class Managed:
     label = "memplan"
 
     def __init__(
-        self, paths: dict[str, Path], gpu: str, host: str, spill: Path, *, gpu_only: bool, drop: bool
-    ) -> None:
+        self, paths: dict[str, Path], gpu: str, host: str, spill: Path, *, gpu_only: bool, drop: bool,
+        admission: bool,
+    ) -> None:  # fmt: skip
         self.allocator = Allocator(parse_simulation(f"cuda:0={gpu}"))
         tiers = [get_tier("gpu", allocator=self.allocator), get_tier("host", host), get_tier("disk", spill)]
-        self.rm = ResidencyManager(tiers)
+        self.rm = ResidencyManager(tiers, admission=admission and not gpu_only)
         for name, path in paths.items():
             self.rm.add_model(name, path, workload=WORKLOAD, policy=RetentionPolicy(drop=drop))
         self.gpu_only = gpu_only
@@ -356,7 +357,13 @@ def one_run(policy: str, paths: dict[str, Path], checkpoints: dict[str, Any], si
         server: Any
         if policy == "memplan":
             server = Managed(
-                paths, size.gpu, size.host, Path(spill), gpu_only=args.gpu_only, drop=not args.no_drop
+                paths,
+                size.gpu,
+                size.host,
+                Path(spill),
+                gpu_only=args.gpu_only,
+                drop=args.drop,
+                admission=not args.no_admission,
             )
         elif policy == "count-LRU":
             server = Cache(policy, checkpoints, size.gpu, max_models=3, keep_alive_s=None)
@@ -410,6 +417,11 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=0, help="trace length (0: the scale's, 2,000)")
+    parser.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="memplan promotes on every use (the manager's default; here admission=True)",
+    )
     parser.add_argument(
         "--drop",
         action="store_true",

@@ -67,8 +67,10 @@ class Placement:
                     totals[r.device] = totals.get(r.device, 0) + r.nbytes
             return totals
 
-    def release(self) -> None:
+    def release(self, *, keep: frozenset[str] = frozenset()) -> None:
+        """Give back every charge but those labelled in ``keep`` (which stay held)."""
         with self._lock:
-            held, self._held = self._held, []
+            held = [r for r in self._held if r.label not in keep]
+            self._held = [r for r in self._held if r.label in keep]
         for reservation in held:
             reservation.release()

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+ARENA = "streaming arena"  # the charge a streamer keeps for as long as it runs
+
 __all__ = ["ModuleStreamer", "StreamStats"]
 
 
@@ -121,7 +123,7 @@ class ModuleStreamer:
         where = placement.torch_device(device)
         self._cuda = where.startswith("cuda")
         slots = depth + 1
-        placement.charge(device, slots * slot_bytes, "streaming arena")
+        placement.charge(device, slots * slot_bytes, ARENA)
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=where) for _ in range(slots)]
         self._free: deque[int] = deque(range(slots))
         self._inflight: dict[int, tuple[int, Future[float]]] = {}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from memplan.loaders._hooks import Hooks
 from memplan.loaders._placement import Placement
+from memplan.loaders._streaming import ARENA
 from memplan.loaders.report import LoadReport
 
 if TYPE_CHECKING:
@@ -45,6 +46,12 @@ class ModelHandle:
     @property
     def streamer(self) -> ModuleStreamer | None:
         return self.hooks.streamer
+
+    def hand_over(self) -> None:
+        """Give back the charges of the model's weights, which a residency manager that took
+        the model in now charges on its tiers; the streaming arena the model's streamed or
+        offloaded layers run through stays charged until :meth:`close`."""
+        self.placement.release(keep=frozenset({ARENA}))
 
     def close(self) -> None:
         """Take the load's hooks off, stop its streamer and give its memory budget back.

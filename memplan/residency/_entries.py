@@ -145,8 +145,10 @@ class Table:
                 return f"needed by {other.name}, resident on {self.tiers[other.tier].name}"
         return None
 
-    def candidate(self, entry: Entry) -> Candidate:
-        below = self.tiers[min(entry.tier + 1, len(self.tiers) - 1)]
+    def candidate(self, entry: Entry, at: int | None = None) -> Candidate:
+        """``entry`` as eviction sees it, on its tier or, given ``at``, as if on that one."""
+        index = entry.tier if at is None else at
+        below = self.tiers[min(index + 1, len(self.tiers) - 1)]
         cost = below.latency_s + entry.group.nbytes / below.bandwidth
         return Candidate(
             entry.name, entry.group.nbytes, entry.last_use, entry.uses, entry.policy.priority, cost

@@ -45,6 +45,7 @@ class Mover:
         # Drops ``entry`` (claimed) instead of demoting it, given the seconds keeping it below
         # would cost (None: no room below); True if it did. Set by the models added by name.
         self.drop: Callable[[Entry, float | None, str], bool] | None = None
+        self.admission = False  # True: a use promotes an entry over others only where it is worth more
 
     def free(self, index: int) -> int:
         """Bytes on tier ``index`` that no copy has been promised (caller holds the state lock).
@@ -54,13 +55,14 @@ class Mover:
     # -- room --------------------------------------------------------------------------
     @contextlib.contextmanager
     def room(
-        self, entry: Entry, index: int, protect: set[str], reason: str, *, evict: bool
+        self, entry: Entry, index: int, protect: set[str], reason: str, *, evict: bool, admit: bool = False
     ) -> Iterator[None]:
         """Room for ``entry`` on tier ``index``, reserved for the block; made by demoting idle
-        entries (not those in ``protect``) where ``evict``, else only the free room is taken."""
+        entries (not those in ``protect``) where ``evict``, else only the free room is taken.
+        ``admit``: demote only entries the eviction policy values less than ``entry``."""
         reserved = self._room(
             entry.name, index, lambda: self.keys.needed(entry.group, index), protect, reason,
-            evict=evict, hold=True,
+            evict=evict, hold=True, entrant=entry if admit else None,
         )  # fmt: skip
         try:
             yield
@@ -76,7 +78,7 @@ class Mover:
 
     def _room(
         self, owner: str, index: int, needed: Callable[[], int], protect: set[str], reason: str,
-        *, evict: bool, hold: bool,
+        *, evict: bool, hold: bool, entrant: Entry | None = None,
     ) -> int:  # fmt: skip
         stuck = set(protect) | {owner}
         while True:
@@ -86,7 +88,7 @@ class Mover:
                     self.reserved[index] += wanted if hold else 0
                     return wanted if hold else 0
                 victim = self._victim(index, wanted - free, stuck) if evict else None
-                if victim is None:
+                if victim is None or (entrant is not None and self._worth_less(entrant, victim, index)):
                     raise TierFull(self.tiers[index].name, owner, wanted, max(free, 0))
                 victim.moving = True
                 chosen = self.table.candidate(victim)
@@ -100,6 +102,14 @@ class Mover:
             with self.state:
                 self.table.counts["evictions"] += 1
                 self.table.eviction.evicted(chosen)
+
+    def _worth_less(self, entrant: Entry, victim: Entry, index: int) -> bool:
+        """Whether the eviction policy values ``entrant``, were it on tier ``index``, below
+        ``victim``: admitting it would evict what pays more to keep (caller holds state)."""
+        first = self.table.eviction.order(
+            [self.table.candidate(entrant, at=index), self.table.candidate(victim)]
+        )
+        return first[0].name == entrant.name
 
     def _victim(self, index: int, short: int, stuck: set[str]) -> Entry | None:
         """The entry to demote from tier ``index`` first, or None where demoting every movable
@@ -120,7 +130,7 @@ class Mover:
         return self.table.entries[first.name]
 
     # -- moves -------------------------------------------------------------------------
-    def move(self, entry: Entry, target: int, protect: set[str], reason: str) -> None:
+    def move(self, entry: Entry, target: int, protect: set[str], reason: str, *, admit: bool = False) -> None:
         """Copy ``entry`` (claimed by the caller) to tier ``target``, making room there; read it
         back, publish, then free the old copy. If the copy or the read-back fails, the entry
         stays whole where it was and nothing it wrote stays on ``target``."""
@@ -128,7 +138,7 @@ class Mover:
         if source == target:
             return
         started = time.perf_counter()
-        with self.room(entry, target, protect, f"room for {entry.name}", evict=True):
+        with self.room(entry, target, protect, f"room for {entry.name}", evict=True, admit=admit):
             written = self.keys.copy_in(entry.group, target, source)
         try:
             tensors = self.keys.read_back(entry.group, target)
@@ -209,11 +219,13 @@ class Mover:
                 )
             return
         cause: TierError | None = None
+        runs_here = self.tiers[entry.tier].addressable
         for target in range(0, entry.tier):
             if not self.tiers[target].addressable:
                 continue
             try:
-                self.move(entry, target, protect, "use")
+                # Where it can run already, it moves up only over entries worth less.
+                self.move(entry, target, protect, "use", admit=self.admission and runs_here)
                 return
             except TierFull:
                 continue

@@ -94,6 +94,10 @@ class ManagerStats:
 class ResidencyManager:
     """Entries on ``tiers`` (fastest first), evicted by ``eviction`` (GDSF by default).
 
+    ``admission``: a use of an entry that can run where it is moves it up only over entries the
+    eviction policy values less (as a cache admits only what is worth more than what it evicts),
+    and otherwise leases it where it is; by default a use moves it up wherever room can be made.
+
     Use it as a context manager, or call :meth:`start` and :meth:`close`, to run the idle
     cleanup thread every ``interval_s`` seconds.
     """
@@ -106,6 +110,7 @@ class ResidencyManager:
         dedup: bool = True,
         interval_s: float = 1.0,
         clock: Any = time.monotonic,
+        admission: bool = False,
     ) -> None:
         if not tiers:
             raise InvalidOption("tiers", list(tiers), "hold at least one tier")
@@ -121,6 +126,7 @@ class ResidencyManager:
         self._state = self._table.state
         self._keys = KeyStore(self._table, dedup=dedup)
         self._mover = Mover(self._table, self._keys)
+        self._mover.admission = admission
         self._models = AddedModels(self._mover, self._keys)
         self.responses: deque[PressureResponse] = deque(maxlen=100)
         self._worker = Periodic("memplan-residency", interval_s, self._work)
@@ -369,13 +375,22 @@ class ResidencyManager:
             return group, entry.group.handle()
 
     def pin(self, name: str, tier: str | None = None) -> None:
-        """Keep ``name`` on ``tier`` (default: where it is now) until :meth:`unpin`."""
+        """Keep ``name`` on ``tier`` (default: where it is now) until :meth:`unpin`. Pinning an
+        entry where it is moves nothing, so a leased one may be pinned there."""
         with self._state:
             entry = self._table.entry(name)
-        with self._table.claimed(entry, "pin"):
+            while entry.moving:
+                self._state.wait()
             target = self._tier_index(tier) if tier else entry.tier
             if entry.pinned is not None and entry.pinned != target:
                 raise PinViolation(name, f"already pinned to {self.tiers[entry.pinned].name}")
+            if target == entry.tier:
+                entry.pinned = target
+                return
+        with self._table.claimed(entry, "pin"):
+            with self._state:  # pinned elsewhere while this thread waited for its claim
+                if entry.pinned is not None and entry.pinned != target:
+                    raise PinViolation(name, f"already pinned to {self.tiers[entry.pinned].name}")
             try:
                 self._mover.move(entry, target, {name}, "pin")
             except TierFull as exc:
@@ -556,9 +571,10 @@ def _check_ratio(ratio: object) -> None:
 
 def _release_load_budget(obj: Any) -> None:
     """A model from :func:`memplan.load` holds its device reservations for its lifetime; once
-    its tensors live on the manager's tiers, the tiers charge them, so the load's go."""
+    its tensors live on the manager's tiers, the tiers charge them, so the load's go (all but
+    the streaming arena its streamed layers still run through: the handle's ``hand_over``)."""
     # Read by name, not through memplan.loaders: the loaders' quantized cache is built on the
     # disk tier, and residency does not import them back.
-    placement = getattr(getattr(obj, "memplan", None), "placement", None)
-    if placement is not None:
-        placement.release()
+    hand_over = getattr(getattr(obj, "memplan", None), "hand_over", None)
+    if hand_over is not None:
+        hand_over()

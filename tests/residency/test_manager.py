@@ -263,3 +263,36 @@ def test_eight_threads_leasing_and_pressing_at_once_finish_without_double_frees(
     for tier in rm.tiers:
         assert tier.used == rm.held_bytes(tier.name) <= tier.capacity
     assert rm.verify() == [] and rm.stats().leased == 0
+
+
+def test_a_leased_entry_can_be_pinned_where_it_is_and_not_moved_by_a_pin() -> None:
+    rm = ResidencyManager(
+        [get_tier("memory", "1MiB", name="gpu", device=Device("cuda", 0)), get_tier("host", "64MiB")]
+    )
+    rm.register("a", {"w": torch.ones(4)})
+    with rm.use("a"):
+        rm.pin("a")  # where it is: nothing moves, so its lease does not stand in the way
+        assert rm.info("a").pinned_tier == "gpu"
+        rm.unpin("a")
+        with pytest.raises(EntryInUse):
+            rm.pin("a", "host")  # that would move it under its lease
+    rm.close()
+
+
+def test_with_admission_a_use_moves_up_only_over_entries_worth_less() -> None:
+    """Admission: "b" runs from the host where moving up would evict "a", used far more; once
+    "b" is used more than "a", it moves up over it. Without admission every use moves up."""
+    for admission in (True, False):
+        rm = ResidencyManager(stack(1024 + 512, 64 * KiB), admission=admission)
+        rm.register("a", {"w": torch.randn(256)})  # 1 KiB: the gpu holds one
+        rm.register("b", {"w": torch.randn(256)}, tier="host")
+        for _ in range(5):
+            with rm.use("a"):
+                pass
+        with rm.use("b"):
+            assert rm.tier_of("b").name == ("host" if admission else "gpu")
+        for _ in range(8):
+            with rm.use("b"):
+                pass
+        assert rm.tier_of("b").name == "gpu" and rm.tier_of("a").name == "host"
+        rm.close()

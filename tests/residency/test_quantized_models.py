@@ -177,18 +177,25 @@ def prequantized(
     return folder
 
 
+@pytest.mark.parametrize("tier", TIERS)
 def test_a_prequantized_checkpoint_loaded_and_moved_gives_the_same_logits(
-    prequantized: Path, tmp_path: Path, bnb_cpu_path: str
+    prequantized: Path, tmp_path: Path, bnb_cpu_path: str, request: pytest.FixtureRequest, tier: str
 ) -> None:
-    model = memplan.load(prequantized, progress=False)
+    allocator = Allocator(memplan.probe("cpu=8GiB"))
+    start = allocator.usage(CPU).used
+    model = memplan.load(prequantized, allocator=allocator, progress=False)
     assert model.memplan.report.strategy.prequantized  # type: ignore[union-attr]
     want = logits(model)
-    with ResidencyManager([get_tier("host", "1GiB"), get_tier("disk", tmp_path / "spill")]) as rm:
+    tiers = [get_tier("host", "1GiB")] + ([] if tier == "host" else [below_host(tier, tmp_path, request)])
+    with ResidencyManager(tiers) as rm:
         rm.register("llama", model)
-        rm.demote("llama", "disk")
-        assert_holds_no_weight(model)
+        if tier != "host":
+            rm.demote("llama", tier)
+            assert_holds_no_weight(model)
         with rm.use("llama") as leased:
             assert torch.equal(logits(leased), want)
+        assert rm.verify() == []
+    assert allocator.usage(CPU).used == start
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4-dq"])

@@ -142,3 +142,24 @@ def test_a_registration_that_fails_gives_the_streamer_its_weights_and_the_load_i
     assert {d: allocator.usage(d).used for d in allocator.devices()} == before
     assert all(w is not None and not w.is_meta for _, w in model.memplan.streamer.kept_weights().values())
     assert torch.equal(logits(model), want)
+
+
+@pytest.mark.parametrize("kind", ["offloaded", "streamed-host", "streamed-disk"])
+def test_the_streaming_arena_stays_charged_while_the_registered_model_runs(
+    tiny_llama: Path, tmp_path: Path, kind: str
+) -> None:
+    """The tiers charge the weights a registered model holds; the arena its streamed layers run
+    through is still the load's, on the compute device, until the model's handle closes (it was
+    given back at register, and the device's budget showed it free while every forward used it)."""
+    model, allocator = _load(tiny_llama, kind)
+    compute = Device("cuda", 0)
+    held = dict(model.memplan.placement.held)
+    with ResidencyManager([get_tier("host", "1GiB"), get_tier("disk", tmp_path / "spill")]) as rm:
+        rm.register("llama", model)
+        kept = model.memplan.placement.held
+        assert list(kept) == [compute] and 0 < kept[compute] <= held[compute]
+        assert allocator.usage(compute).used == kept[compute]
+        with rm.use("llama") as leased:
+            logits(leased)
+    model.memplan.close()
+    assert allocator.usage(compute).used == 0
