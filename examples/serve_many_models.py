@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         get_tier("host", args.host_tier),
         get_tier("disk", spill),
     ]
-    rm = ResidencyManager(tiers, admission=True).start()
+    rm = ResidencyManager(tiers).start()
     workload = Workload(context=args.context) if args.context else None
     for name, path in args.models:
         rm.add_model(name, path, workload=workload)
