@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +33,6 @@ class AddedModels:
         self.sources: dict[str, Added] = {}
         self.loading: dict[str, threading.Lock] = {}
         self.load_seconds: dict[str, float] = {}  # each model's last load, measured
-        self.loads: Counter[str] = Counter()
-        self.bytes_read: Counter[str] = Counter()  # from checkpoints (or the quantized cache)
         self.closed = False
         mover.drop = self.drop
 
@@ -79,9 +76,7 @@ class AddedModels:
             report = getattr(getattr(model, "memplan", None), "report", None)
             with self.table.state:  # before it is registered: from then on it may be dropped
                 self.load_seconds[name] = getattr(report, "seconds", time.perf_counter() - started)
-                self.loads[name] += 1
                 self.table.counts["loads"] += 1
-                self.bytes_read[name] += getattr(report, "bytes_read", 0)
                 self.table.counts["bytes_loaded"] += getattr(report, "bytes_read", 0)
             try:
                 register(name, model, added[1], tier, added)

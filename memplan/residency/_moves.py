@@ -190,6 +190,25 @@ class Mover:
             return
         raise last or TierError(self.tiers[entry.tier].name, entry.name, "already on the slowest tier")
 
+    def can_go_down(self, entry: Entry) -> bool:
+        """Whether a tier lies below ``entry``'s, or it may be dropped instead."""
+        return entry.tier + 1 < len(self.tiers) or entry.policy.drop
+
+    def demote_if_free(self, entry: Entry, reason: str) -> bool | None:
+        """The manager's own demotion (may drop) of ``entry`` if nothing holds it: None where
+        something does (leased, pinned, needed, moving), False where the demotion failed
+        (logged; the entry stays whole where it was), True where it left its tier."""
+        if self.table.try_claim(entry) is not None:
+            return None
+        try:
+            self.demote(entry, {entry.name}, reason, may_drop=True)
+            return True
+        except TierError as exc:
+            log.warning("could not demote %s (%s): %s", entry.name, reason, failure_text(exc))
+            return False
+        finally:
+            self.table.land(entry)
+
     def keep_seconds(self, entry: Entry) -> float | None:
         """Seconds demoting ``entry`` one tier costs, now and at its next use: the write down
         and the promotion back, each at the rate measured on that route (the tiers' nominal

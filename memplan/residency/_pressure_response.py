@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import gc
-import logging
 
-from memplan._logtext import failure_text
 from memplan._torch_imported import imported_torch
-from memplan.errors import TierError
 from memplan.gpu import Device
 from memplan.residency._moves import Mover
 from memplan.residency.pressure import ACTIONS, PressureLevel, PressureResponse, level_for, rank
 from memplan.residency.tiers.base import Tier
 
 __all__ = ["respond"]
-
-log = logging.getLogger("memplan.residency")
 
 
 def respond(mover: Mover, ratio: float, device: Device | None) -> PressureResponse:
@@ -49,18 +44,10 @@ def _demote_for(mover: Mover, level: PressureLevel, pressured: list[int]) -> lis
     demoted = []
     for entry in ordered:
         stays = rank(entry.policy.max_pressure) >= rank(level) and level != "critical"
-        last = entry.tier + 1 >= len(mover.tiers) and not entry.policy.drop  # nowhere to go
-        if entry.tier not in pressured or stays or last:
+        if entry.tier not in pressured or stays or not mover.can_go_down(entry):
             continue
-        if table.try_claim(entry) is not None:
-            continue  # leased, pinned, needed or moving: it stays
-        try:
-            mover.demote(entry, {entry.name}, f"{level} pressure", may_drop=True)
+        if mover.demote_if_free(entry, f"{level} pressure"):  # leased, pinned or needed: it stays
             demoted.append(entry.name)
-        except TierError as exc:
-            log.warning("could not demote %s under %s pressure: %s", entry.name, level, failure_text(exc))
-        finally:
-            table.land(entry)
     return demoted
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import memplan
-from memplan import Allocator, Device, ResidencyManager, Streamed, get_tier
+from memplan import Allocator, Device, ResidencyManager, Streamed
 from tests.loaders.test_load import CUDA0, logits, plan_only, tight_spec
-from tests.residency.test_quantized_models import TIERS, below_host
+from tests.residency.test_quantized_models import TIERS, host_and
 
 CPU = Device("cpu")
 
@@ -47,8 +47,7 @@ def test_a_model_demoted_and_used_gives_the_logits_it_gave_before(
     start = {d: allocator.usage(d).used for d in allocator.devices()}
     model = memplan.load(tiny_llama, plan=chosen, allocator=allocator, progress=False)
     want = logits(model)
-    tiers = [get_tier("host", "1GiB")] + ([] if tier == "host" else [below_host(tier, tmp_path, request)])
-    with ResidencyManager(tiers) as rm:
+    with ResidencyManager(host_and(tier, tmp_path, request)) as rm:
         rm.register("llama", model)
         if tier != "host":
             rm.demote("llama", tier)

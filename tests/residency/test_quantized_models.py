@@ -47,6 +47,11 @@ def below_host(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Tie
     return get_tier("remote", f"s3://residency/{uuid.uuid4().hex}", storage_options=s3, backoff_s=0.01)
 
 
+def host_and(tier: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[Tier]:
+    """A host tier, and below it the tier ``tier`` names (none for ``"host"`` itself)."""
+    return [get_tier("host", "1GiB")] + ([] if tier == "host" else [below_host(tier, tmp_path, request)])
+
+
 def bnb_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     import bitsandbytes as bnb
 
@@ -84,8 +89,7 @@ def test_a_quantized_model_demoted_and_used_gives_the_logits_it_gave_before(
     want = logits(model)  # on an AVX512-BF16 CPU this first forward repacks the 4-bit weights
     classes = {name: type(layer.weight) for name, layer in bnb_layers(model).items()}
     assert len(classes) == 4 * 7  # every Linear of the 4 blocks; lm_head stays in bf16
-    tiers = [get_tier("host", "1GiB")] + ([] if tier == "host" else [below_host(tier, tmp_path, request)])
-    with ResidencyManager(tiers) as rm:
+    with ResidencyManager(host_and(tier, tmp_path, request)) as rm:
         rm.register("llama", model)
         if tier != "host":
             rm.demote("llama", tier)
@@ -186,8 +190,7 @@ def test_a_prequantized_checkpoint_loaded_and_moved_gives_the_same_logits(
     model = memplan.load(prequantized, allocator=allocator, progress=False)
     assert model.memplan.report.strategy.prequantized  # type: ignore[union-attr]
     want = logits(model)
-    tiers = [get_tier("host", "1GiB")] + ([] if tier == "host" else [below_host(tier, tmp_path, request)])
-    with ResidencyManager(tiers) as rm:
+    with ResidencyManager(host_and(tier, tmp_path, request)) as rm:
         rm.register("llama", model)
         if tier != "host":
             rm.demote("llama", tier)
